@@ -1,0 +1,206 @@
+"""torchvision/PIL multi-crop with RECIPE.md's exact augmentation over an ImageFolder.
+
+The executable spec the fast pipelines are compared with, the baseline of the benchmarks, and
+the fallback when FFCV/DALI are absent. Each image is decoded once; its crops are made by
+torchvision's own transforms on the PIL image in worker processes and leave as uint8;
+normalisation happens on the training device (pipelines.batch).
+
+Randomness is a function of (seed, epoch, sample index) only, not of the worker that happens
+to load the sample, so a resumed run sees exactly the augmentations it would have seen.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import ImageFolder
+
+from pipelines.batch import MultiCropBatch, Uint8MultiCrops, normalize_uint8
+from pipelines.spec import CropSpec, MultiCropSpec, val_resize_size
+
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+class RandomGaussianBlur:
+    """With probability p, PIL Gaussian blur with sigma ~ U(sigma_min, sigma_max) (PIL's
+    radius is the standard deviation). Draws from torch's RNG like torchvision's transforms."""
+
+    def __init__(self, p: float, sigma: tuple[float, float]):
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.p <= 0 or torch.rand(1).item() >= self.p:
+            return img
+        lo, hi = self.sigma
+        sigma = lo + (hi - lo) * torch.rand(1).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, sigma={self.sigma})"
+
+
+def crop_transform(group: CropSpec) -> T.Compose:
+    """One crop of a group, in the recipe's order: crop, flip, jitter, gray, blur, solarize."""
+    ops = [
+        T.RandomResizedCrop(group.size, scale=group.scale, ratio=group.ratio,
+                            interpolation=BICUBIC),
+        T.RandomHorizontalFlip(group.flip_p),
+        T.RandomApply([T.ColorJitter(group.brightness, group.contrast, group.saturation,
+                                     group.hue)], p=group.jitter_p),  # random order inside
+        T.RandomGrayscale(group.grayscale_p),
+        RandomGaussianBlur(group.blur_p, group.blur_sigma),
+    ]
+    if group.solarize_p > 0:
+        ops.append(T.RandomSolarize(group.solarize_threshold, p=group.solarize_p))
+    ops.append(T.PILToTensor())  # uint8 [3, size, size]
+    return T.Compose(ops)
+
+
+def derived_seed(*keys: int) -> int:
+    """A well-mixed 32-bit seed from non-negative integer keys (e.g. seed, epoch, index)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")  # the one decode of this image in this step
+
+
+class MultiCropDataset(Dataset):
+    """Indexed by (epoch, index); returns (global crops, local crops, label), uint8 tensors."""
+
+    def __init__(self, root: str, spec: MultiCropSpec, seed: int):
+        self.folder = ImageFolder(root)
+        self.spec, self.seed = spec, seed
+        self.transforms = [crop_transform(g) for g in spec.groups]
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.folder.classes)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        path, label = self.folder.samples[index]
+        image = load_rgb(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            crops = [[tf(image) for _ in range(g.count)]
+                     for tf, g in zip(self.transforms, self.spec.groups)]
+        return crops[0], crops[1], label
+
+
+def collate_multicrop(samples) -> Uint8MultiCrops:
+    """Per-sample crop lists -> crop-major stacks [crop_0 of all B | crop_1 of all B | ...]."""
+    def crop_major(group: int) -> torch.Tensor:
+        n_crops = len(samples[0][group])
+        if n_crops == 0:
+            return torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+        return torch.stack([s[group][c] for c in range(n_crops) for s in samples])
+
+    labels = torch.tensor([s[2] for s in samples], dtype=torch.long)
+    return Uint8MultiCrops(crop_major(0), crop_major(1), labels)
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) keys: a seeded permutation per epoch, split across ranks, cut to
+    whole batches so every rank takes the same number of steps; can start mid-epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = n // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} training images are fewer than one global batch "
+                             f"({batch_size} x {world_size} processes)")
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=g)
+        per_rank = self.steps_per_epoch * self.batch_size
+        mine = order[self.rank::self.world_size][:per_rank]
+        for index in mine[self.start_step * self.batch_size:].tolist():
+            yield self.epoch, index
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What every pipeline's loader needs besides the data: where batches go and how."""
+
+    batch_size: int  # per process
+    num_workers: int
+    seed: int
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool
+
+
+class ReferenceTrainData:
+    """Train batches as MultiCropBatch on the device, epoch by epoch."""
+
+    def __init__(self, root: str, spec: MultiCropSpec, settings: LoaderSettings):
+        self.settings = settings
+        self.dataset = MultiCropDataset(root, spec, settings.seed)
+        self.sampler = EpochSampler(len(self.dataset), settings.batch_size, settings.seed,
+                                    settings.rank, settings.world_size)
+        self.loader = DataLoader(
+            self.dataset, batch_size=settings.batch_size, sampler=self.sampler,
+            collate_fn=collate_multicrop, num_workers=settings.num_workers,
+            pin_memory=settings.device.type == "cuda", drop_last=True,
+            persistent_workers=settings.num_workers > 0)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
+        s = self.settings
+        self.sampler.set_epoch(epoch, start_step)
+        for crops in self.loader:
+            yield crops.to_batch(s.device, s.dtype, s.channels_last)
+
+
+def val_transform(global_size: int) -> T.Compose:
+    return T.Compose([T.Resize(val_resize_size(global_size)), T.CenterCrop(global_size),
+                      T.PILToTensor()])
+
+
+class ReferenceValData:
+    """Val images (Resize + CenterCrop), sharded across ranks without padding so that every
+    image is counted exactly once; yields (normalised images, labels) on the device."""
+
+    def __init__(self, root: str, global_size: int, settings: LoaderSettings):
+        self.settings = settings
+        folder = ImageFolder(root, transform=val_transform(global_size))
+        shard = list(range(settings.rank, len(folder), settings.world_size))
+        self.num_images = len(folder)
+        self.loader = DataLoader(torch.utils.data.Subset(folder, shard),
+                                 batch_size=settings.batch_size,
+                                 num_workers=settings.num_workers,
+                                 pin_memory=settings.device.type == "cuda")
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.settings
+        for images, labels in self.loader:
+            yield (normalize_uint8(images, s.device, s.dtype, s.channels_last),
+                   labels.to(s.device, non_blocking=True))

@@ -1,0 +1,24 @@
+"""Skip gpu/ffcv/dali-marked tests cleanly where that back-end is absent."""
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter; set before any kernel is launched.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from trex_fast import availability
+
+_REQUIREMENTS = {
+    "gpu": (availability.has_cuda, "no CUDA device"),
+    "ffcv": (availability.has_ffcv, "ffcv is not installed"),
+    "dali": (availability.has_dali, "nvidia-dali is not installed"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker, (probe, reason) in _REQUIREMENTS.items():
+            if marker in item.keywords and not probe():
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -1,0 +1,34 @@
+"""Small shared builders for the tests: a tiny config, state and synthetic batches."""
+import torch
+
+from pipelines.batch import MultiCropBatch
+from trex_fast.build import build_state
+from trex_fast.config import make_config
+from trex_fast.distributed import DistInfo
+
+SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
+
+
+def tiny_config(**overrides):
+    flags = dict(arch="resnet18", batch_size=4, global_size=32, local_size=16, local_crops=2,
+                 memory_size=16, pr_hidden_dim=32, pr_bottleneck_dim=8, warmup_epochs=0,
+                 epochs=2, lr=0.5, device="cpu", channels_last=False)
+    flags.update(overrides)
+    return make_config("demo", **flags)
+
+
+def tiny_state(num_classes=5, steps_per_epoch=10, dist_info=SINGLE, **overrides):
+    cfg = tiny_config(**overrides)
+    return build_state(cfg, num_classes, steps_per_epoch, torch.device("cpu"), dist_info)
+
+
+def synthetic_batch(cfg, num_classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = cfg.batch_size
+    return MultiCropBatch(
+        global_crops=torch.randn(cfg.global_crops * b, 3, cfg.global_size, cfg.global_size,
+                                 generator=g),
+        local_crops=torch.randn(cfg.local_crops * b, 3, cfg.local_size, cfg.local_size,
+                                generator=g),
+        labels=torch.randint(0, num_classes, (b,), generator=g),
+    )

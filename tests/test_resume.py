@@ -1,0 +1,76 @@
+"""Resume equivalence: k steps, stop, resume, k more == 2k uninterrupted (fp32, CPU)."""
+import json
+import os
+
+import pytest
+import torch
+
+from tests.helpers import tiny_config
+from trex_fast.checkpoint import load_checkpoint
+from trex_fast.demo_data import write_dataset
+from trex_fast.train import run
+
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_in1k")
+    write_dataset(str(root), train_per_class=4, val_per_class=2)  # 8 classes: 32 + 16 images
+    return str(root)
+
+
+def _config(data, out, **overrides):
+    return tiny_config(data=data, output_dir=str(out), batch_size=8, memory_size=32,
+                       num_workers=0, log_every=2, eval_every=1, warmup_epochs=1, **overrides)
+
+
+def _assert_same_tensors(a, b, where):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.allclose(a.double(), b.double(), atol=1e-6, rtol=0), where
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tiny_imagefolder, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(_config(tiny_imagefolder, full))  # 2 epochs x 4 steps
+    stopped = run(_config(tiny_imagefolder, split, stop_at_step=3))  # stops mid-epoch 1
+    assert stopped["stopped_at_step"] == 3
+    assert load_checkpoint(str(split / "checkpoint.pt"))["step_in_epoch"] == 3
+    run(_config(tiny_imagefolder, split))  # same output_dir: resumes at step 3
+
+    a = load_checkpoint(str(full / "checkpoint.pt"))
+    b = load_checkpoint(str(split / "checkpoint.pt"))
+    assert a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] == 2
+    for key in ("core", "ema", "memory", "optimizer"):
+        _assert_same_tensors(a[key], b[key], key)
+    last_full, last_split = _metrics(full)[-1], _metrics(split)[-1]
+    assert last_full["epoch"] == last_split["epoch"] == 2
+    for key in ("train_loss", "train_top1", "val_top1", "val_loss"):
+        assert last_full[key] == pytest.approx(last_split[key], abs=1e-6), key
+
+
+def test_finished_run_outputs_and_raising_epochs_continues(tiny_imagefolder, tmp_path):
+    out = tmp_path / "run"
+    run(_config(tiny_imagefolder, out, epochs=1))
+    for name in ("config.json", "env.json", "metrics.jsonl", "loss.png", "accuracy.png",
+                 "checkpoint.pt", "backbone.pth"):
+        assert (out / name).is_file(), name
+    record = _metrics(out)[0]
+    for key in ("epoch", "step", "train_loss", "train_top1", "val_top1", "samples_per_s", "lr",
+                "elapsed_s"):
+        assert key in record, key
+    env = json.loads((out / "env.json").read_text())
+    assert env["libraries"]["torch"] and env["device_name"] and env["git_revision"]
+    run(_config(tiny_imagefolder, out, epochs=2))
+    records = _metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 8

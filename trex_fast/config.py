@@ -1,0 +1,217 @@
+"""The run configuration: one frozen dataclass, the presets of RECIPE.md, and validation.
+
+Every field is a CLI flag of `python -m trex_fast.train` (its help text is the field's
+`help` metadata). Values derived from these (number of crops, global batch, scaled LR,
+iterations, number of classes) are computed where needed, never configured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LOSS_IMPLS = ("auto", "torch", "triton")
+PIPELINES = ("auto", "reference", "ffcv", "dali")
+ONOFF_AUTO = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """A flag has a wrong name, type or value; the message names it and what is accepted."""
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    # ---- what to train -------------------------------------------------------------
+    preset: str = _f("trex", "recipe preset: trex, trex_star, plain (cosine classifier) or "
+                             "demo (small, CPU); flags given explicitly override it. Default: "
+                             "demo without --data, trex with it")
+    arch: str = _f("resnet50", f"torchvision backbone, one of {ARCHS}")
+    # ---- optimisation (RECIPE.md: SGD, warm-up + cosine, per-iteration) -------------
+    epochs: int = _f(100, "training epochs")
+    batch_size: int = _f(64, "images per process per step (global batch = this x world size)")
+    lr: float = _f(0.1, "base learning rate per 256 images; scaled by global batch / 256")
+    weight_decay: float = _f(1e-4, "weight decay on tensors with ndim >= 2 (none on biases/BN)")
+    momentum: float = _f(0.9, "SGD momentum (no Nesterov)")
+    warmup_epochs: float = _f(10.0, "linear warm-up from 0, in epochs (per-iteration)")
+    min_lr: float = _f(1e-6, "learning rate at the last step of the cosine schedule")
+    # ---- projector (thrown away after training) -------------------------------------
+    pr_hidden_layers: int = _f(3, "hidden [Linear -> BN -> GELU] layers (t-ReX 3, t-ReX* 1)")
+    pr_hidden_dim: int = _f(2048, "width of the projector's hidden layers")
+    pr_bottleneck_dim: int = _f(256, "projector output dim (memory-bank feature size)")
+    pr_input_l2_norm: bool = _f(True, "L2-normalise the backbone feature before the projector")
+    # ---- classifier: memory-bank prototypes (OCM) or cosine classifier ---------------
+    memory_size: int = _f(8192, "memory-bank slots shared by all classes; 0 = learned cosine "
+                                "classifier (the plain preset)")
+    clf_tau: float = _f(0.1, "temperature dividing the cosine logits")
+    ema_momentum: float = _f(0.999, "momentum of the EMA network that fills the memory")
+    # ---- multi-crop ------------------------------------------------------------------
+    global_crops: int = _f(1, "global crops per image")
+    local_crops: int = _f(8, "local crops per image")
+    global_size: int = _f(224, "global crop side in pixels")
+    local_size: int = _f(96, "local crop side in pixels")
+    global_scale: tuple[float, float] = _f((0.25, 1.0), "RandomResizedCrop area scale of the "
+                                           "global crops, as min,max in (0, 1]")
+    local_scale: tuple[float, float] = _f((0.05, 0.25), "RandomResizedCrop area scale of the "
+                                          "local crops, as min,max in (0, 1]")
+    # ---- speed -------------------------------------------------------------------------
+    precision: str = _f("auto", f"one of {PRECISIONS}; auto = bf16 on CUDA, fp32 on CPU")
+    channels_last: bool = _f(True, "channels-last memory format for the model and the crops")
+    compile: bool = _f(False, "torch.compile the backbone")
+    loss_impl: str = _f("auto", f"one of {LOSS_IMPLS}; auto = fused Triton kernel on CUDA")
+    sync_bn: str = _f("auto", f"SyncBatchNorm under DDP, one of {ONOFF_AUTO}; auto = on with "
+                              "CUDA (as the reference), off on CPU (gloo has no SyncBN)")
+    # ---- data and run -------------------------------------------------------------------
+    seed: int = _f(0, "seed of weights, data order and augmentations")
+    data: str = _f("", "ImageFolder root with train/ and val/, or a converted directory; "
+                       "empty = the built-in demo dataset (made once, cached)")
+    pipeline: str = _f("auto", f"one of {PIPELINES}; auto = ffcv if the data directory holds "
+                               ".beton files, dali if it holds dali/, else reference")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the rank's GPU)")
+    num_workers: int = _f(-1, "data-loading workers per process; -1 = CPU cores / processes")
+    output_dir: str = _f("", "where config, metrics, plots and checkpoints go; empty = "
+                             "runs/<preset>. Rerunning with the same directory resumes")
+    log_every: int = _f(50, "steps between reads of the on-device metrics (the only host sync)")
+    eval_every: int = _f(1, "epochs between validations (0 = only after the last epoch)")
+    resume: str = _f("", "checkpoint to resume from; empty = output_dir/checkpoint.pt if any")
+    stop_at_step: int = _f(0, "save a checkpoint and exit after this global step (0 = run to "
+                              "the end); for splitting a run across time-limited jobs")
+
+
+PRESETS: dict[str, dict] = {
+    "trex": {},
+    "trex_star": dict(pr_hidden_layers=1, global_scale=(0.40, 1.0), local_scale=(0.05, 0.40)),
+    "plain": dict(memory_size=0),
+    # Small enough to train to well above chance on 2 CPU cores in a few minutes.
+    "demo": dict(
+        arch="resnet18", epochs=4, batch_size=32, lr=0.4, warmup_epochs=1.0,
+        pr_hidden_dim=512, memory_size=1024, global_size=64, local_size=32, local_crops=4,
+        log_every=10,
+    ),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _coerce(name: str, value):
+    """Check one flag's type (fire has parsed it as a Python literal) and normalise it."""
+    hint = _HINTS[name]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"--{name}={value!r}: expected True or False")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"--{name}={value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"--{name}={value!r}: expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. --data=123 parsed as a number by fire
+        raise ConfigError(f"--{name}={value!r}: expected a string")
+    # tuple[float, float]: fire gives a tuple or list for "0.2,1.0"
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        return (float(value[0]), float(value[1]))
+    raise ConfigError(f"--{name}={value!r}: expected two numbers, e.g. --{name}=0.25,1.0")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name}={value!r}: accepted values are {', '.join(choices)}")
+
+
+def _check(cond: bool, name: str, value, accepted: str) -> None:
+    if not cond:
+        raise ConfigError(f"--{name}={value!r}: must be {accepted}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible values before any work; returns cfg for chaining."""
+    _check_choice("preset", cfg.preset, tuple(PRESETS))
+    _check_choice("arch", cfg.arch, ARCHS)
+    _check_choice("precision", cfg.precision, PRECISIONS)
+    _check_choice("loss_impl", cfg.loss_impl, LOSS_IMPLS)
+    _check_choice("pipeline", cfg.pipeline, PIPELINES)
+    _check_choice("sync_bn", cfg.sync_bn, ONOFF_AUTO)
+    dev = cfg.device
+    _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+           "device", dev, "auto, cpu, cuda or cuda:N")
+    for name in ("epochs", "batch_size", "pr_bottleneck_dim", "pr_hidden_dim", "global_crops",
+                 "log_every"):
+        _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), ">= 1")
+    for name in ("pr_hidden_layers", "local_crops", "eval_every", "stop_at_step", "seed",
+                 "memory_size"):
+        _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), ">= 0")
+    _check(cfg.batch_size >= 2, "batch_size", cfg.batch_size, ">= 2 (BatchNorm needs 2 images)")
+    _check(cfg.num_workers >= -1, "num_workers", cfg.num_workers, ">= 0, or -1 for auto")
+    _check(cfg.lr > 0, "lr", cfg.lr, "> 0")
+    _check(0 <= cfg.min_lr <= cfg.lr, "min_lr", cfg.min_lr, f"in [0, lr={cfg.lr}]")
+    _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, ">= 0")
+    _check(0 <= cfg.momentum < 1, "momentum", cfg.momentum, "in [0, 1)")
+    _check(0 <= cfg.warmup_epochs <= cfg.epochs, "warmup_epochs", cfg.warmup_epochs,
+           f"in [0, epochs={cfg.epochs}]")
+    _check(cfg.clf_tau > 0, "clf_tau", cfg.clf_tau, "> 0")
+    _check(0 <= cfg.ema_momentum <= 1, "ema_momentum", cfg.ema_momentum, "in [0, 1]")
+    _check(cfg.global_size >= 16, "global_size", cfg.global_size, ">= 16")
+    _check(16 <= cfg.local_size <= cfg.global_size, "local_size", cfg.local_size,
+           f"in [16, global_size={cfg.global_size}]")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(cfg, name)
+        _check(0 < lo <= hi <= 1, name, (lo, hi), "min,max with 0 < min <= max <= 1")
+    _check(cfg.memory_size == 0 or cfg.memory_size >= cfg.batch_size, "memory_size",
+           cfg.memory_size, f"0 or >= the global batch (batch_size={cfg.batch_size} x processes)")
+    return cfg
+
+
+def default_preset(data: str) -> str:
+    """No data means the built-in demo dataset, which only the demo preset suits."""
+    return "trex" if data else "demo"
+
+
+def make_config(preset: str | None = None, **flags) -> Config:
+    """Preset defaults, then explicit flags; unknown names and bad values raise ConfigError."""
+    if preset is None:
+        preset = default_preset(flags.get("data", ""))
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"--preset={preset!r}: accepted values are {', '.join(PRESETS)}")
+    for name in flags:
+        if name not in FIELDS or name == "preset":
+            close = difflib.get_close_matches(name, list(FIELDS), n=3)
+            hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown flag --{name}.{hint} Run with --help for all flags.")
+    values = {**PRESETS[preset], **flags}
+    values = {name: _coerce(name, value) for name, value in values.items()}
+    return validate(Config(preset=preset, **values))
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of processes (known only after torchrun starts us)."""
+    global_batch = cfg.batch_size * world_size
+    _check(cfg.memory_size == 0 or cfg.memory_size >= global_batch, "memory_size",
+           cfg.memory_size, f"0 or >= the global batch {global_batch} "
+           f"(batch_size={cfg.batch_size} x {world_size} processes)")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_text() -> str:
+    """One line per flag, for the CLI's --help."""
+    lines = []
+    for name, f in FIELDS.items():
+        lines.append(f"    {name}: {f.metadata['help']} (default {f.default!r})")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""One process per device under torchrun (DESIGN.md "Scale"); single-process otherwise.
+
+NCCL on CUDA, gloo on CPU. Multi-node is torchrun's job: nothing here assumes one machine.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init(device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not is_distributed():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    if is_distributed():
+        return DistInfo(dist.get_rank(), dist.get_world_size(),
+                        int(os.environ.get("LOCAL_RANK", "0")),
+                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return DistInfo(0, 1, 0, 1)
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x [n, ...] from every rank along dim 0 (rank order); x itself if alone."""
+    if not is_distributed():
+        return x
+    out = torch.empty((dist.get_world_size() * x.shape[0], *x.shape[1:]),
+                      dtype=x.dtype, device=x.device)
+    _all_gather_flat(out, x.contiguous())
+    return out
+
+
+# torch 2.14 renamed all_gather_into_tensor (which still works, with a warning); the GPU
+# machines run torch 2.11, which only has the old name.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,124 @@
+"""What a run writes next to its checkpoints: config.json, env.json, metrics.jsonl, plots.
+
+STYLE.md habit 9: every run records its resolved config, git revision, library versions and
+device. metrics.jsonl gets one JSON object per epoch, flushed and fsynced as it is written.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+from trex_fast.config import Config, to_dict
+
+METRICS_NAME = "metrics.jsonl"
+_LIBRARIES = ("torch", "torchvision", "numpy", "pillow", "numba", "fire", "ffcv",
+              "nvidia-dali-cuda130", "triton")
+
+
+def git_revision() -> str:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict:
+    versions = {"python": sys.version.split()[0]}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_run_info(out_dir: str, cfg: Config, device: torch.device, extra: dict) -> None:
+    write_json(os.path.join(out_dir, "config.json"), {**to_dict(cfg), **extra})
+    write_json(os.path.join(out_dir, "env.json"), {
+        "git_revision": git_revision(), "libraries": library_versions(),
+        "device": str(device), "device_name": device_name(device),
+        "cuda": torch.version.cuda, "platform": platform.platform(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    })
+
+
+def read_metrics(out_dir: str) -> list[dict]:
+    path = os.path.join(out_dir, METRICS_NAME)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(out_dir: str, completed_epochs: int) -> None:
+    """On resume, drop records of epochs the checkpoint does not contain (they will rerun).
+    Records are numbered by completed epochs: 1 is the first epoch."""
+    kept = [r for r in read_metrics(out_dir) if r["epoch"] <= completed_epochs]
+    path = os.path.join(out_dir, METRICS_NAME)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+
+
+def append_metrics(out_dir: str, record: dict) -> None:
+    with open(os.path.join(out_dir, METRICS_NAME), "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def plot_metrics(out_dir: str) -> list[str]:
+    """loss.png and accuracy.png from metrics.jsonl; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(out_dir)
+    if not records:
+        return []
+    epochs = [r["epoch"] for r in records]
+    paths = []
+    for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "cross-entropy"),
+                               ("accuracy.png", ("train_top1", "val_top1"), "top-1 (%)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            points = [(e, r[key]) for e, r in zip(epochs, records) if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

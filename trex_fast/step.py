@@ -1,0 +1,134 @@
+"""The training state and the training step, in RECIPE.md's order.
+
+No host-device synchronisation happens inside train_step (with bf16/fp32; fp16's GradScaler
+reads its inf flag on the host): metrics accumulate on the device and are read by the loop
+every `log_every` steps.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from pipelines.batch import MultiCropBatch
+from trex_fast.config import Config
+from trex_fast.losses import prototype_ce_with_top1
+from trex_fast.memory import MemoryBank, ema_update
+from trex_fast.model import MultiCropNet
+from trex_fast.optim import LRSchedule, set_lr
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+@dataclass
+class StepMetrics:
+    """On-device running sums since the last read; read() is the one host sync."""
+
+    device: torch.device
+    loss_sum: torch.Tensor = None  # [] fp32, sum over steps of the mean loss
+    correct: torch.Tensor = None  # [] int64, top-1 hits over all crops
+    global_correct: torch.Tensor = None  # [] int64, top-1 hits over global crop 0
+    rows: int = 0  # host-side counts: shapes are known without a sync
+    images: int = 0
+    steps: int = 0
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.global_correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.rows = self.images = self.steps = 0
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, batch_size: int) -> None:
+        self.loss_sum += loss.detach().float()
+        self.correct += correct.sum()
+        self.global_correct += correct[:batch_size].sum()
+        self.rows += correct.shape[0]
+        self.images += batch_size
+        self.steps += 1
+
+    def read_and_reset(self) -> dict:
+        """The one host sync: the sums since the last read, as Python numbers."""
+        loss_sum, correct, global_correct = (t.item() for t in
+                                             (self.loss_sum, self.correct, self.global_correct))
+        sums = {"loss_sum": loss_sum, "correct": correct, "global_correct": global_correct,
+                "rows": self.rows, "images": self.images, "steps": self.steps}
+        self.reset()
+        return sums
+
+
+@dataclass
+class TrainState:
+    cfg: Config
+    core: MultiCropNet  # the online network, unwrapped (checkpoints, EMA source)
+    net: nn.Module  # what the step calls: DDP(core) when distributed, maybe compiled
+    ema: MultiCropNet | None  # None for the plain preset (no memory to fill)
+    memory: MemoryBank | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: LRSchedule
+    device: torch.device
+    precision: str  # bf16 | fp16 | fp32
+    loss_impl: str  # torch | triton (resolved)
+    step: int = 0  # global optimisation steps done
+    metrics: StepMetrics = field(default=None)
+
+    def __post_init__(self):
+        if self.metrics is None:
+            self.metrics = StepMetrics(self.device)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.precision])
+
+    def class_weight(self) -> torch.Tensor:
+        """[C, D]: memory prototypes (no grad) or the cosine classifier's weight."""
+        if self.memory is not None:
+            return self.memory.class_prototypes()
+        return self.core.classifier.weight
+
+
+def train_step(state: TrainState, batch: MultiCropBatch) -> None:
+    cfg = state.cfg
+    set_lr(state.optimizer, state.schedule(state.step))
+    batch_size = batch.batch_size
+    crops_per_image = cfg.global_crops + cfg.local_crops
+
+    # (1) class prototypes from the memory as it is before this step: the current batch is
+    #     never in the memory when its own loss is computed.
+    class_weight = state.class_weight()  # [C, D]
+
+    with state.autocast():
+        # (2) online forward: one backbone pass per resolution group, projector over all crops.
+        z = state.net(batch.global_crops, batch.local_crops)  # [(G+L)*B, D], crop-major
+        # (3) cross-entropy over every crop, each weighted equally; labels repeated per crop.
+        labels = batch.labels.repeat(crops_per_image)  # [(G+L)*B]
+        loss, correct = prototype_ce_with_top1(z, class_weight, labels, cfg.clf_tau,
+                                               state.loss_impl)
+
+    if state.memory is not None:
+        # (4) EMA update from the online weights as they are before this step's optimiser step.
+        ema_update(state.ema, state.core, cfg.ema_momentum)
+        # (5) EMA forward on global crop 0 (train-mode BN), gather from all ranks, enqueue.
+        with torch.no_grad(), state.autocast():
+            ema_z = state.ema.embed(batch.global_crops[:batch_size])  # [B, D]
+        state.memory.enqueue(ema_z, batch.labels)
+
+    # (6) backward and the optimiser step (the LR was set from the schedule above).
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.step += 1
+    state.metrics.add(loss, correct, batch_size)
