@@ -71,3 +71,23 @@ def test_step_runs_under_each_cpu_precision(precision):
     train_step(state, synthetic_batch(state.cfg))
     assert torch.isfinite(state.metrics.loss_sum)
     assert isinstance(state.memory, MemoryBank) and state.memory.features.dtype == torch.float32
+
+
+def test_a_few_steps_give_the_same_losses_with_the_triton_kernel():
+    """loss_impl=triton (interpreted on CPU) trains like the torch reference."""
+    losses = {}
+    for impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        state = tiny_state(loss_impl=impl, lr=0.05)
+        assert state.loss_impl == impl
+        per_step = []
+        for i in range(3):
+            train_step(state, synthetic_batch(state.cfg, seed=i))
+            per_step.append(state.metrics.read_and_reset()["loss_sum"])
+        losses[impl] = per_step
+    # Step 1 sees identical weights: the losses agree to fp32 rounding. The kernel's gradients
+    # agree with the reference to ~2e-7 relative, but this tiny BN net (batch 4, noise images)
+    # amplifies that ~10x per step, so later steps get a looser bound; a wrong gradient moves
+    # the losses by far more (they change by ~30% per step here).
+    assert losses["torch"][0] == pytest.approx(losses["triton"][0], abs=1e-5)
+    assert losses["torch"] == pytest.approx(losses["triton"], rel=1e-3)

@@ -1,0 +1,1 @@
+"""Triton kernels and their autograd Functions; import a family's module only when it is needed."""
