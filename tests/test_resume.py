@@ -1,6 +1,10 @@
 """Resume equivalence: k steps, stop, resume, k more == 2k uninterrupted (fp32, CPU)."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -8,7 +12,10 @@ import torch
 from tests.helpers import tiny_config
 from trex_fast.checkpoint import load_checkpoint
 from trex_fast.demo_data import write_dataset
+from trex_fast.loop import NonFiniteLossError
 from trex_fast.train import run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +81,40 @@ def test_finished_run_outputs_and_raising_epochs_continues(tiny_imagefolder, tmp
     run(_config(tiny_imagefolder, out, epochs=2))
     records = _metrics(out)
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 8
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
+        tiny_imagefolder, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    run(_config(tiny_imagefolder, out, epochs=1))
+    good = (out / "checkpoint.pt").read_bytes()
+
+    import pipelines.batch
+
+    def poisoned(images, device, dtype, channels_last):
+        return torch.full(images.shape, float("nan"), dtype=dtype)
+
+    monkeypatch.setattr(pipelines.batch, "normalize_uint8", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite .* last good checkpoint"):
+        run(_config(tiny_imagefolder, out, epochs=2))
+    assert (out / "checkpoint.pt").read_bytes() == good
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_mid_epoch(tiny_imagefolder, tmp_path):
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "trex_fast.train", f"--data={tiny_imagefolder}",
+           f"--output_dir={out}", "--arch=resnet18", "--batch_size=8", "--global_size=32",
+           "--local_size=16", "--local_crops=2", "--memory_size=32", "--pr_hidden_dim=32",
+           "--num_workers=0", "--epochs=1000", "--device=cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO)
+    for line in proc.stdout:  # wait until training has started
+        if "outputs in" in line:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, rest
+    assert "got SIGTERM" in rest and "stopped at global step" in rest
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["step"] >= 1 and ckpt["step"] == ckpt["epoch"] * 4 + ckpt["step_in_epoch"]

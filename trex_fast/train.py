@@ -125,8 +125,10 @@ def _run(cfg: Config, dist_info) -> dict:
             if outcome.stopped_at is not None:  # a signal or --stop_at_step
                 if is_main:
                     _save(state, ckpt_path, epoch, outcome.stopped_at, num_classes, elapsed)
-                    _log(f"stopped at global step {state.step}; checkpoint {ckpt_path}")
-                return {"stopped_at_step": state.step, **outcome.totals.summary()}
+                    _log(f"stopped at global step {state.step}; checkpoint {ckpt_path}; rerun "
+                         "the same command to continue")
+                return {"stopped_at_step": state.step, "signal": stop.received,
+                        **outcome.totals.summary()}
             start_step = 0
             last = _end_of_epoch(cfg, state, val_data, epoch, outcome, out_dir, elapsed, is_main)
             if is_main:
@@ -175,7 +177,9 @@ def main(**flags) -> None:
     except ConfigError as e:
         print(f"trex_fast.train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    run(cfg)
+    result = run(cfg)
+    if result.get("signal"):  # preempted: saved, but tell the scheduler the job did not finish
+        sys.exit(128 + result["signal"])
 
 
 # fire builds --help from the signature and docstring: expose every Config field as a flag.
