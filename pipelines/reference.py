@@ -10,6 +10,7 @@ to load the sample, so a resumed run sees exactly the augmentations it would hav
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -97,6 +98,14 @@ class MultiCropDataset(Dataset):
         return crops[0], crops[1], label
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process, which saves a checkpoint and then shuts
+    them down (Ctrl-C and schedulers signal the whole process group; a worker killed first
+    would crash the loader before the checkpoint). A worker whose parent dies exits anyway."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def collate_multicrop(samples) -> Uint8MultiCrops:
     """Per-sample crop lists -> crop-major stacks [crop_0 of all B | crop_1 of all B | ...]."""
     def crop_major(group: int) -> torch.Tensor:
@@ -163,7 +172,7 @@ class ReferenceTrainData:
             self.dataset, batch_size=settings.batch_size, sampler=self.sampler,
             collate_fn=collate_multicrop, num_workers=settings.num_workers,
             pin_memory=settings.device.type == "cuda", drop_last=True,
-            persistent_workers=settings.num_workers > 0)
+            persistent_workers=settings.num_workers > 0, worker_init_fn=ignore_stop_signals)
 
     @property
     def num_classes(self) -> int:
@@ -197,7 +206,8 @@ class ReferenceValData:
         self.loader = DataLoader(torch.utils.data.Subset(folder, shard),
                                  batch_size=settings.batch_size,
                                  num_workers=settings.num_workers,
-                                 pin_memory=settings.device.type == "cuda")
+                                 pin_memory=settings.device.type == "cuda",
+                                 worker_init_fn=ignore_stop_signals)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         s = self.settings

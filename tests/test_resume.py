@@ -105,14 +105,14 @@ def test_sigterm_saves_a_checkpoint_that_resumes_mid_epoch(tiny_imagefolder, tmp
     cmd = [sys.executable, "-m", "trex_fast.train", f"--data={tiny_imagefolder}",
            f"--output_dir={out}", "--arch=resnet18", "--batch_size=8", "--global_size=32",
            "--local_size=16", "--local_crops=2", "--memory_size=32", "--pr_hidden_dim=32",
-           "--num_workers=0", "--epochs=1000", "--device=cpu"]
+           "--num_workers=1", "--epochs=1000", "--device=cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=REPO)
+                            cwd=REPO, start_new_session=True)
     for line in proc.stdout:  # wait until training has started
         if "outputs in" in line:
             break
     time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the loader workers get it too
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, rest
     assert "got SIGTERM" in rest and "stopped at global step" in rest

@@ -16,8 +16,8 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     data = tmp_path / "data"
     write_dataset(str(data), train_per_class=4, val_per_class=3)  # 32 train, 24 val
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--standalone", "-m", "trex_fast.train", "--preset=demo", f"--data={data}", f"--output_dir={out}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "trex_fast.train", "--preset=demo", f"--data={data}", f"--output_dir={out}",
            "--arch=resnet18", "--batch_size=4", "--global_size=32", "--local_size=16",
            "--local_crops=2", "--memory_size=16", "--pr_hidden_dim=32", "--num_workers=0",
            "--epochs=1", "--device=cpu"]
