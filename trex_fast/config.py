@@ -213,5 +213,6 @@ def help_text() -> str:
     """One line per flag, for the CLI's --help."""
     lines = []
     for name, f in FIELDS.items():
-        lines.append(f"    {name}: {f.metadata['help']} (default {f.default!r})")
+        default = "" if name == "preset" else f" (default {f.default!r})"  # data-dependent
+        lines.append(f"    {name}: {f.metadata['help']}{default}")
     return "\n".join(lines)

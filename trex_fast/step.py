@@ -18,6 +18,7 @@ from trex_fast.losses import prototype_ce_with_top1
 from trex_fast.memory import MemoryBank, ema_update
 from trex_fast.model import MultiCropNet
 from trex_fast.optim import LRSchedule, set_lr
+from trex_fast.profiling import NULL_TIMER
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -99,8 +100,10 @@ class TrainState:
         return self.core.classifier.weight
 
 
-def train_step(state: TrainState, batch: MultiCropBatch) -> None:
+def train_step(state: TrainState, batch: MultiCropBatch, timer=NULL_TIMER) -> None:
+    """One optimisation step. `timer` (trex_fast.profiling) marks the phase boundaries."""
     cfg = state.cfg
+    timer.mark("start")
     set_lr(state.optimizer, state.schedule(state.step))
     batch_size = batch.batch_size
     crops_per_image = cfg.global_crops + cfg.local_crops
@@ -108,6 +111,7 @@ def train_step(state: TrainState, batch: MultiCropBatch) -> None:
     # (1) class prototypes from the memory as it is before this step: the current batch is
     #     never in the memory when its own loss is computed.
     class_weight = state.class_weight()  # [C, D]
+    timer.mark("prototypes")
 
     with state.autocast():
         # (2) online forward: one backbone pass per resolution group, projector over all crops.
@@ -116,6 +120,7 @@ def train_step(state: TrainState, batch: MultiCropBatch) -> None:
         labels = batch.labels.repeat(crops_per_image)  # [(G+L)*B]
         loss, correct = prototype_ce_with_top1(z, class_weight, labels, cfg.clf_tau,
                                                state.loss_impl)
+    timer.mark("forward+loss")
 
     if state.memory is not None:
         # (4) EMA update from the online weights as they are before this step's optimiser step.
@@ -124,11 +129,14 @@ def train_step(state: TrainState, batch: MultiCropBatch) -> None:
         with torch.no_grad(), state.autocast():
             ema_z = state.ema.embed(batch.global_crops[:batch_size])  # [B, D]
         state.memory.enqueue(ema_z, batch.labels)
+    timer.mark("ema+enqueue")
 
     # (6) backward and the optimiser step (the LR was set from the schedule above).
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
+    timer.mark("backward")
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    timer.mark("optimizer")
     state.step += 1
     state.metrics.add(loss, correct, batch_size)

@@ -18,6 +18,7 @@ from pipelines.reference import LoaderSettings
 from trex_fast import checkpoint as ckpt_lib
 from trex_fast import distributed, runlog
 from trex_fast.build import build_state, resolve_device
+from trex_fast.cli import run_cli
 from trex_fast.config import FIELDS, Config, ConfigError, check_world, help_text, make_config
 from trex_fast.data import build_data, resolve_data_root
 from trex_fast.loop import StopSignal, train_one_epoch
@@ -184,7 +185,8 @@ def main(**flags) -> None:
 
 # fire builds --help from the signature and docstring: expose every Config field as a flag.
 main.__signature__ = inspect.Signature(
-    [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+    [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                       default=None if name == "preset" else f.default)  # preset: see its help
      for name, f in FIELDS.items()]
     + [inspect.Parameter("unknown", inspect.Parameter.VAR_KEYWORD)])
 main.__doc__ = f"""Train t-ReX / t-ReX* (RECIPE.md); with no flags, the CPU demo.
@@ -195,8 +197,4 @@ Flags (a flag given explicitly overrides the preset's value):
 
 
 if __name__ == "__main__":
-    import fire
-
-    # `--help`/`-h` reach fire's own help (with **flags they would arrive as a flag).
-    wants_help = {"--help", "-h"} & set(sys.argv[1:])
-    fire.Fire(main, command=["--", "--help"] if wants_help else sys.argv[1:])
+    run_cli(main)

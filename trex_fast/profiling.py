@@ -1,0 +1,51 @@
+"""Where a training step's time goes, without a host sync inside the step.
+
+A PhaseTimer records a CUDA event (on CPU a host timestamp, CPU work being synchronous) at each
+phase boundary of train_step; read() synchronises once and returns milliseconds per phase,
+summed over the steps recorded since the last read.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+STEP_PHASES = ("prototypes", "forward+loss", "ema+enqueue", "backward", "optimizer")
+
+
+class NullTimer:
+    """The default: train_step's marks cost nothing."""
+
+    def mark(self, name: str) -> None:
+        pass
+
+
+NULL_TIMER = NullTimer()
+
+
+class PhaseTimer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str, object]] = []
+
+    def mark(self, name: str) -> None:
+        """The end of phase `name` (the start of a step is the mark named 'start')."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((name, event))
+        else:
+            self._marks.append((name, time.perf_counter()))
+
+    def read(self) -> dict[str, float]:
+        """Host sync: {phase: milliseconds summed over the recorded steps}; then resets."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        totals: dict[str, float] = defaultdict(float)
+        for (_, t0), (name, t1) in zip(self._marks, self._marks[1:]):
+            if name == "start":  # the gap between two steps belongs to no phase
+                continue
+            totals[name] += t0.elapsed_time(t1) if self.cuda else 1000.0 * (t1 - t0)
+        self._marks.clear()
+        return dict(totals)
