@@ -43,10 +43,20 @@ def _check_imagefolder(root: str) -> None:
 def build_data(cfg: Config, root: str, settings: LoaderSettings):
     """(train data, val data): train yields MultiCropBatch per step via .epoch(epoch, start)."""
     pipeline = resolve_pipeline(cfg, root)
+    if pipeline == "ffcv":
+        from trex_fast import availability
+
+        availability.require("ffcv", availability.has_ffcv(), "ffcv")
+        from pipelines.ffcv_multicrop import FfcvTrainData, FfcvValData  # imports ffcv
+
+        train = FfcvTrainData(os.path.join(root, "train.beton"), multicrop_spec(cfg), settings)
+        val = FfcvValData(os.path.join(root, "val.beton"), cfg.global_size, settings)
+        return train, val
     if pipeline != "reference":
         raise NotImplementedError(
-            f"--pipeline={pipeline!r} is not in this build yet (the FFCV and DALI pipelines are "
-            "issues #4 and #5); use --pipeline=reference with an ImageFolder root")
+            f"--pipeline={pipeline!r} is not in this build yet (the DALI pipeline is issue #5); "
+            "use --pipeline=reference with an ImageFolder root or --pipeline=ffcv with .beton "
+            "files")
     _check_imagefolder(root)
     train = ReferenceTrainData(os.path.join(root, "train"), multicrop_spec(cfg), settings)
     val = ReferenceValData(os.path.join(root, "val"), cfg.global_size, settings)

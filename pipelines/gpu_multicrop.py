@@ -1,0 +1,372 @@
+"""Batched, device-agnostic multi-crop augmentation from decoded images (DESIGN.md, issue #4).
+
+Input: a uint8 canvas [B, Hc, Wc, 3] holding each decoded image at its top-left corner, plus
+the true sizes [B, 2] (height, width). Output: a MultiCropBatch with RECIPE.md's augmentations.
+Plain torch, no Python loop over samples; it runs the same on CPU (tests) and CUDA.
+
+How each step maps onto the reference (pipelines/reference.py, torchvision on PIL images):
+- RandomResizedCrop boxes: torchvision's get_params, vectorised: 10 tries per crop as a
+  [N, 10] tensor, the first valid one wins, else the same central fallback.
+- Crop + bicubic resize: PIL's antialiased resampling (bicubic a=-0.5, support scaled by the
+  downscale factor, pixels outside the box never read) written as per-crop [out, in] weight
+  matrices applied with two batched matmuls. The flip is folded into the column matrix (a
+  flip commutes with every later op: they are per-pixel, use the image mean, or blur with a
+  symmetric kernel and reflect padding). Unlike PIL, no rounding to uint8 in between.
+- Colour jitter: torchvision.transforms.v2.functional maths on [0, 1] floats with per-sample
+  factors; the random order is a per-sample permutation. Brightness, contrast and saturation
+  are all blends, so each slot is one masked blend; hue runs once, with the blends ordered
+  before it and after it per sample.
+- Gaussian blur: a true Gaussian (kernel 2*ceil(3*sigma_max)+1, reflect padding, as
+  torchvision's gaussian_blur); the reference's PIL GaussianBlur(radius=sigma) approximates
+  the same Gaussian (standard deviation sigma) with box passes and edge padding.
+- Solarize: x >= 128/255 -> 1 - x on [0, 1] floats, as PIL's solarize(128) on uint8.
+Random parameters come from a torch.Generator on the device seeded by (seed, epoch, step).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.batch import MultiCropBatch
+from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
+BICUBIC_A = -0.5  # PIL's (and torch's antialiased) bicubic coefficient
+RRC_TRIES = 10  # torchvision RandomResizedCrop.get_params
+
+
+def make_generator(device: torch.device, seed: int, epoch: int, step: int) -> torch.Generator:
+    """A generator on `device` that depends on (seed, epoch, step) only."""
+    mixed = (seed * 1_000_003 + epoch) * 1_000_033 + step  # distinct keys -> distinct seeds
+    return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
+
+
+def _uniform(shape, lo: float, hi: float, gen: torch.Generator,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    u = torch.rand(shape, generator=gen, device=gen.device, dtype=dtype)
+    return lo + (hi - lo) * u
+
+
+# ---------------------------------------------------------------- crop boxes
+def sample_boxes(sizes: torch.Tensor, count: int, scale: tuple[float, float],
+                 ratio: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop boxes for `count` crops of each image, crop-major.
+
+    sizes: [B, 2] (height, width). Returns [count*B, 4] int64 (top, left, height, width).
+    float64 so that round() and floor() see the numbers Python's floats see in torchvision.
+    """
+    if sizes.ndim != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"sizes must be [B, 2] (height, width), got {tuple(sizes.shape)}")
+    hw = sizes.to(device=gen.device, dtype=torch.float64).repeat(count, 1)  # [N, 2]
+    height, width = hw[:, :1], hw[:, 1:]  # [N, 1]
+    n = hw.shape[0]
+    u = torch.rand(n, RRC_TRIES, 4, generator=gen, device=gen.device, dtype=torch.float64)
+    target_area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = torch.round(torch.sqrt(target_area * aspect))  # [N, 10]
+    h = torch.round(torch.sqrt(target_area / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    top = torch.floor(u[..., 2] * (height - h + 1))  # randint(0, height - h + 1)
+    left = torch.floor(u[..., 3] * (width - w + 1))
+    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)  # first valid try (ties: first)
+    chosen = [t.gather(1, first).squeeze(1) for t in (top, left, h, w)]
+
+    height, width = height.squeeze(1), width.squeeze(1)
+    in_ratio = width / height
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fb_w = torch.where(wide, torch.round(height * max(ratio)), width)
+    fb_h = torch.where(narrow, torch.round(width / min(ratio)), height)
+    fallback = [torch.floor((height - fb_h) / 2), torch.floor((width - fb_w) / 2), fb_h, fb_w]
+    any_valid = valid.any(dim=1)
+    box = [torch.where(any_valid, c, f) for c, f in zip(chosen, fallback)]
+    return torch.stack(box, dim=1).long()
+
+
+# ---------------------------------------------------------------- antialiased resampling
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    x = x.abs()
+    a = BICUBIC_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _triangle(x: torch.Tensor) -> torch.Tensor:
+    return (1 - x.abs()).clamp(min=0)
+
+
+FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_triangle, 1.0)}
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, out_full: torch.Tensor,
+                     offset: torch.Tensor, out_size: int, canvas: int,
+                     kind: str = "bicubic") -> torch.Tensor:
+    """PIL-style antialiased resampling of one axis as dense matrices [N, out_size, canvas].
+
+    Input pixels [start, start+length) of the canvas are resized to `out_full` pixels, of
+    which rows [offset, offset+out_size) are kept (offset > 0 makes a centre crop after the
+    resize). All arguments but out_size/canvas/kind are [N] tensors.
+    """
+    if kind not in FILTERS:
+        raise ValueError(f"kind must be one of {sorted(FILTERS)}, got {kind!r}")
+    kernel, support = FILTERS[kind]
+    start, length, out_full, offset = (t.to(torch.float64)[:, None]
+                                       for t in (start, length, out_full, offset))  # [N, 1]
+    scale = length / out_full  # input pixels per output pixel
+    filter_scale = scale.clamp(min=1.0)  # widen the kernel when downscaling: antialias
+    reach = support * filter_scale
+    dev = start.device
+    centre = (torch.arange(out_size, device=dev, dtype=torch.float64) + offset + 0.5) * scale
+    lo = torch.floor(centre - reach + 0.5).clamp(min=0)[..., None]  # PIL's window
+    hi = torch.minimum(torch.floor(centre + reach + 0.5), length)[..., None]
+    x = (torch.arange(canvas, device=dev, dtype=torch.float64) - start)[:, None, :]  # box coords
+    weights = kernel((x - centre[..., None] + 0.5) / filter_scale[..., None])
+    weights = weights * ((x >= lo) & (x < hi))  # never read outside the box
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(torch.float32)
+
+
+def resize_boxes(images: torch.Tensor, row_weights: torch.Tensor,
+                 col_weights: torch.Tensor) -> torch.Tensor:
+    """images [B, 3, H, W] float, weights [K*B, out, H] and [K*B, out, W] (crop-major)
+    -> [K*B, 3, out, out]: crop k of image b is sample k*B + b. Two batched matmuls."""
+    b = images.shape[0]
+    k = row_weights.shape[0] // b
+    rows = row_weights.view(k, b, *row_weights.shape[1:])  # [K, B, out, H]
+    cols = col_weights.view(k, b, *col_weights.shape[1:])  # [K, B, out, W]
+    tmp = torch.einsum("kboh,bchw->kbcow", rows, images)  # [K, B, 3, out, W]
+    out = torch.einsum("kbcow,kbpw->kbcop", tmp, cols)  # [K, B, 3, out, out]
+    return out.reshape(k * b, 3, out.shape[-2], out.shape[-1]).clamp(0.0, 1.0)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
+                flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop each box (top, left, height, width) and bicubic-resize it to size x size."""
+    _, _, h, w = images.shape
+    zeros = torch.zeros_like(boxes[:, 0])
+    full = torch.full_like(zeros, size)
+    rows = resample_weights(boxes[:, 0], boxes[:, 2], full, zeros, size, h)
+    cols = resample_weights(boxes[:, 1], boxes[:, 3], full, zeros, size, w)
+    if flip is not None:  # a flipped crop = the column matrix read backwards
+        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    return resize_boxes(images, rows.to(images.dtype), cols.to(images.dtype))
+
+
+def unpack_canvas(packed: torch.Tensor, sizes: torch.Tensor, height: int,
+                  width: int) -> torch.Tensor:
+    """Packed decodes [B, >= height*width*3] uint8 (image b's h*w*3 bytes first, row stride w)
+    -> canvas [B, height, width, 3] with each image at the top-left (zeros elsewhere).
+    The FFCV decoder writes packed images so the CPU does no copy after the decode."""
+    if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] < height * width * 3:
+        raise ValueError(f"packed must be uint8 [B, >= {height * width * 3}], got "
+                         f"{packed.dtype} {tuple(packed.shape)}")
+    b = packed.shape[0]
+    sizes = sizes.to(packed.device).long()
+    y = torch.arange(height, device=packed.device).view(1, -1, 1)
+    x = torch.arange(width, device=packed.device).view(1, 1, -1)
+    h, w = sizes[:, 0].view(b, 1, 1), sizes[:, 1].view(b, 1, 1)
+    inside = (y < h) & (x < w)  # [B, H, W]
+    index = torch.where(inside, y * w + x, 0).view(b, -1, 1).expand(-1, -1, 3)
+    pixels = packed[:, :height * width * 3].view(b, -1, 3).gather(1, index)
+    return (pixels.view(b, height, width, 3) * inside.unsqueeze(-1)).to(torch.uint8)
+
+
+def canvas_to_float(canvas: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]."""
+    if canvas.dtype != torch.uint8 or canvas.ndim != 4 or canvas.shape[-1] != 3:
+        raise ValueError("canvas must be uint8 [B, H, W, 3], got "
+                         f"{canvas.dtype} {tuple(canvas.shape)}")
+    return canvas.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# ---------------------------------------------------------------- photometric ops
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] -> [N, 1, H, W], torchvision's weights."""
+    r, g, b = x.unbind(dim=1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def blend(x: torch.Tensor, target: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's _blend with a per-sample factor [N]; factor 1 returns x exactly."""
+    f = _per_sample(factor)
+    return (f * x + (1.0 - f) * target).clamp(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return blend(x, torch.zeros_like(x[:, :1]), factor)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return blend(x, grayscale(x), factor)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by a per-sample factor [N] in [-0.5, 0.5] (HSV, as torchvision)."""
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    span = maxc - minc
+    grey = span == 0  # hue and saturation undefined: leave 0, like torchvision
+    sat = span / torch.where(grey, torch.ones_like(maxc), maxc)
+    safe = torch.where(grey, torch.ones_like(span), span)
+    r, g, b = x.unbind(dim=1)
+    hue = torch.where(maxc == r, (g - b) / safe,
+                      torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    hue = torch.where(grey, torch.zeros_like(hue), hue)
+    hue = (hue / 6.0 + _per_sample(factor).squeeze(1)).remainder(1.0)
+    # HSV -> RGB: channel n is v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6.
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+         + 6.0 * hue.unsqueeze(1)).remainder(6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    v, s = maxc.unsqueeze(1), sat.unsqueeze(1)
+    return v - v * s * ramp
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur, per-sample sigma [N], kernel 2*radius+1, reflect padding."""
+    n, c, h, w = x.shape
+    if radius >= min(h, w):
+        raise ValueError(f"blur radius {radius} needs crops larger than {radius}, got {h}x{w}")
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)  # [N, 2r+1]
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    flat = x.reshape(1, n * c, h, w)  # one group per (sample, channel)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"),
+                    kernel.view(n * c, 1, 1, -1).to(x.dtype), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"),
+                    kernel.view(n * c, 1, -1, 1).to(x.dtype), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+@dataclass
+class AugParams:
+    """Per-crop random parameters of one resolution group, all [N] tensors on the device."""
+
+    flip: torch.Tensor  # bool
+    jitter: torch.Tensor  # bool: colour jitter applied
+    factors: torch.Tensor  # [N, 4] brightness, contrast, saturation, hue
+    order: torch.Tensor  # [N, 4] op index (0..3 as in `factors`) at each slot
+    gray: torch.Tensor  # bool
+    blur: torch.Tensor  # bool
+    sigma: torch.Tensor  # blur sigma, pixels of the output crop
+    solarize: torch.Tensor  # bool
+
+
+def draw_params(group: CropSpec, n: int, gen: torch.Generator) -> AugParams:
+    """The random draws of ColorJitter.get_params and the RandomApply coins, batched."""
+    def coin(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=gen, device=gen.device) < p
+
+    flip, jitter, gray, blur, sol = (coin(p) for p in (group.flip_p, group.jitter_p,
+                                                        group.grayscale_p, group.blur_p,
+                                                        group.solarize_p))
+    bounds = [(max(0.0, 1 - group.brightness), 1 + group.brightness),
+              (max(0.0, 1 - group.contrast), 1 + group.contrast),
+              (max(0.0, 1 - group.saturation), 1 + group.saturation),
+              (-group.hue, group.hue)]
+    factors = torch.stack([_uniform(n, lo, hi, gen) for lo, hi in bounds], dim=1)
+    order = torch.rand(n, 4, generator=gen, device=gen.device).argsort(dim=1)  # permutation
+    sigma = _uniform(n, *group.blur_sigma, gen)
+    return AugParams(flip, jitter, factors, order, gray, blur, sigma, sol)
+
+
+def color_jitter(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    """Brightness/contrast/saturation/hue in each sample's own order, where p.jitter."""
+    hue_slot = (p.order == 3).to(torch.uint8).argmax(dim=1)  # [N]
+    for before_hue in (True, False):
+        for slot in range(4):
+            op = p.order[:, slot]
+            side = slot < hue_slot if before_hue else slot > hue_slot
+            active = p.jitter & (op != 3) & side
+            factor = p.factors.gather(1, op[:, None]).squeeze(1)
+            factor = torch.where(active, factor, torch.ones_like(factor))
+            gray = grayscale(x)
+            target = torch.where(_per_sample(op == 0), torch.zeros_like(gray),
+                                 torch.where(_per_sample(op == 1),
+                                             gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+            x = blend(x, target, factor)
+        if before_hue:
+            x = torch.where(_per_sample(p.jitter), adjust_hue(x, p.factors[:, 3]), x)
+    return x
+
+
+def photometric(x: torch.Tensor, group: CropSpec, p: AugParams) -> torch.Tensor:
+    """Jitter, grayscale, blur, solarize on [N, 3, S, S] floats in [0, 1] (flip is in the crop)."""
+    x = color_jitter(x, p)
+    x = torch.where(_per_sample(p.gray), grayscale(x).expand_as(x), x)
+    if group.blur_p > 0:
+        radius = math.ceil(3 * group.blur_sigma[1])
+        x = torch.where(_per_sample(p.blur), gaussian_blur(x, p.sigma, radius), x)
+    if group.solarize_p > 0:
+        x = torch.where(_per_sample(p.solarize),
+                        solarize(x, group.solarize_threshold / 255.0), x)
+    return x
+
+
+def normalize(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = ((x - mean) / std).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ---------------------------------------------------------------- the stages
+class GpuMultiCrop:
+    """Decoded canvases -> MultiCropBatch. Same (seed, epoch, step) and inputs -> same batch."""
+
+    def __init__(self, spec: MultiCropSpec, device: torch.device, dtype: torch.dtype,
+                 channels_last: bool, seed: int):
+        self.spec, self.device, self.dtype = spec, torch.device(device), dtype
+        self.channels_last, self.seed = channels_last, seed
+
+    def __call__(self, canvas: torch.Tensor, sizes: torch.Tensor, labels: torch.Tensor,
+                 epoch: int, step: int) -> MultiCropBatch:
+        gen = make_generator(self.device, self.seed, epoch, step)
+        images = canvas_to_float(canvas.to(self.device, non_blocking=True))
+        sizes = sizes.to(self.device, non_blocking=True)
+        groups = []
+        for group in self.spec.groups:
+            if group.count == 0:
+                groups.append(torch.empty(0, 3, group.size, group.size, device=self.device,
+                                          dtype=self.dtype))
+                continue
+            boxes = sample_boxes(sizes, group.count, group.scale, group.ratio, gen)
+            params = draw_params(group, boxes.shape[0], gen)
+            crops = crop_resize(images, boxes, group.size, params.flip)
+            crops = photometric(crops, group, params)
+            groups.append(normalize(crops, self.dtype, self.channels_last))
+        return MultiCropBatch(groups[0], groups[1],
+                              labels.to(self.device, non_blocking=True).long())
+
+
+def val_resize_center_crop(canvas: torch.Tensor, sizes: torch.Tensor, resize: int,
+                           crop: int) -> torch.Tensor:
+    """torchvision Resize(resize) (bilinear, antialiased, shorter side) + CenterCrop(crop)
+    on canvases -> float [B, 3, crop, crop] in [0, 1]."""
+    images = canvas_to_float(canvas)
+    hw = sizes.to(images.device, torch.float64)
+    h, w = hw[:, 0], hw[:, 1]
+    short = torch.minimum(h, w)
+    # torchvision: the long side becomes int(resize * long / short)
+    new_h = torch.where(h <= w, torch.full_like(h, resize), torch.floor(resize * h / short))
+    new_w = torch.where(w < h, torch.full_like(w, resize), torch.floor(resize * w / short))
+    top, left = torch.round((new_h - crop) / 2), torch.round((new_w - crop) / 2)
+    zeros = torch.zeros_like(h)
+    rows = resample_weights(zeros, h, new_h, top, crop, images.shape[2], "bilinear")
+    cols = resample_weights(zeros, w, new_w, left, crop, images.shape[3], "bilinear")
+    return resize_boxes(images, rows, cols)
