@@ -31,3 +31,13 @@ def test_summary_tables_and_projection(tmp_path):
     assert "| resnet50 | 64 |" in proc.stdout
     hours_one = 100 * 1_281_167 / 1500.0 / 3600
     assert f"1 x cpu: {hours_one:.1f} h" in proc.stdout
+
+
+def test_bench_gpu_stage_tiny_cpu_run():
+    cmd = [sys.executable, "tools/bench_gpu_stage.py", "--device=cpu", "--batch_size=2",
+           "--max_resolution=64", "--steps=1", "--warmup=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ms_per_batch"] > 0
+    assert result["out_shapes"] == [[2, 3, 224, 224], [16, 3, 96, 96]]

@@ -53,6 +53,14 @@ def main(folder: str) -> None:
         for n in (1, 8):
             hours = images / (best["samples_per_s"] * n) / 3600
             print(f"- {n} x {best['device_name']}: {hours:.1f} h for 100 t-ReX epochs")
+    stage_path = os.path.join(folder, "bench_gpu_stage.jsonl")
+    for stage in read_jsonl(stage_path) if os.path.isfile(stage_path) else []:
+        same = [r for r in step_rows if r["batch_size"] == stage["batch_size"]]
+        if same:
+            step_ms = min(r["step_ms"] for r in same)
+            print(f"- GPU multi-crop stage at batch {stage['batch_size']}: "
+                  f"{stage['ms_per_batch']} ms = {100 * stage['ms_per_batch'] / step_ms:.1f}% of "
+                  f"the fastest training step ({step_ms} ms)")
 
 
 if __name__ == "__main__":
