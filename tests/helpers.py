@@ -22,6 +22,23 @@ def tiny_state(num_classes=5, steps_per_epoch=10, dist_info=SINGLE, **overrides)
     return build_state(cfg, num_classes, steps_per_epoch, torch.device("cpu"), dist_info)
 
 
+def losses_by_impl(make_state, make_batch, steps: int = 3) -> dict[str, list[float]]:
+    """Per-step losses of the same seeded run with loss_impl torch and triton."""
+    from trex_fast.step import train_step
+
+    losses = {}
+    for impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        state = make_state(loss_impl=impl)
+        assert state.loss_impl == impl
+        per_step = []
+        for i in range(steps):
+            train_step(state, make_batch(state.cfg, seed=i))
+            per_step.append(state.metrics.read_and_reset()["loss_sum"])
+        losses[impl] = per_step
+    return losses
+
+
 def synthetic_batch(cfg, num_classes=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     b = cfg.batch_size

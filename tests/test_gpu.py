@@ -3,7 +3,7 @@ kernel inside it, and the kernel at the production shape. Run by tools/gpu_check
 import pytest
 import torch
 
-from tests.helpers import synthetic_batch
+from tests.helpers import losses_by_impl, synthetic_batch
 from trex_fast.build import build_state
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
@@ -47,15 +47,7 @@ def test_train_step_makes_no_host_sync(loss_impl):
 
 
 def test_triton_and_torch_steps_agree_on_cuda():
-    losses = {}
-    for impl in ("torch", "triton"):
-        torch.manual_seed(0)
-        state = _cuda_state(loss_impl=impl, precision="fp32")
-        values = []
-        for i in range(3):
-            train_step(state, _cuda_batch(state.cfg, seed=i))
-            values.append(state.metrics.read_and_reset()["loss_sum"])
-        losses[impl] = values
+    losses = losses_by_impl(lambda **kw: _cuda_state(precision="fp32", **kw), _cuda_batch)
     assert losses["torch"][0] == pytest.approx(losses["triton"][0], rel=1e-4)
     assert losses["torch"] == pytest.approx(losses["triton"], rel=1e-2)
 

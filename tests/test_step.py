@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from tests.helpers import synthetic_batch, tiny_state
+from tests.helpers import losses_by_impl, synthetic_batch, tiny_state
 from trex_fast.losses import prototype_cross_entropy
 from trex_fast.memory import MemoryBank
 from trex_fast.step import train_step
@@ -75,16 +75,7 @@ def test_step_runs_under_each_cpu_precision(precision):
 
 def test_a_few_steps_give_the_same_losses_with_the_triton_kernel():
     """loss_impl=triton (interpreted on CPU) trains like the torch reference."""
-    losses = {}
-    for impl in ("torch", "triton"):
-        torch.manual_seed(0)
-        state = tiny_state(loss_impl=impl, lr=0.05)
-        assert state.loss_impl == impl
-        per_step = []
-        for i in range(3):
-            train_step(state, synthetic_batch(state.cfg, seed=i))
-            per_step.append(state.metrics.read_and_reset()["loss_sum"])
-        losses[impl] = per_step
+    losses = losses_by_impl(lambda **kw: tiny_state(lr=0.05, **kw), synthetic_batch)
     # Step 1 sees identical weights: the losses agree to fp32 rounding. The kernel's gradients
     # agree with the reference to ~2e-7 relative, but this tiny BN net (batch 4, noise images)
     # amplifies that ~10x per step, so later steps get a looser bound; a wrong gradient moves
