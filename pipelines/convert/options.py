@@ -1,0 +1,137 @@
+"""The converter's settings: one frozen dataclass, validated once, with messages that name the flag.
+
+`output_options()` is the subset that decides the output bytes; it goes into meta.json and into
+the fingerprint that lets a rerun resume (or refuse) safely. Runtime-only settings (workers,
+--overwrite, --verify, the disk check) are left out so a resume may change them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+TOOL_VERSION = "1.0.0"  # bump when the output bytes for the same options change
+
+FORMATS = ("ffcv", "dali")
+SPLITS = ("train", "val")
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")
+ON_ERROR = ("skip", "fail")
+RUNTIME_ONLY = ("dst", "num_workers", "overwrite", "verify", "check_disk")
+
+
+class ConvertError(Exception):
+    """A problem with the inputs or the destination, reported to the user without a traceback."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    src: str
+    dst: str
+    formats: tuple[str, ...] = FORMATS
+    splits: tuple[str, ...] = SPLITS
+    max_resolution: int = 500  # px, longer side after resizing
+    jpeg_quality: int = 90
+    write_mode: str = "jpg"  # FFCV only: DALI shards always hold JPEG
+    compress_probability: float = 0.5  # write_mode=proportion: P(an image is stored as JPEG)
+    smart_threshold: int | None = None  # write_mode=smart: raw bytes above which JPEG is used
+    shard_size: int = 2500  # samples per DALI tar shard
+    val_labels: str | None = None
+    classes: str | None = None
+    limit_per_class: int | None = None
+    on_error: str = "skip"
+    seed: int = 0
+    chunk_size: int = 256  # images per resumable work unit
+    num_workers: int | None = None  # None: all cores; 0: in this process
+    overwrite: bool = False
+    verify: bool = False
+    check_disk: bool = True
+
+    def output_options(self) -> dict:
+        """Everything that decides the output bytes (the fingerprint's and meta.json's view)."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
+
+    @property
+    def workers(self) -> int:
+        if self.num_workers is None:
+            return os.cpu_count() or 1
+        return self.num_workers
+
+
+def _as_names(flag: str, value: object, accepted: tuple[str, ...]) -> tuple[str, ...]:
+    # fire turns "--formats=ffcv,dali" into a tuple and "--formats=ffcv" into a str.
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (tuple, list)) or not items:
+        raise ConvertError(f"--{flag}={value!r}: expected a comma-separated subset of {accepted}")
+    names = tuple(str(x).strip() for x in items)
+    bad = [n for n in names if n not in accepted]
+    if bad or len(set(names)) != len(names):
+        raise ConvertError(f"--{flag}={value!r}: accepted values are {', '.join(accepted)}")
+    return tuple(n for n in accepted if n in names)  # canonical order
+
+
+def _check_int(flag: str, value: object, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if not ok or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ConvertError(f"--{flag}={value!r}: expected an integer {bound}")
+
+
+def _check_choice(flag: str, value: object, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ConvertError(f"--{flag}={value!r}: accepted values are {', '.join(accepted)}")
+
+
+def _existing_file(flag: str, value: object) -> str | None:
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ConvertError(f"--{flag}={value}: no such file")
+    return str(path.resolve())
+
+
+def make_options(**kwargs: object) -> ConvertOptions:
+    """Validate raw CLI values and return the options; raise ConvertError naming the bad flag."""
+    known = {f.name for f in fields(ConvertOptions)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ConvertError(f"unknown option(s) {unknown}; known: {sorted(known)}")
+    for flag in ("src", "dst"):
+        if not kwargs.get(flag):
+            raise ConvertError(f"--{flag} is required")
+    kw = dict(kwargs)
+    kw["src"] = str(Path(str(kw["src"])).expanduser().resolve())
+    kw["dst"] = str(Path(str(kw["dst"])).expanduser().resolve())
+    kw["formats"] = _as_names("formats", kw.get("formats", FORMATS), FORMATS)
+    kw["splits"] = _as_names("splits", kw.get("splits", SPLITS), SPLITS)
+    kw["val_labels"] = _existing_file("val_labels", kw.get("val_labels"))
+    kw["classes"] = _existing_file("classes", kw.get("classes"))
+    opts = ConvertOptions(**kw)
+    _validate_numbers(opts)
+    # 1 and 1.0 must give the same fingerprint.
+    return replace(opts, compress_probability=float(opts.compress_probability))
+
+
+def _validate_numbers(opts: ConvertOptions) -> None:
+    _check_int("max_resolution", opts.max_resolution, 16, 65535)  # FFCV stores sizes as uint16
+    _check_int("jpeg_quality", opts.jpeg_quality, 1, 100)
+    _check_int("shard_size", opts.shard_size, 1)
+    _check_int("chunk_size", opts.chunk_size, 1)
+    _check_int("seed", opts.seed, 0)
+    if opts.limit_per_class is not None:
+        _check_int("limit_per_class", opts.limit_per_class, 1)
+    if opts.num_workers is not None:
+        _check_int("num_workers", opts.num_workers, 0)
+    _check_choice("write_mode", opts.write_mode, WRITE_MODES)
+    _check_choice("on_error", opts.on_error, ON_ERROR)
+    p = opts.compress_probability
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ConvertError(f"--compress_probability={p!r}: expected a number in [0, 1]")
+    if opts.write_mode == "smart":
+        if opts.smart_threshold is None:
+            raise ConvertError("--write_mode=smart needs --smart_threshold=<raw bytes>: images "
+                               "whose raw RGB size exceeds it are stored as JPEG")
+        _check_int("smart_threshold", opts.smart_threshold, 0)
+    for flag in ("overwrite", "verify", "check_disk"):
+        if not isinstance(getattr(opts, flag), bool):
+            raise ConvertError(f"--{flag}={getattr(opts, flag)!r}: expected True or False")
