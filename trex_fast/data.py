@@ -52,11 +52,18 @@ def build_data(cfg: Config, root: str, settings: LoaderSettings):
         train = FfcvTrainData(os.path.join(root, "train.beton"), multicrop_spec(cfg), settings)
         val = FfcvValData(os.path.join(root, "val.beton"), cfg.global_size, settings)
         return train, val
+    if pipeline == "dali":
+        from trex_fast import availability
+
+        availability.require("nvidia-dali", availability.has_dali(), "dali")
+        from pipelines.dali_multicrop import DaliTrainData, DaliValData  # imports nvidia.dali
+
+        train = DaliTrainData(os.path.join(root, "dali", "train"), multicrop_spec(cfg), settings)
+        val = DaliValData(os.path.join(root, "dali", "val"), cfg.global_size, settings)
+        return train, val
     if pipeline != "reference":
-        raise NotImplementedError(
-            f"--pipeline={pipeline!r} is not in this build yet (the DALI pipeline is issue #5); "
-            "use --pipeline=reference with an ImageFolder root or --pipeline=ffcv with .beton "
-            "files")
+        raise NotImplementedError(f"--pipeline={pipeline!r}: accepted values are auto, "
+                                  "reference, ffcv, dali")
     _check_imagefolder(root)
     train = ReferenceTrainData(os.path.join(root, "train"), multicrop_spec(cfg), settings)
     val = ReferenceValData(os.path.join(root, "val"), cfg.global_size, settings)

@@ -1,0 +1,283 @@
+"""DALI loader for the multi-crop recipe (issue #5). Imports nvidia.dali; nothing else does.
+
+Graph per image: fn.readers.webdataset (tar shards + wds2idx index files written by
+tools/convert_in1k.py) -> one decode ("mixed" = nvJPEG on GPU, "cpu" in CPU mode) -> for each of
+the 1 + 8 crops of pipelines/spec.py: random_resized_crop, colour jitter, grayscale, blur,
+solarize, then flip + normalise + cast in crop_mirror_normalize, HWC (so the torch view is
+channels-last for free). Random application uses DALI conditionals: a sample that does not get
+an augmentation skips its work. CPU mode (device_id=None) is the same graph with only the
+decoder's device string changed and per-sample scalars left on the host; no per-sample Python
+runs in either mode. docs/DALI.md lists every parameter mapping and its tolerance.
+
+Data order: per epoch, the shard files are permuted and the reader's shuffle buffer reseeded,
+both from (seed, epoch); rank r reads DALI shard r of num_shards = world size; every rank stops
+after n // (batch * world) steps (drop policy, as the reference). Resume: the pipeline of an
+epoch is rebuilt from the same seeds and its first start_step batches are drawn and dropped, so
+a resumed run sees exactly the batches (order and augmentations) of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from pipelines.batch import MultiCropBatch
+from pipelines.reference import LoaderSettings, derived_seed
+from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec, val_resize_size
+
+READER = "shards"
+LABEL_BYTES = 8  # a `.cls` is ASCII decimal; padded with zero bytes to this many
+SHUFFLE_BUFFER = 8192  # samples held by the reader's shuffle buffer (encoded JPEGs)
+DEGREES_PER_TURN = 360.0  # torchvision's hue is a fraction of a turn, DALI's fn.hsv degrees
+MEAN_255 = [255 * m for m in IMAGENET_MEAN]  # crop_mirror_normalize works in uint8 units
+STD_255 = [255 * s for s in IMAGENET_STD]
+
+
+# ---------------------------------------------------------------- shards
+def find_shards(folder: str) -> tuple[list[str], list[str], int]:
+    """(tar paths, index paths, number of samples) of a dali/<split> folder, sorted."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder!r}: no such folder; tools/convert_in1k.py "
+                                "--formats=dali writes <data>/dali/train and <data>/dali/val")
+    tars = sorted(glob.glob(os.path.join(folder, "*.tar")))
+    if not tars:
+        raise FileNotFoundError(f"{folder!r} holds no .tar shards")
+    indexes = [tar[:-len(".tar")] + ".idx" for tar in tars]
+    missing = [p for p in indexes if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) lack their DALI index file, e.g. "
+                                f"{missing[0]!r} (rerun tools/convert_in1k.py)")
+    total = 0
+    for path in indexes:
+        with open(path) as f:
+            head = f.readline().split()
+        if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
+            raise ValueError(f"{path!r}: not a DALI wds2idx index (first line {head})")
+        total += int(head[1])
+    return tars, indexes, total
+
+
+def count_classes(folder: str, tars: list[str], indexes: list[str]) -> int:
+    """From the converter's meta.json (<data>/meta.json) if present, else the largest `.cls`
+    read through the index offsets (one seek per sample, no tar parsing)."""
+    meta = os.path.join(folder, os.pardir, os.pardir, "meta.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            classes = json.load(f).get("classes")
+        if classes:
+            return len(classes)
+    largest = -1
+    for tar, index in zip(tars, indexes):
+        with open(index) as f, open(tar, "rb") as data:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                for ext, offset, size in zip(fields[0::4], fields[1::4], fields[2::4]):
+                    if ext == "cls":
+                        data.seek(int(offset))
+                        largest = max(largest, int(data.read(int(size))))
+    return largest + 1
+
+
+def parse_labels(raw: torch.Tensor) -> torch.Tensor:
+    """[B, LABEL_BYTES] ASCII digits right-padded with zeros -> [B] int64, vectorised."""
+    valid = raw > 0
+    digits = (raw.long() - ord("0")).clamp(min=0) * valid
+    power = (valid.sum(1, keepdim=True) - 1 - torch.arange(raw.shape[1])).clamp(min=0)
+    return (digits * torch.pow(10, power)).sum(1)
+
+
+# ---------------------------------------------------------------- graph
+def _coin(p: float):
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def _on(node, gpu: bool):
+    """Per-sample scalars are drawn on the host; arithmetic with a GPU image needs them there."""
+    return node.gpu() if gpu else node
+
+
+def _jitter(crop, group: CropSpec, gpu: bool):
+    """torchvision ColorJitter(b, c, s, h) with factors drawn per sample."""
+    b = fn.random.uniform(range=(1 - group.brightness, 1 + group.brightness))
+    c = fn.random.uniform(range=(1 - group.contrast, 1 + group.contrast))
+    s = fn.random.uniform(range=(1 - group.saturation, 1 + group.saturation))
+    h = fn.random.uniform(range=(-group.hue, group.hue))
+    return jitter_with(crop, b, c, s, h, gpu)
+
+
+def jitter_with(crop, brightness, contrast, saturation, hue, gpu: bool):
+    """Brightness and contrast in one expression, b * (c * x + (1 - c) * gray_mean), rounded
+    and saturated to uint8; then saturation and hue (turns -> degrees) in fn.hsv. Without
+    clamping the four commute (docs/DALI.md), so one fixed order stands for the random one."""
+    gray = fn.color_space_conversion(crop, image_type=types.RGB, output_type=types.GRAY)
+    mean = fn.reductions.mean(gray, keep_dims=True)  # [1, 1, 1] per sample
+    scale, shift = brightness * contrast, brightness * (1 - contrast)
+    crop = fn.cast(_on(scale, gpu) * crop + _on(shift, gpu) * mean, dtype=types.UINT8)
+    return fn.hsv(crop, hue=hue * DEGREES_PER_TURN, saturation=saturation)
+
+
+def solarize(crop, threshold: int):
+    """x >= t -> 255 - x on uint8: XOR with 255 where the mask is set."""
+    mask = fn.cast(crop >= threshold, dtype=types.UINT8)
+    return crop ^ (mask * types.Constant(255, dtype=types.UINT8))
+
+
+def _crop(image, group: CropSpec, gpu: bool, dtype):
+    """One crop of a group in the recipe's order; the flip happens last, in
+    crop_mirror_normalize: every op after it is pixel-wise or a symmetric blur, so it commutes."""
+    crop = fn.random_resized_crop(image, size=[group.size, group.size],
+                                  random_area=list(group.scale),
+                                  random_aspect_ratio=list(group.ratio), num_attempts=10,
+                                  interp_type=types.INTERP_CUBIC, antialias=True)
+    if _coin(group.jitter_p):
+        crop = _jitter(crop, group, gpu)
+    if _coin(group.grayscale_p):
+        crop = fn.hsv(crop, saturation=0.0)  # Y of YIQ = ITU-R 601 luma, as PIL's "L"
+    if group.blur_p > 0:
+        if _coin(group.blur_p):
+            crop = fn.gaussian_blur(crop, sigma=fn.random.uniform(range=group.blur_sigma))
+    if group.solarize_p > 0:
+        if _coin(group.solarize_p):
+            crop = solarize(crop, group.solarize_threshold)
+    return fn.crop_mirror_normalize(crop, mirror=fn.random.coin_flip(probability=group.flip_p),
+                                    mean=MEAN_255, std=STD_255, dtype=dtype,
+                                    output_layout="HWC")
+
+
+def _reader(tars: list[str], indexes: list[str], rank: int, world: int, **shuffle):
+    jpegs, cls = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["jpg", "cls"],
+                                       missing_component_behavior="error", shard_id=rank,
+                                       num_shards=world, stick_to_shard=True, name=READER,
+                                       **shuffle)
+    return jpegs, fn.pad(cls, fill_value=0, shape=[LABEL_BYTES])
+
+
+@pipeline_def(enable_conditionals=True)
+def train_graph(tars, indexes, rank, world, reader_seed, spec: MultiCropSpec, gpu, dtype):
+    jpegs, labels = _reader(tars, indexes, rank, world, random_shuffle=True,
+                            initial_fill=SHUFFLE_BUFFER, seed=reader_seed)
+    image = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    crops = []
+    for group in spec.groups:
+        for _ in range(group.count):
+            crops.append(_crop(image, group, gpu, dtype))
+    return (*crops, labels)
+
+
+@pipeline_def
+def val_graph(tars, indexes, rank, world, global_size, gpu, dtype):
+    jpegs, labels = _reader(tars, indexes, rank, world, pad_last_batch=True)
+    image = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    image = fn.resize(image, resize_shorter=val_resize_size(global_size),
+                      interp_type=types.INTERP_LINEAR, antialias=True)
+    image = fn.crop_mirror_normalize(image, crop=(global_size, global_size), mean=MEAN_255,
+                                     std=STD_255, dtype=dtype, output_layout="HWC")
+    return image, labels
+
+
+# ---------------------------------------------------------------- loaders
+def _device_args(settings: LoaderSettings) -> dict:
+    """DALI's dtype (no bfloat16 in DALI: fp16 then a cast on the device) and device id."""
+    gpu = settings.device.type == "cuda"
+    dtype = types.FLOAT if settings.dtype == torch.float32 else types.FLOAT16
+    device_id = (settings.device.index or torch.cuda.current_device()) if gpu else None
+    return {"gpu": gpu, "dtype": dtype, "device_id": device_id}
+
+
+def _hwc_to_nchw(parts: list[torch.Tensor], settings: LoaderSettings) -> torch.Tensor:
+    """[B, H, W, 3] per crop -> [n*B, 3, H, W], crop-major; channels-last strides."""
+    x = (torch.cat(parts) if len(parts) > 1 else parts[0]).permute(0, 3, 1, 2)
+    x = x.to(settings.device, settings.dtype, non_blocking=True)
+    return x if settings.channels_last else x.contiguous()
+
+
+class DaliTrainData:
+    """Train batches as MultiCropBatch on the device, epoch by epoch (the interface of
+    pipelines.reference.ReferenceTrainData)."""
+
+    def __init__(self, folder: str, spec: MultiCropSpec, settings: LoaderSettings):
+        self.tars, self.indexes, self.num_samples = find_shards(folder)
+        self.spec, self.settings = spec, settings
+        self._num_classes = count_classes(folder, self.tars, self.indexes)
+        self.steps_per_epoch = self.num_samples // (settings.batch_size * settings.world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{folder!r}: {self.num_samples} training images are fewer than "
+                             f"one global batch ({settings.batch_size} x {settings.world_size})")
+        self.names = [f"{kind}{i}" for kind, group in zip("gl", spec.groups)
+                      for i in range(group.count)]
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def pipeline(self, epoch: int):
+        """The epoch's graph: shard order and seeds from (seed, epoch), the same on all ranks
+        for the shard permutation (so DALI's split is a partition), per rank for the rest."""
+        s = self.settings
+        order = np.random.default_rng(derived_seed(s.seed, epoch)).permutation(len(self.tars))
+        dev = _device_args(s)
+        return train_graph(
+            [self.tars[i] for i in order], [self.indexes[i] for i in order], s.rank,
+            s.world_size, derived_seed(s.seed, epoch, s.rank, 0), self.spec, dev["gpu"],
+            dev["dtype"], batch_size=s.batch_size, num_threads=max(1, s.num_workers),
+            device_id=dev["device_id"], seed=derived_seed(s.seed, epoch, s.rank, 1))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
+        s = self.settings
+        n_global = self.spec.global_group.count
+        iterator = DALIGenericIterator(self.pipeline(epoch), [*self.names, "label"],
+                                       reader_name=READER, auto_reset=False,
+                                       last_batch_policy=LastBatchPolicy.DROP)
+        try:
+            for step, outputs in enumerate(iterator):
+                if step >= self.steps_per_epoch:
+                    break
+                if step < start_step:  # resume: same seeds, so dropping replays the order
+                    continue
+                out = outputs[0]
+                crops = [out[name] for name in self.names]
+                yield MultiCropBatch(
+                    global_crops=_hwc_to_nchw(crops[:n_global], s),
+                    local_crops=self._locals(crops[n_global:]),
+                    labels=parse_labels(out["label"].cpu()).to(s.device, non_blocking=True))
+        finally:
+            del iterator
+
+    def _locals(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        if crops:
+            return _hwc_to_nchw(crops, self.settings)
+        s = self.settings
+        return torch.empty(0, 3, 1, 1, device=s.device, dtype=s.dtype)
+
+
+class DaliValData:
+    """Val images (Resize shorter side + CenterCrop), DALI shard r of world size per rank,
+    padded by the reader and trimmed by the iterator so every image counts exactly once;
+    yields (normalised images, labels) on the device."""
+
+    def __init__(self, folder: str, global_size: int, settings: LoaderSettings):
+        self.tars, self.indexes, self.num_images = find_shards(folder)
+        self.global_size, self.settings = global_size, settings
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.settings
+        dev = _device_args(s)
+        pipe = val_graph(self.tars, self.indexes, s.rank, s.world_size, self.global_size,
+                         dev["gpu"], dev["dtype"], batch_size=s.batch_size,
+                         num_threads=max(1, s.num_workers), device_id=dev["device_id"], seed=0)
+        iterator = DALIGenericIterator(pipe, ["image", "label"], reader_name=READER,
+                                       auto_reset=False,
+                                       last_batch_policy=LastBatchPolicy.PARTIAL)
+        try:
+            for outputs in iterator:
+                out = outputs[0]
+                yield (_hwc_to_nchw([out["image"]], s),
+                       parse_labels(out["label"].cpu()).to(s.device, non_blocking=True))
+        finally:
+            del iterator
