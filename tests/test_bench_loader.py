@@ -52,10 +52,18 @@ def test_bench_reference_alone(tmp_path):
     assert result["cpu_side_samples_per_s"] == result["samples_per_s"]
 
 
-def test_bench_dali_says_not_built_and_bad_names_fail(tmp_path):
-    if os.path.isfile(os.path.join(ROOT, "pipelines", "dali_multicrop.py")):
-        pytest.skip("the DALI pipeline exists now")
-    proc = _run(f"--data={tmp_path}", "--pipeline=dali")
-    assert proc.returncode != 0 and "not built yet" in proc.stderr
+def test_bad_pipeline_name_fails_naming_the_accepted_values(tmp_path):
     proc = _run(f"--data={tmp_path}", "--pipeline=pil")
     assert proc.returncode != 0 and "accepted values" in proc.stderr
+
+
+@pytest.mark.dali
+def test_bench_dali_tiny_run(tmp_path):
+    from trex_fast import demo_data
+
+    demo_data.write_dataset(str(tmp_path), train_per_class=2, val_per_class=1)
+    proc = _run(f"--data={tmp_path}", "--pipeline=dali", "--batch_size=4", "--num_workers=1",
+                "--steps=2", "--warmup=1", "--preset=demo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _last_json(proc.stdout)
+    assert result["pipeline"] == "dali" and result["samples_per_s"] > 0

@@ -11,7 +11,8 @@ Pipelines:
                canvases), samples_per_s = loader + the multi-crop stage on --device
   decode_only  the floor of a decode-once design: the same .beton, the same workers, each
                JPEG decoded once into a scratch buffer and nothing else
-  dali         pipelines/dali_multicrop.py (exits with a message while it is not built)
+  dali         pipelines/dali_multicrop.py in CPU mode (writes dali/train shards from
+               train/ first when they are missing)
 Each pipeline prints one JSON line; with several, a last JSON line holds all results and
 the ratios. Steps after --warmup are timed (FFCV compiles its numba code in the first batch).
 """
