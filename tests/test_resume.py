@@ -26,8 +26,9 @@ def tiny_imagefolder(tmp_path_factory):
 
 
 def _config(data, out, **overrides):
-    return tiny_config(data=data, output_dir=str(out), batch_size=8, memory_size=32,
-                       num_workers=0, log_every=2, eval_every=1, warmup_epochs=1, **overrides)
+    flags = dict(batch_size=8, memory_size=32, num_workers=0, log_every=2, eval_every=1,
+                 warmup_epochs=1)
+    return tiny_config(data=data, output_dir=str(out), **{**flags, **overrides})
 
 
 def _assert_same_tensors(a, b, where):
@@ -118,3 +119,15 @@ def test_sigterm_saves_a_checkpoint_that_resumes_mid_epoch(tiny_imagefolder, tmp
     assert "got SIGTERM" in rest and "stopped at global step" in rest
     ckpt = load_checkpoint(str(out / "checkpoint.pt"))
     assert ckpt["step"] >= 1 and ckpt["step"] == ckpt["epoch"] * 4 + ckpt["step_in_epoch"]
+
+
+def test_profile_steps_reports_a_verdict_and_trains_nothing(tiny_imagefolder, tmp_path):
+    out = tmp_path / "profile"
+    report = run(_config(tiny_imagefolder, out, batch_size=4, profile_steps=2, memory_size=16))
+    assert report["pipeline"] == "reference" and report["steps"] == 2
+    for key in ("real_samples_per_s", "synthetic_samples_per_s", "loader_samples_per_s"):
+        assert report[key] > 0, key
+    ratio = report["real_samples_per_s"] / report["synthetic_samples_per_s"]
+    assert report["verdict"].startswith("compute-bound" if ratio >= 0.95 else "data-bound")
+    assert json.loads((out / "bottleneck.json").read_text())["verdict"] == report["verdict"]
+    assert not (out / "checkpoint.pt").exists()  # a dry run: nothing trained is kept

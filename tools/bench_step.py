@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.batch import MultiCropBatch  # noqa: E402
+from trex_fast.bottleneck import synthetic_batch  # noqa: E402
 from trex_fast.build import build_state, resolve_device  # noqa: E402
 from trex_fast.cli import run_cli  # noqa: E402
 from trex_fast.config import make_config  # noqa: E402
@@ -32,20 +32,6 @@ from trex_fast.profiling import PhaseTimer  # noqa: E402
 from trex_fast.step import COMPUTE_DTYPES, resolve_precision, train_step  # noqa: E402
 
 SINGLE = DistInfo(0, 1, 0, 1)
-
-
-def synthetic_batch(cfg, num_classes: int, device, dtype) -> MultiCropBatch:
-    """Normalised-looking crops in the compute dtype, channels-last, on the device."""
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    b = cfg.batch_size
-
-    def crops(n, size):
-        x = torch.randn(n * b, 3, size, size, device=device, dtype=dtype)
-        return x.contiguous(memory_format=fmt)
-
-    return MultiCropBatch(crops(cfg.global_crops, cfg.global_size),
-                          crops(cfg.local_crops, cfg.local_size),
-                          torch.randint(0, num_classes, (b,), device=device))
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:

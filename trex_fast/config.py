@@ -80,6 +80,9 @@ class Config:
     log_every: int = _f(50, "steps between reads of the on-device metrics (the only host sync)")
     eval_every: int = _f(1, "epochs between validations (0 = only after the last epoch)")
     resume: str = _f("", "checkpoint to resume from; empty = output_dir/checkpoint.pt if any")
+    profile_steps: int = _f(0, "instead of training: time this many steps with real data, with "
+                               "synthetic data and of the loader alone, print whether the run "
+                               "is data- or compute-bound, write bottleneck.json, exit")
     stop_at_step: int = _f(0, "save a checkpoint and exit after this global step (0 = run to "
                               "the end); for splitting a run across time-limited jobs")
 
@@ -153,7 +156,7 @@ def validate(cfg: Config) -> Config:
                  "log_every"):
         _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), ">= 1")
     for name in ("pr_hidden_layers", "local_crops", "eval_every", "stop_at_step", "seed",
-                 "memory_size"):
+                 "memory_size", "profile_steps"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), ">= 0")
     _check(cfg.batch_size >= 2, "batch_size", cfg.batch_size, ">= 2 (BatchNorm needs 2 images)")
     _check(cfg.num_workers >= -1, "num_workers", cfg.num_workers, ">= 0, or -1 for auto")

@@ -15,12 +15,12 @@ import torch
 from tqdm import tqdm
 
 from pipelines.reference import LoaderSettings
+from trex_fast import bottleneck, distributed, runlog
 from trex_fast import checkpoint as ckpt_lib
-from trex_fast import distributed, runlog
 from trex_fast.build import build_state, resolve_device
 from trex_fast.cli import run_cli
 from trex_fast.config import FIELDS, Config, ConfigError, check_world, help_text, make_config
-from trex_fast.data import build_data, resolve_data_root
+from trex_fast.data import build_data, resolve_data_root, resolve_pipeline
 from trex_fast.loop import StopSignal, train_one_epoch
 from trex_fast.model import backbone_state_dict
 from trex_fast.step import COMPUTE_DTYPES, TrainState, resolve_precision
@@ -98,6 +98,8 @@ def _run(cfg: Config, dist_info) -> dict:
 
     # ---- model, EMA, memory, optimiser; resume ----------------------------------------------
     state = build_state(cfg, num_classes, steps_per_epoch, device, dist_info)
+    if cfg.profile_steps:  # a fresh state: the run's own checkpoint is not touched
+        return _profile(cfg, state, train_data, root, out_dir, is_main)
     start_epoch, start_step, elapsed_before = _resume(cfg, state, out_dir, num_classes)
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
@@ -137,6 +139,19 @@ def _run(cfg: Config, dist_info) -> dict:
     if progress is not None:
         progress.close()
     return _finish(cfg, state, val_data, out_dir, last, is_main)
+
+
+def _profile(cfg: Config, state: TrainState, train_data, root: str, out_dir: str,
+             is_main: bool) -> dict:
+    warmup = max(3, cfg.profile_steps // 2)  # CPU and cuDNN warm up over several steps
+    report = bottleneck.measure(state, train_data, resolve_pipeline(cfg, root), cfg.profile_steps,
+                                warmup)
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        runlog.write_json(os.path.join(out_dir, "bottleneck.json"), report)
+        _log(f"profile over {cfg.profile_steps} steps: {report}")
+        _log(report["verdict"])
+    return report
 
 
 def _end_of_epoch(cfg: Config, state: TrainState, val_data, epoch: int, outcome, out_dir: str,
