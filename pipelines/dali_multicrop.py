@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.batch import MultiCropBatch
@@ -34,7 +35,10 @@ from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec,
 READER = "shards"
 LABEL_BYTES = 8  # a `.cls` is ASCII decimal; padded with zero bytes to this many
 SHUFFLE_BUFFER = 8192  # samples held by the reader's shuffle buffer (encoded JPEGs)
-DEGREES_PER_TURN = 360.0  # torchvision's hue is a fraction of a turn, DALI's fn.hsv degrees
+# HSV -> RGB without branches: channel n = V - C * clamp(min(k, 4 - k), 0, 1) with
+# k = (n + H) mod 6, H the hue in sixths of a turn, n = 5, 3, 1 for R, G, B (V = max,
+# C = max - min); shape [1, 1, 3] so it broadcasts over an HWC image's channels.
+HUE_OFFSETS = np.array([5, 3, 1], dtype=np.float32).reshape(1, 1, 3)
 MEAN_255 = [255 * m for m in IMAGENET_MEAN]  # crop_mirror_normalize works in uint8 units
 STD_255 = [255 * s for s in IMAGENET_STD]
 
@@ -113,13 +117,40 @@ def _jitter(crop, group: CropSpec, gpu: bool):
 
 def jitter_with(crop, brightness, contrast, saturation, hue, gpu: bool):
     """Brightness and contrast in one expression, b * (c * x + (1 - c) * gray_mean), rounded
-    and saturated to uint8; then saturation and hue (turns -> degrees) in fn.hsv. Without
-    clamping the four commute (docs/DALI.md), so one fixed order stands for the random one."""
+    and saturated to uint8; saturation in fn.hsv (uint8 again); then torchvision's HSV hue
+    shift in arithmetic ops. One fixed order stands for the random one: without clamping b, c
+    and s commute, and the hue shift commutes with b and nearly with c and s (docs/DALI.md)."""
     gray = fn.color_space_conversion(crop, image_type=types.RGB, output_type=types.GRAY)
     mean = fn.reductions.mean(gray, keep_dims=True)  # [1, 1, 1] per sample
     scale, shift = brightness * contrast, brightness * (1 - contrast)
     crop = fn.cast(_on(scale, gpu) * crop + _on(shift, gpu) * mean, dtype=types.UINT8)
-    return fn.hsv(crop, hue=hue * DEGREES_PER_TURN, saturation=saturation)
+    crop = fn.hsv(crop, saturation=saturation)
+    return fn.cast(adjust_hue(fn.cast(crop, dtype=types.FLOAT), _on(hue, gpu)),
+                   dtype=types.UINT8)
+
+
+def adjust_hue(x, hue):
+    """torchvision's adjust_hue (H of HSV shifted by `hue` turns, S and V kept) on a float HWC
+    image in any scale, per-sample `hue`. Not fn.hsv's hue: it rotates chroma linearly in YIQ,
+    ~20/255 mean error at 36 degrees on saturated images."""
+    r, g, b = x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]
+    maxc = dmath.max(dmath.max(r, g), b)
+    chroma = maxc - dmath.min(dmath.min(r, g), b)
+    safe = dmath.max(chroma, 1e-6)  # grey pixels: any hue gives maxc, so any divisor will do
+    is_r = maxc == r  # torchvision's tie order: R, then G, then B
+    is_g = (maxc == g) & (maxc != r)
+    is_b = (maxc != g) & (maxc != r)
+    h6 = (is_r * (g - b) + is_g * (2 * safe + b - r) + is_b * (4 * safe + r - g)) / safe
+    k = types.Constant(HUE_OFFSETS) + (h6 + 6 * hue)
+    k = k - 6 * dmath.floor(k / 6)
+    return maxc - chroma * dmath.clamp(dmath.min(k, 4 - k), 0, 1)
+
+
+def grayscale(crop):
+    """ITU-R 601 luma (PIL's "L") in all three channels. Not fn.hsv(saturation=0): its YIQ
+    round trip leaves the channels up to 1/255 apart, so the crop is not exactly grey."""
+    gray = fn.color_space_conversion(crop, image_type=types.RGB, output_type=types.GRAY)
+    return fn.cat(gray, gray, gray, axis=2)
 
 
 def solarize(crop, threshold: int):
@@ -138,7 +169,7 @@ def _crop(image, group: CropSpec, gpu: bool, dtype):
     if _coin(group.jitter_p):
         crop = _jitter(crop, group, gpu)
     if _coin(group.grayscale_p):
-        crop = fn.hsv(crop, saturation=0.0)  # Y of YIQ = ITU-R 601 luma, as PIL's "L"
+        crop = grayscale(crop)
     if group.blur_p > 0:
         if _coin(group.blur_p):
             crop = fn.gaussian_blur(crop, sigma=fn.random.uniform(range=group.blur_sigma))

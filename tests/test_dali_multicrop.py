@@ -4,15 +4,17 @@ with the converter's ShardWriter from demo JPEGs (the bytes of the files, not re
 Tolerances (also in docs/DALI.md):
 - each colour op mapping vs torchvision.transforms.v2.functional on the same uint8 image with
   the same parameters: max |diff| <= 2 (of 255) for brightness/contrast/saturation/grayscale
-  and solarize exactly; hue (DALI's linear YIQ rotation vs HSV) mean |diff| < 4; blur with the
-  same sigma and window 2*ceil(3*sigma)+1 mean |diff| < 1 (borders differ: reflect-101 vs
-  torchvision's reflect).
-- per-channel mean/std of the normalised crops vs the reference on the same images, several
-  epochs each: within 0.06 (normalised units); rate of grayscale crops within 4.5 binomial s.e.
+  and solarize exactly; grayscale exactly grey; hue (HSV shift in arithmetic ops) max 2 and
+  mean |diff| < 0.5; blur with the same sigma and window 2*ceil(3*sigma)+1 mean |diff| < 1
+  (borders differ: reflect-101 vs torchvision's reflect).
+- per-channel mean of the normalised crops vs the reference on the same images, 12 epochs of
+  4 + 4 crops per image: within max(0.06, 4.5 standard errors of the difference); std within
+  0.06 (normalised units); rate of grayscale crops within 4.5 binomial s.e.
 - val batches vs ReferenceValData: labels equal, mean |diff| < 0.05 (normalised).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -60,9 +62,9 @@ def _settings(batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 3
                           dtype=torch.float32, channels_last=True)
 
 
-def _train(root, split="train", **kw):
+def _train(root, split="train", spec: MultiCropSpec = SPEC, **kw):
     from pipelines.dali_multicrop import DaliTrainData
-    return DaliTrainData(str(root / "dali" / split), SPEC, _settings(**{"batch_size": 4, **kw}))
+    return DaliTrainData(str(root / "dali" / split), spec, _settings(**{"batch_size": 4, **kw}))
 
 
 # ---------------------------------------------------------------- contract, order
@@ -204,14 +206,8 @@ def test_jitter_matches_torchvision(photos, b, c, s):
     assert worst <= 2, worst  # rounding to uint8 between ops, in both
 
 
-KNOWN_HUE_GAP = pytest.mark.xfail(strict=True, reason=(
-    "fn.hsv rotates hue linearly in YIQ, not in HSV: mean |diff| ~20/255 at 36 degrees on the "
-    "saturated demo textures (docs/DALI.md, open item)"))
-
-
-@KNOWN_HUE_GAP
-@pytest.mark.parametrize("hue", [-0.1, -0.05, 0.05, 0.1])
-def test_hue_approximates_torchvision(photos, hue):
+@pytest.mark.parametrize("hue", [-0.1, -0.05, 0.05, 0.1, 0.5])
+def test_hue_matches_torchvision(photos, hue):
     from nvidia.dali import fn
 
     from pipelines.dali_multicrop import jitter_with
@@ -221,17 +217,19 @@ def test_hue_approximates_torchvision(photos, hue):
     ours = _run_op(photos, lambda x: jitter_with(x, one(), one(), one(),
                                                  fn.random.uniform(values=[hue]), False))
     theirs = [TF.adjust_hue(x, hue) for x in _torch(photos)]
-    _, mean = _max_and_mean_diff(ours, theirs)
-    assert mean < 4, mean
+    worst, mean = _max_and_mean_diff(ours, theirs)
+    # HSV shift in float: rounding only (fn.hsv's YIQ rotation was ~20/255 mean at 0.1)
+    assert worst <= 2 and mean < 0.5, (worst, mean)
 
 
 def test_grayscale_solarize_blur_match_torchvision(photos):
     from nvidia.dali import fn
 
-    from pipelines.dali_multicrop import solarize
+    from pipelines.dali_multicrop import grayscale, solarize
     ts = _torch(photos)
-    gray = _run_op(photos, lambda x: fn.hsv(x, saturation=0.0))
+    gray = _run_op(photos, grayscale)
     assert _max_and_mean_diff(gray, [TF.rgb_to_grayscale(x, 3) for x in ts])[0] <= 2
+    assert all((g.max(2) == g.min(2)).all() for g in gray)  # exactly grey, as PIL's "L"
     sol = _run_op(photos, lambda x: solarize(x, 128))
     assert _max_and_mean_diff(sol, [TF.solarize(x, 128) for x in ts])[0] == 0
     for sigma in (0.5, 2.0):
@@ -255,29 +253,44 @@ def _stats(crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float
     return x.mean((0, 2, 3)), x.std((0, 2, 3)), gray.float().mean().item(), len(x)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "blue-channel mean of global crops 0.34 vs 0.19 (normalised) in the reference; suspected "
-    "to come from the hue mapping, not yet isolated (docs/DALI.md, open item)"))
+# More crops per image than SPEC: the augmentation noise of a pooled channel mean is ~0.2
+# (normalised) per epoch of 24 single crops, so SPEC's counts at 12 epochs leave a standard error
+# of the difference (~0.07) above any useful tolerance.
+STATS_SPEC = MultiCropSpec(dataclasses.replace(SPEC.global_group, count=4),
+                           dataclasses.replace(SPEC.local_group, count=4))
+
+
+def _epoch_means(crops: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[epochs, 3] per-channel means; every epoch holds each image once, so the spread of
+    these is augmentation noise only (the images themselves are common to both pipelines)."""
+    return torch.stack([torch.cat(c).float().mean((0, 2, 3)) for c in crops])
+
+
 def test_crop_statistics_match_the_reference(data_root):
-    data, epochs = _train(data_root, batch_size=8), 12
-    ours = {0: [], 1: []}
-    for e in range(epochs):
-        for b in data.epoch(e):
-            ours[0].append(b.global_crops)
-            ours[1].append(b.local_crops)
-    ref = MultiCropDataset(str(data_root / "train"), SPEC, seed=5)
-    theirs = {0: [], 1: []}
-    for e in range(epochs):
-        for i in range(len(ref)):
-            g, loc, _ = ref[(e, i)]
-            theirs[0] += [c[None].float() for c in g]
-            theirs[1] += [c[None].float() for c in loc]
+    """Pooled per-channel mean within max(0.06, 4.5 standard errors of the difference, from
+    the per-epoch means), std within 0.06, grey rate within 4.5 binomial s.e."""
     from pipelines.batch import normalize_uint8
+    data, epochs = _train(data_root, spec=STATS_SPEC, batch_size=8), 12
+    ours: dict[int, list[list[torch.Tensor]]] = {0: [], 1: []}
+    for e in range(epochs):
+        batches = list(data.epoch(e))
+        ours[0].append([b.global_crops for b in batches])
+        ours[1].append([b.local_crops for b in batches])
+    ref = MultiCropDataset(str(data_root / "train"), STATS_SPEC, seed=5)
+    theirs: dict[int, list[list[torch.Tensor]]] = {0: [], 1: []}
+    for e in range(epochs):
+        samples = [ref[(e, i)] for i in range(len(ref))]
+        for group in (0, 1):
+            theirs[group].append([
+                normalize_uint8(c[None].float(), torch.device("cpu"), torch.float32, False)
+                for s in samples for c in s[group]])
     for group in (0, 1):
-        want = [normalize_uint8(x, torch.device("cpu"), torch.float32, False)
-                for x in theirs[group]]
-        m1, s1, g1, n = _stats(ours[group])
-        m2, s2, g2, _ = _stats(want)
-        assert (m1 - m2).abs().max() < 0.06 and (s1 - s2).abs().max() < 0.06, (m1, m2, s1, s2)
-        se = math.sqrt(g2 * (1 - g2) * 2 / n) + 1e-9
-        assert abs(g1 - g2) < 4.5 * se, (group, g1, g2)
+        e1, e2 = _epoch_means(ours[group]), _epoch_means(theirs[group])
+        se = ((e1.var(0) + e2.var(0)) / epochs).sqrt()
+        m1, s1, g1, n = _stats([c for epoch in ours[group] for c in epoch])
+        m2, s2, g2, _ = _stats([c for epoch in theirs[group] for c in epoch])
+        tol = torch.clamp(4.5 * se, min=0.06)
+        assert ((m1 - m2).abs() < tol).all() and (s1 - s2).abs().max() < 0.06, \
+            (group, m1, m2, tol, s1, s2)
+        se_gray = math.sqrt(g2 * (1 - g2) * 2 / n) + 1e-9
+        assert abs(g1 - g2) < 4.5 * se_gray, (group, g1, g2)
