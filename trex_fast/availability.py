@@ -18,26 +18,25 @@ def _importable(module: str) -> bool:
         return False
 
 
-@functools.cache
-def has_ffcv() -> bool:
-    if not _importable("ffcv"):
+def _imports(module: str) -> bool:
+    """Installed and importable (a compiled extension can be present yet fail to load)."""
+    if not _importable(module):
         return False
     try:
-        import ffcv  # noqa: F401  (the compiled extension can fail to load)
+        importlib.import_module(module)
     except Exception:
         return False
     return True
+
+
+@functools.cache
+def has_ffcv() -> bool:
+    return _imports("ffcv")
 
 
 @functools.cache
 def has_dali() -> bool:
-    if not _importable("nvidia.dali"):
-        return False
-    try:
-        import nvidia.dali  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _imports("nvidia.dali")
 
 
 @functools.cache
