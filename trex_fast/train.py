@@ -120,24 +120,27 @@ def _run(cfg: Config, dist_info) -> dict:
                      dynamic_ncols=True, mininterval=2.0) if is_main else None)
     run_start = time.perf_counter()
     last: dict = {}
-    with StopSignal() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            outcome = train_one_epoch(state, train_data, epoch, start_step, progress, stop,
-                                      ckpt_path)
-            elapsed = elapsed_before + time.perf_counter() - run_start
-            if outcome.stopped_at is not None:  # a signal or --stop_at_step
+    try:
+        with StopSignal() as stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                outcome = train_one_epoch(state, train_data, epoch, start_step, progress, stop,
+                                          ckpt_path)
+                elapsed = elapsed_before + time.perf_counter() - run_start
+                if outcome.stopped_at is not None:  # a signal or --stop_at_step
+                    if is_main:
+                        _save(state, ckpt_path, epoch, outcome.stopped_at, num_classes, elapsed)
+                        _log(f"stopped at global step {state.step}; checkpoint {ckpt_path}; "
+                             "rerun the same command to continue")
+                    return {"stopped_at_step": state.step, "signal": stop.received,
+                            **outcome.totals.summary()}
+                start_step = 0
+                last = _end_of_epoch(cfg, state, val_data, epoch, outcome, out_dir, elapsed,
+                                     is_main)
                 if is_main:
-                    _save(state, ckpt_path, epoch, outcome.stopped_at, num_classes, elapsed)
-                    _log(f"stopped at global step {state.step}; checkpoint {ckpt_path}; rerun "
-                         "the same command to continue")
-                return {"stopped_at_step": state.step, "signal": stop.received,
-                        **outcome.totals.summary()}
-            start_step = 0
-            last = _end_of_epoch(cfg, state, val_data, epoch, outcome, out_dir, elapsed, is_main)
-            if is_main:
-                _save(state, ckpt_path, epoch + 1, 0, num_classes, elapsed)
-    if progress is not None:
-        progress.close()
+                    _save(state, ckpt_path, epoch + 1, 0, num_classes, elapsed)
+    finally:
+        if progress is not None:
+            progress.close()
     return _finish(cfg, state, val_data, out_dir, last, is_main)
 
 
