@@ -53,7 +53,11 @@ def _resume(cfg: Config, state: TrainState, out_dir: str,
     ckpt = ckpt_lib.load_checkpoint(path)
     ckpt_lib.check_compatible(ckpt, cfg, num_classes)
     ckpt_lib.restore(state, ckpt)
-    _log(f"resumed from {path}: epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+    if ckpt["epoch"] >= cfg.epochs:
+        _log(f"{path}: this run already finished its {cfg.epochs} epochs; reporting it again "
+             "(raise --epochs to continue it)")
+    else:
+        _log(f"resumed from {path}: epoch {ckpt['epoch'] + 1}, global step {ckpt['step']}")
     return ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("elapsed_s", 0.0)
 
 
