@@ -33,15 +33,22 @@ def parse_flags(argv: list[str]) -> dict:
 
 
 def run_cli(fn, argv: list[str] | None = None):
-    """fire.Fire(fn), or the stand-in when fire is missing (then --help prints the docstring)."""
+    """fire.Fire(fn), or the stand-in when fire is missing. `fn` is a function or a dict of
+    subcommands ({"name": function}); the stand-in then takes the name as the first argument."""
     argv = sys.argv[1:] if argv is None else argv
+    wants_help = bool({"--help", "-h"} & set(argv))
+    rest = [a for a in argv if a not in ("--help", "-h")]
     try:
         import fire
     except ImportError:
-        if {"--help", "-h"} & set(argv):
+        if isinstance(fn, dict):
+            if not rest or rest[0] not in fn:
+                raise SystemExit("error: the first argument must be one of "
+                                 f"{', '.join(fn)}") from None
+            fn, rest = fn[rest[0]], rest[1:]
+        if wants_help:
             print(fn.__doc__)
             return None
-        return fn(**parse_flags(argv))
+        return fn(**parse_flags(rest))
     # `--help`/`-h` reach fire's own help (a **flags signature would take them as a flag).
-    wants_help = {"--help", "-h"} & set(argv)
-    return fire.Fire(fn, command=["--", "--help"] if wants_help else argv)
+    return fire.Fire(fn, command=rest + ["--", "--help"] if wants_help else argv)

@@ -1,0 +1,148 @@
+"""`python -m trex_fast.eval <command>`: evaluate backbones (RECIPE.md "Evaluation").
+
+    in1k    top-1/top-5 on an ImageFolder val split with the training head of a trex_fast
+            checkpoint (Resize + CenterCrop, scaled to the run's global size)
+    knn     weighted k-NN top-1 (k=20, T=0.07) on frozen L2-normalised backbone features
+    export  a trex_fast checkpoint's backbone as a torchvision state_dict
+
+Backbones load from trex_fast checkpoints, backbone.pth, torchvision state_dicts or released
+files with `module.` / `model.` / `encoder.` prefixes (trex_fast.backbone_io). Not here yet:
+the transfer linear probes (issue #8).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from pipelines.batch import normalize_uint8
+from pipelines.reference import val_transform
+from trex_fast.backbone_io import export_backbone, load_backbone
+from trex_fast.build import build_state, resolve_device
+from trex_fast.checkpoint import load_checkpoint, restore
+from trex_fast.cli import run_cli
+from trex_fast.config import make_config
+from trex_fast.distributed import DistInfo
+from trex_fast.losses import torch_prototype_ce_with_top1
+
+SINGLE = DistInfo(0, 1, 0, 1)
+
+
+def _images(root: str, image_size: int, batch_size: int, num_workers: int) -> DataLoader:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root!r}: no such ImageFolder directory")
+    return DataLoader(ImageFolder(root, transform=val_transform(image_size)),
+                      batch_size=batch_size, num_workers=num_workers)
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, loader: DataLoader,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen pooled features [N, F] (fp32, eval-mode BN) and labels [N]."""
+    backbone.eval().to(device)
+    feats, labels = [], []
+    for images, y in loader:
+        x = normalize_uint8(images, device, torch.float32, channels_last=False)
+        feats.append(backbone(x).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+             test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07,
+             chunk: int = 1024) -> float:
+    """Weighted k-NN on L2-normalised features: each of the k nearest training samples votes
+    for its class with weight exp(cosine / temperature). Returns top-1 in percent."""
+    train = F.normalize(train_feats.float(), dim=1)
+    num_classes = int(train_labels.max()) + 1
+    k = min(k, train.shape[0])
+    hits = 0
+    for start in range(0, test_feats.shape[0], chunk):
+        query = F.normalize(test_feats[start:start + chunk].float(), dim=1)
+        sims, idx = (query @ train.t()).topk(k, dim=1)  # [q, k]
+        votes = torch.zeros(query.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        hits += (votes.argmax(1) == test_labels[start:start + chunk]).sum().item()
+    return 100.0 * hits / test_feats.shape[0]
+
+
+def knn(backbone: str, train: str, val: str, arch: str = "resnet50", k: int = 20,
+        temperature: float = 0.07, image_size: int = 224, batch_size: int = 128,
+        num_workers: int = 4, device: str = "auto") -> None:
+    """Weighted k-NN top-1 on frozen backbone features.
+
+    Args:
+        backbone: weights file (trex_fast checkpoint, backbone.pth, torchvision or released).
+        train: ImageFolder of the labelled (memory) images.
+        val: ImageFolder of the images to classify.
+        arch: torchvision architecture of the backbone.
+        k: neighbours.
+        temperature: of the exp(cosine / T) vote weights.
+        image_size: centre-crop side (Resize to 256/224 of it first).
+        batch_size: images per forward pass.
+        num_workers: data-loading workers.
+        device: auto, cpu or cuda.
+    """
+    dev = resolve_device(make_config("trex", device=device), SINGLE)
+    net = load_backbone(backbone, arch)
+    train_feats, train_labels = extract_features(
+        net, _images(train, image_size, batch_size, num_workers), dev)
+    val_feats, val_labels = extract_features(
+        net, _images(val, image_size, batch_size, num_workers), dev)
+    top1 = knn_top1(train_feats, train_labels, val_feats, val_labels, k, temperature)
+    print(json.dumps({"eval": "knn", "k": k, "temperature": temperature, "top1": top1}))
+
+
+@torch.no_grad()
+def in1k(checkpoint: str, val: str, batch_size: int = 128, num_workers: int = 4,
+         device: str = "auto") -> None:
+    """Top-1/top-5 with the training head (memory prototypes or cosine classifier).
+
+    Args:
+        checkpoint: a trex_fast checkpoint.pt.
+        val: ImageFolder val split (the same classes as training).
+        batch_size: images per forward pass.
+        num_workers: data-loading workers.
+        device: auto, cpu or cuda.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    flags = {k: v for k, v in ckpt["config"].items() if k not in ("preset", "device")}
+    cfg = make_config(ckpt["config"]["preset"], **flags, device=device)
+    dev = resolve_device(cfg, SINGLE)
+    state = build_state(cfg, ckpt["num_classes"], 1, dev, SINGLE)
+    restore(state, ckpt)
+    state.core.eval()
+    weight = state.class_weight()  # [C, D]
+    top1 = top5 = total = 0
+    for images, labels in _images(val, cfg.global_size, batch_size, num_workers):
+        x = normalize_uint8(images, dev, torch.float32, cfg.channels_last)
+        z = state.core.embed(x)  # [n, D]
+        _, correct = torch_prototype_ce_with_top1(z, weight, labels.to(dev), cfg.clf_tau)
+        logits = F.normalize(z.float(), dim=1) @ F.normalize(weight.float(), dim=1).t()
+        top5 += (logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+                 == labels[:, None]).any(1).sum().item()
+        top1 += correct.sum().item()
+        total += labels.shape[0]
+    print(json.dumps({"eval": "in1k", "top1": 100.0 * top1 / total,
+                      "top5": 100.0 * top5 / total, "images": total}))
+
+
+def export(checkpoint: str, out: str, arch: str = "") -> None:
+    """Write the backbone of a trex_fast checkpoint as a torchvision state_dict.
+
+    Args:
+        checkpoint: a trex_fast checkpoint.pt (or any file backbone_io reads).
+        out: the .pth to write; loads into torchvision.models.<arch>() with only fc missing.
+        arch: the architecture; default: the one recorded in the checkpoint.
+    """
+    if not arch:
+        arch = load_checkpoint(checkpoint)["config"]["arch"]
+    print(f"wrote {export_backbone(checkpoint, out, arch)} ({arch})")
+
+
+if __name__ == "__main__":
+    run_cli({"in1k": in1k, "knn": knn, "export": export})
