@@ -13,7 +13,7 @@ EXTRAS = {
     "ffcv": ["ffcv==1.0.2", "opencv-python-headless"],
     # The CUDA 13 build matches torch 2.14's CUDA; CPU pipelines use device_id=None.
     "dali": ["nvidia-dali-cuda130"],
-    "dev": ["pytest", "ruff"],
+    "dev": ["pytest", "ruff", "scikit-learn"],  # scikit-learn: the probes are tested against it
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

@@ -3,11 +3,11 @@
     in1k    top-1/top-5 on an ImageFolder val split with the training head of a trex_fast
             checkpoint (Resize + CenterCrop, scaled to the run's global size)
     knn     weighted k-NN top-1 (k=20, T=0.07) on frozen L2-normalised backbone features
+    transfer  the paper's linear probes on ImageFolder datasets, with the mean log-odds
     export  a trex_fast checkpoint's backbone as a torchvision state_dict
 
 Backbones load from trex_fast checkpoints, backbone.pth, torchvision state_dicts or released
-files with `module.` / `model.` / `encoder.` prefixes (trex_fast.backbone_io). Not here yet:
-the transfer linear probes (issue #8).
+files with `module.` / `model.` / `encoder.` prefixes (trex_fast.backbone_io).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
@@ -28,15 +29,24 @@ from trex_fast.cli import run_cli
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
 from trex_fast.losses import torch_prototype_ce_with_top1
+from trex_fast.probes import log_odds, probe
 
 SINGLE = DistInfo(0, 1, 0, 1)
 
 
-def _images(root: str, image_size: int, batch_size: int, num_workers: int) -> DataLoader:
+def transfer_transform(image_size: int) -> T.Compose:
+    """RECIPE.md's transfer transform: Resize(224, bicubic) + CenterCrop(224), scaled."""
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.PILToTensor()])
+
+
+def _images(root: str, image_size: int, batch_size: int, num_workers: int,
+            transform=None) -> DataLoader:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root!r}: no such ImageFolder directory")
-    return DataLoader(ImageFolder(root, transform=val_transform(image_size)),
-                      batch_size=batch_size, num_workers=num_workers)
+    transform = transform or val_transform(image_size)
+    return DataLoader(ImageFolder(root, transform=transform), batch_size=batch_size,
+                      num_workers=num_workers)
 
 
 @torch.no_grad()
@@ -131,6 +141,64 @@ def in1k(checkpoint: str, val: str, batch_size: int = 128, num_workers: int = 4,
                       "top5": 100.0 * top5 / total, "images": total}))
 
 
+def _cached_features(net, root: str, cache: str, image_size: int, batch_size: int,
+                     num_workers: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of one split, extracted once: a finished cache file is reused (resumable)."""
+    if os.path.isfile(cache):
+        saved = torch.load(cache)
+        return saved["features"], saved["labels"]
+    loader = _images(root, image_size, batch_size, num_workers, transfer_transform(image_size))
+    feats, labels = extract_features(net, loader, device)
+    tmp = f"{cache}.tmp"
+    torch.save({"features": feats, "labels": labels}, tmp)
+    os.replace(tmp, cache)
+    return feats, labels
+
+
+def transfer(backbone: str, datasets: str, arch: str = "resnet50", probe_kind: str = "lbfgs",
+             grid_size: int = 12, sgd_epochs: int = 100, image_size: int = 224,
+             cache_dir: str = "runs/transfer_cache", batch_size: int = 128,
+             num_workers: int = 4, device: str = "auto") -> None:
+    """Linear probes on frozen 2048-d (pre-projector) features, per dataset, and the mean
+    log-odds. Each dataset is an ImageFolder root with train/ and test/ (or val/).
+
+    Args:
+        backbone: weights file (trex_fast checkpoint, backbone.pth, torchvision or released).
+        datasets: comma-separated dataset roots.
+        arch: torchvision architecture of the backbone.
+        probe_kind: lbfgs (raw features, small datasets) or sgd (L2-normalised, large ones).
+        grid_size: hyper-parameter candidates (C values; about its square root per SGD axis).
+        sgd_epochs: epochs of each SGD fit.
+        image_size: Resize (bicubic) + CenterCrop side.
+        cache_dir: where features are cached (reruns reuse them).
+        batch_size: images per forward pass.
+        num_workers: data-loading workers.
+        device: auto, cpu or cuda.
+    """
+    roots = [d for d in str(datasets).split(",") if d]
+    dev = resolve_device(make_config("trex", device=device), SINGLE)
+    net = load_backbone(backbone, arch)
+    os.makedirs(cache_dir, exist_ok=True)
+    tag = f"{os.path.basename(backbone)}_{arch}_{image_size}"
+    results = {}
+    for root in roots:
+        test_split = "test" if os.path.isdir(os.path.join(root, "test")) else "val"
+        name = os.path.basename(os.path.normpath(root))
+        splits = [_cached_features(net, os.path.join(root, split),
+                                   os.path.join(cache_dir, f"{name}_{split}_{tag}.pt"),
+                                   image_size, batch_size, num_workers, dev)
+                  for split in ("train", test_split)]
+        results[name] = probe(*splits[0], *splits[1], kind=probe_kind, grid_size=grid_size,
+                              sgd_epochs=sgd_epochs)
+    print("| dataset | top-1 | log-odds | best hyper-parameters |\n|---|---|---|---|")
+    for name, r in results.items():
+        hyper = {k: r[k] for k in ("C", "lr", "wd") if k in r}
+        print(f"| {name} | {r['top1']:.2f} | {log_odds(r['top1']):.3f} | {hyper} |")
+    mean = sum(log_odds(r["top1"]) for r in results.values()) / len(results)
+    print(json.dumps({"eval": "transfer", "top1": {n: r["top1"] for n, r in results.items()},
+                      "log_odds_mean": mean}))
+
+
 def export(checkpoint: str, out: str, arch: str = "") -> None:
     """Write the backbone of a trex_fast checkpoint as a torchvision state_dict.
 
@@ -145,4 +213,4 @@ def export(checkpoint: str, out: str, arch: str = "") -> None:
 
 
 if __name__ == "__main__":
-    run_cli({"in1k": in1k, "knn": knn, "export": export})
+    run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export})
