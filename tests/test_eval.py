@@ -106,3 +106,19 @@ def test_knn_command_end_to_end(trained):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["eval"] == "knn" and 0.0 <= report["top1"] <= 100.0
+
+
+def test_knn_matches_scikit_learn_weighted_neighbours():
+    neighbors = pytest.importorskip("sklearn.neighbors")
+    import numpy as np
+
+    g = torch.Generator().manual_seed(1)
+    train, train_y = torch.randn(300, 8, generator=g), torch.randint(0, 6, (300,), generator=g)
+    test, test_y = torch.randn(80, 8, generator=g), torch.randint(0, 6, (80,), generator=g)
+    ref = neighbors.KNeighborsClassifier(
+        n_neighbors=20, metric="cosine", algorithm="brute",
+        weights=lambda dist: np.exp((1.0 - dist) / 0.07)).fit(train.double().numpy(),
+                                                            train_y.numpy())
+    expected = 100.0 * (ref.predict(test.double().numpy()) == test_y.numpy()).mean()
+    assert knn_top1(train, train_y, test, test_y, k=20, temperature=0.07) == pytest.approx(
+        expected)
