@@ -1,7 +1,8 @@
 """`python -m trex_fast.eval <command>`: evaluate backbones (RECIPE.md "Evaluation").
 
     in1k    top-1/top-5 on an ImageFolder val split with the training head of a trex_fast
-            checkpoint (Resize + CenterCrop, scaled to the run's global size)
+            checkpoint (Resize + CenterCrop, scaled to the run's global size); for a linear
+            probe on frozen features instead: transfer --probe_kind=sgd --datasets=<IN1K root>
     knn     weighted k-NN top-1 (k=20, T=0.07) on frozen L2-normalised backbone features
     transfer  the paper's linear probes on ImageFolder datasets, with the mean log-odds
     export  a trex_fast checkpoint's backbone as a torchvision state_dict
