@@ -11,6 +11,12 @@ CPU side, per batch, in FFCV's numba-compiled, nogil, parallel-over-the-batch co
   (height, width) of each image, so the device stage knows where each canvas ends.
 Reading and decoding are the only per-image CPU work; no per-sample Python runs.
 
+decode="gpu" (issue 9) moves the decode off the CPU: `BytesPassthrough` only copies each
+sample's stored bytes (JPEG or raw pixels) into a fixed-size slot and `SampleInfoDecoder`
+adds (height, width, nbytes, is_jpeg); pipelines/gpu_decode.decode_canvas then decodes the
+batch's JPEGs in one torchvision.io.decode_jpeg call on the device (nvJPEG on CUDA) and builds
+the same canvas. decode="cpu" is the path above.
+
 Data order: the reference's EpochSampler (a seeded permutation per epoch, split across ranks,
 whole batches only, resumable mid-epoch), so the FFCV and reference paths see the same order
 when the .beton holds the images in ImageFolder order (tools/convert_in1k.py).
@@ -36,11 +42,13 @@ from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 
 from pipelines.batch import MultiCropBatch
+from pipelines.gpu_decode import decode_canvas
 from pipelines.gpu_multicrop import GpuMultiCrop, normalize, unpack_canvas, val_resize_center_crop
 from pipelines.reference import EpochSampler, LoaderSettings
 from pipelines.spec import MultiCropSpec, val_resize_size
 
 IMAGE_FIELD, LABEL_FIELD, SIZE_OUTPUT = "image", "label", "image_size"
+DECODE_MODES = ("cpu", "gpu")
 
 
 class CanvasDecoder(Operation):
@@ -51,13 +59,7 @@ class CanvasDecoder(Operation):
         self.max_size = max_size  # (Hmax, Wmax); None: the largest image in the file
 
     def declare_state_and_memory(self, previous_state: State):
-        heights, widths = self.metadata["height"], self.metadata["width"]
-        hmax, wmax = int(heights.max()), int(widths.max())
-        if self.max_size is not None:
-            if self.max_size[0] < hmax or self.max_size[1] < wmax:
-                raise ValueError(f"max_size={self.max_size} is smaller than the largest image "
-                                 f"in the file ({hmax}x{wmax})")
-            hmax, wmax = self.max_size
+        hmax, wmax = _canvas_size(self.metadata, self.max_size)
         self.canvas_shape = (hmax, wmax, 3)
         slot = (hmax * wmax * 3,)
         u8 = np.dtype("<u1")
@@ -109,6 +111,77 @@ class ImageSizeDecoder(Operation):
         return sizes
 
 
+class BytesPassthrough(Operation):
+    """Stored bytes -> a uint8 slot per sample, no decode (decode="gpu"): the JPEG stream, or
+    the raw pixels (already packed h*w*3). The slot holds Hmax*Wmax*3 bytes or the largest
+    stored sample, whichever is larger (a tiny image's JPEG headers outweigh its pixels)."""
+
+    def __init__(self, max_bytes: int, max_size: tuple[int, int] | None = None):
+        super().__init__()
+        self.max_bytes = int(max_bytes)  # the largest stored sample of the field
+        self.max_size = max_size
+
+    def declare_state_and_memory(self, previous_state: State):
+        hmax, wmax = _canvas_size(self.metadata, self.max_size)
+        self.canvas_shape = (hmax, wmax, 3)
+        slot = (max(hmax * wmax * 3, self.max_bytes),)
+        u8 = np.dtype("<u1")
+        return (replace(previous_state, jit_mode=True, shape=slot, dtype=u8),
+                AllocationQuery(slot, u8))
+
+    def generate_code(self) -> Callable:
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        memcpy_c = Compiler.compile(memcpy)
+
+        def passthrough(batch_indices, destination, metadata, storage_state):
+            for i in my_range(len(batch_indices)):
+                data = mem_read(metadata[batch_indices[i]]["data_ptr"], storage_state)
+                memcpy_c(data, destination[i][:len(data)])
+            return destination[:len(batch_indices)]
+
+        passthrough.is_parallel = True
+        return passthrough
+
+
+class SampleInfoDecoder(Operation):
+    """(height, width, nbytes, is_jpeg) of each sample (pipelines.gpu_decode's INFO_*):
+    metadata plus the stored length, which the device decode needs to cut the slot."""
+
+    def declare_state_and_memory(self, previous_state: State):
+        i32 = np.dtype("<i4")
+        return (replace(previous_state, jit_mode=True, shape=(4,), dtype=i32),
+                AllocationQuery((4,), i32))
+
+    def generate_code(self) -> Callable:
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        jpg = IMAGE_MODES["jpg"]
+
+        def info(batch_indices, destination, metadata, storage_state):
+            for i in my_range(len(batch_indices)):
+                field = metadata[batch_indices[i]]
+                destination[i, 0] = field["height"]
+                destination[i, 1] = field["width"]
+                # a pointer lookup into the mapped file: no bytes are copied here
+                destination[i, 2] = len(mem_read(field["data_ptr"], storage_state))
+                destination[i, 3] = 1 if field["mode"] == jpg else 0
+            return destination[:len(batch_indices)]
+
+        info.is_parallel = True
+        return info
+
+
+def _canvas_size(metadata, max_size: tuple[int, int] | None) -> tuple[int, int]:
+    hmax, wmax = int(metadata["height"].max()), int(metadata["width"].max())
+    if max_size is not None:
+        if max_size[0] < hmax or max_size[1] < wmax:
+            raise ValueError(f"max_size={max_size} is smaller than the largest image "
+                             f"in the file ({hmax}x{wmax})")
+        hmax, wmax = max_size
+    return hmax, wmax
+
+
 class EpochOrder(TraversalOrder):
     """FFCV traversal order backed by the reference EpochSampler (per-epoch seed, ranks)."""
 
@@ -127,11 +200,40 @@ def _check_beton(path: str) -> None:
                                 "tools/convert_in1k.py)")
 
 
-def _pipelines(decoder: CanvasDecoder) -> dict:
+def _check_decode(decode: str) -> None:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: accepted values are {', '.join(DECODE_MODES)}")
+
+
+def _max_stored_bytes(reader: Reader) -> int:
+    """The largest stored image (the allocation table's size of each image's data_ptr)."""
+    pointers = reader.metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]["data_ptr"]
+    table = reader.alloc_table
+    return int(table["size"][np.isin(table["ptr"], pointers)].max())
+
+
+def _image_ops(decode: str, reader: Reader, max_size: tuple[int, int] | None = None
+               ) -> tuple[Operation, Operation]:
+    """(image op, per-sample size/info op) for the decode mode."""
+    if decode == "gpu":
+        return BytesPassthrough(_max_stored_bytes(reader), max_size), SampleInfoDecoder()
+    return CanvasDecoder(max_size), ImageSizeDecoder()
+
+
+def _pipelines(decoder: Operation, size_op: Operation) -> dict:
     # explicit decoders: FFCV would otherwise prepend the field's default decoder
     return {IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=decoder),
             LABEL_FIELD: PipelineSpec(LABEL_FIELD, decoder=IntDecoder()),
-            SIZE_OUTPUT: PipelineSpec(IMAGE_FIELD, decoder=ImageSizeDecoder())}
+            SIZE_OUTPUT: PipelineSpec(IMAGE_FIELD, decoder=size_op)}
+
+
+def _to_canvas(decode: str, data: torch.Tensor, sizes: torch.Tensor,
+               canvas_shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """The loader's (bytes or packed decodes, sizes or info) -> canvas on the device."""
+    height, width, _ = canvas_shape
+    if decode == "gpu":
+        return decode_canvas(data, sizes, height, width, device)
+    return unpack_canvas(data.to(device, non_blocking=True), sizes, height, width)
 
 
 def _as_torch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,13 +255,15 @@ class FfcvTrainData:
     pipelines.reference.ReferenceTrainData)."""
 
     def __init__(self, beton: str, spec: MultiCropSpec, settings: LoaderSettings,
-                 max_size: tuple[int, int] | None = None):
+                 max_size: tuple[int, int] | None = None, decode: str = "cpu"):
         _check_beton(beton)
-        self.settings = settings
-        self.decoder = CanvasDecoder(max_size)
+        _check_decode(decode)
+        self.settings, self.decode = settings, decode
+        self.decoder, size_op = _image_ops(decode, Reader(beton), max_size)
         self.loader = Loader(beton, batch_size=settings.batch_size,
                              num_workers=max(1, settings.num_workers),
-                             order=OrderOption.SEQUENTIAL, pipelines=_pipelines(self.decoder),
+                             order=OrderOption.SEQUENTIAL,
+                             pipelines=_pipelines(self.decoder, size_op),
                              drop_last=True, batches_ahead=2)
         n = int(self.loader.reader.num_samples)
         self.sampler = EpochSampler(n, settings.batch_size, settings.seed, settings.rank,
@@ -183,7 +287,8 @@ class FfcvTrainData:
 
     def decoded(self, epoch: int, start_step: int = 0
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The CPU side alone: (packed [B, Hmax*Wmax*3] uint8, sizes [B, 2], labels [B])."""
+        """The CPU side alone: (packed [B, Hmax*Wmax*3] uint8, sizes [B, 2], labels [B]);
+        with decode="gpu": (stored bytes [B, slot] uint8, info [B, 4], labels [B])."""
         self.sampler.set_epoch(epoch, start_step)
         self.loader.next_epoch = epoch
         iterator = iter(self.loader)
@@ -194,12 +299,11 @@ class FfcvTrainData:
             _drain(iterator)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
-        height, width, _ = self.canvas_shape
-        device = self.settings.device
-        for step, (packed, sizes, labels) in enumerate(self.decoded(epoch, start_step),
-                                                       start=start_step):
-            canvas = unpack_canvas(packed.to(device, non_blocking=True), sizes, height, width)
-            yield self.stage(canvas, sizes, labels, epoch, step)
+        for step, (data, sizes, labels) in enumerate(self.decoded(epoch, start_step),
+                                                     start=start_step):
+            canvas = _to_canvas(self.decode, data, sizes, self.canvas_shape,
+                                self.settings.device)
+            yield self.stage(canvas, sizes[:, :2], labels, epoch, step)
 
     @property
     def canvas_shape(self) -> tuple[int, int, int]:
@@ -210,25 +314,30 @@ class FfcvValData:
     """Val images from val.beton: Resize(val size, bilinear) + CenterCrop on the device,
     sharded across ranks without padding; yields (normalised images, labels)."""
 
-    def __init__(self, beton: str, global_size: int, settings: LoaderSettings):
+    def __init__(self, beton: str, global_size: int, settings: LoaderSettings,
+                 decode: str = "cpu"):
         _check_beton(beton)
-        self.settings, self.global_size = settings, global_size
-        self.num_images = int(Reader(beton).num_samples)  # numpy uint64 would make floats
+        _check_decode(decode)
+        self.settings, self.global_size, self.decode = settings, global_size, decode
+        reader = Reader(beton)
+        self.num_images = int(reader.num_samples)  # numpy uint64 would make floats
         shard = np.arange(settings.rank, self.num_images, settings.world_size)
-        self.decoder = CanvasDecoder()
+        self.decoder, size_op = _image_ops(decode, reader)
         self.loader = Loader(beton, batch_size=settings.batch_size,
                              num_workers=max(1, settings.num_workers),
                              order=OrderOption.SEQUENTIAL, indices=shard,
-                             pipelines=_pipelines(self.decoder), drop_last=False, batches_ahead=2)
+                             pipelines=_pipelines(self.decoder, size_op), drop_last=False,
+                             batches_ahead=2)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         s = self.settings
         iterator = iter(self.loader)
         try:
             for batch in iterator:
-                packed, sizes, labels = _as_torch(batch)
-                height, width, _ = self.decoder.canvas_shape
-                canvas = unpack_canvas(packed.to(s.device), sizes, height, width)
+                data, sizes, labels = _as_torch(batch)
+                canvas = _to_canvas(self.decode, data, sizes, self.decoder.canvas_shape,
+                                    s.device)
+                sizes = sizes[:, :2]  # gpu mode's info: (height, width) first
                 images = val_resize_center_crop(canvas, sizes,
                                                 val_resize_size(self.global_size),
                                                 self.global_size)

@@ -67,3 +67,13 @@ def test_bench_dali_tiny_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = _last_json(proc.stdout)
     assert result["pipeline"] == "dali" and result["samples_per_s"] > 0
+
+
+@pytest.mark.ffcv
+def test_bench_ffcv_gpu_decode_mode_tiny_run(tmp_path):
+    proc = _run("--synthesize=32", f"--data={tmp_path}", "--pipeline=ffcv", "--decode=gpu",
+                "--batch_size=8", "--num_workers=1", "--steps=2", "--warmup=1", "--preset=demo",
+                "--device=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _last_json(proc.stdout)
+    assert result["decode"] == "gpu" and result["cpu_side_samples_per_s"] > 0

@@ -8,7 +8,8 @@
 Pipelines:
   reference    torchvision/PIL multi-crop (pipelines/reference.py), end to end
   ffcv         pipelines/ffcv_multicrop.py: cpu_side = the FFCV loader alone (decode into
-               canvases), samples_per_s = loader + the multi-crop stage on --device
+               canvases; with --decode=gpu: hand out the stored bytes), samples_per_s =
+               loader + (gpu: batched decode_jpeg +) the multi-crop stage on --device
   decode_only  the floor of a decode-once design: the same .beton, the same workers, each
                JPEG decoded once into a scratch buffer and nothing else
   dali         pipelines/dali_multicrop.py in CPU mode (writes dali/train shards from
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="trex")
     p.add_argument("--synthesize", type=int, default=0, help="write N JPEGs + beton first")
+    p.add_argument("--decode", default="cpu", choices=("cpu", "gpu"),
+                   help="ffcv only: decode JPEGs in the loader (cpu) or on --device (gpu)")
     args = p.parse_args(argv)
     names = [n for n in args.pipeline.split(",") if n]
     bad = [n for n in names if n not in PIPELINES]
@@ -137,10 +140,12 @@ def bench_reference(args) -> dict:
 
 def bench_ffcv(args) -> dict:
     from pipelines.ffcv_multicrop import FfcvTrainData
-    data = FfcvTrainData(os.path.join(args.data, "train.beton"), _spec(args), _settings(args))
+    data = FfcvTrainData(os.path.join(args.data, "train.beton"), _spec(args), _settings(args),
+                         decode=args.decode)
     cpu_side = time_batches(data.decoded, args)
     end_to_end = time_batches(data.epoch, args)
-    return {"samples_per_s": end_to_end, "cpu_side_samples_per_s": cpu_side}
+    return {"samples_per_s": end_to_end, "cpu_side_samples_per_s": cpu_side,
+            "decode": args.decode}
 
 
 def _decode_only_op():

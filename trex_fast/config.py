@@ -15,6 +15,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOSS_IMPLS = ("auto", "torch", "triton")
 PIPELINES = ("auto", "reference", "ffcv", "dali")
+DECODES = ("auto", "cpu", "gpu")
 ONOFF_AUTO = ("auto", "on", "off")
 
 
@@ -73,6 +74,8 @@ class Config:
                        "empty = the built-in demo dataset (made once, cached)")
     pipeline: str = _f("auto", f"one of {PIPELINES}; auto = ffcv if the data directory holds "
                                ".beton files, dali if it holds dali/, else reference")
+    decode: str = _f("auto", f"FFCV JPEG decode, one of {DECODES}; auto = gpu (batched "
+                             "decode_jpeg on the device) with CUDA, cpu (in the loader) else")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the rank's GPU)")
     num_workers: int = _f(-1, "data-loading workers per process; -1 = CPU cores / processes")
     output_dir: str = _f("", "where config, metrics, plots and checkpoints go; empty = "
@@ -148,6 +151,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("loss_impl", cfg.loss_impl, LOSS_IMPLS)
     _check_choice("pipeline", cfg.pipeline, PIPELINES)
+    _check_choice("decode", cfg.decode, DECODES)
     _check_choice("sync_bn", cfg.sync_bn, ONOFF_AUTO)
     dev = cfg.device
     _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),

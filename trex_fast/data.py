@@ -49,8 +49,13 @@ def build_data(cfg: Config, root: str, settings: LoaderSettings):
         availability.require("ffcv", availability.has_ffcv(), "ffcv")
         from pipelines.ffcv_multicrop import FfcvTrainData, FfcvValData  # imports ffcv
 
-        train = FfcvTrainData(os.path.join(root, "train.beton"), multicrop_spec(cfg), settings)
-        val = FfcvValData(os.path.join(root, "val.beton"), cfg.global_size, settings)
+        # decode on the device when it is a GPU (nvJPEG), else in the loader's workers
+        decode = cfg.decode if cfg.decode != "auto" else (
+            "gpu" if settings.device.type == "cuda" else "cpu")
+        train = FfcvTrainData(os.path.join(root, "train.beton"), multicrop_spec(cfg), settings,
+                              decode=decode)
+        val = FfcvValData(os.path.join(root, "val.beton"), cfg.global_size, settings,
+                          decode=decode)
         return train, val
     if pipeline == "dali":
         from trex_fast import availability
