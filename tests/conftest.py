@@ -17,6 +17,16 @@ _REQUIREMENTS = {
 }
 
 
+@pytest.fixture
+def no_jit():
+    """FFCV without numba compilation: tiny unit tests skip the ~18 s first-batch compile."""
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for marker, (probe, reason) in _REQUIREMENTS.items():

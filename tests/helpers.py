@@ -9,6 +9,17 @@ from trex_fast.distributed import DistInfo
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
 
 
+def run_in_spawned_process(target, *args, timeout: float = 300) -> None:
+    """Run target(*args) in a fresh (spawned) process: an FFCV DatasetWriter forked after
+    Loaders ran can deadlock on numba's lock."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    proc.start()
+    proc.join(timeout)
+    assert proc.exitcode == 0, f"{target.__name__} failed in its spawned process"
+
+
 def tiny_config(**overrides):
     flags = dict(arch="resnet18", batch_size=4, global_size=32, local_size=16, local_crops=2,
                  memory_size=16, pr_hidden_dim=32, pr_bottleneck_dim=8, warmup_epochs=0,

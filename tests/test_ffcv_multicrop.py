@@ -6,7 +6,6 @@ per process); `test_compiled_path_matches_reference_decode` runs the real compil
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from pipelines.gpu_multicrop import unpack_canvas
 from pipelines.reference import LoaderSettings, ReferenceValData, load_rgb
 from pipelines.spec import CropSpec, MultiCropSpec
+from tests.helpers import run_in_spawned_process
 from trex_fast import demo_data
 
 pytestmark = pytest.mark.ffcv
@@ -42,19 +42,8 @@ def _write_betons(root: str) -> None:
 def beton_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("beton"))
     demo_data.write_dataset(root, train_per_class=3, val_per_class=2)
-    proc = multiprocessing.get_context("spawn").Process(target=_write_betons, args=(root,))
-    proc.start()
-    proc.join(300)
-    assert proc.exitcode == 0, "writing the test .beton files failed"
+    run_in_spawned_process(_write_betons, root)
     return root
-
-
-@pytest.fixture
-def no_jit():
-    from ffcv.pipeline.compiler import Compiler
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(True)
 
 
 def _settings(batch_size: int, rank: int = 0, world_size: int = 1) -> LoaderSettings:

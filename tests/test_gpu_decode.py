@@ -13,7 +13,6 @@ max <= 8 of 255 per image. Through the multi-crop stage: max 0.09 in normalised 
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from pipelines.gpu_multicrop import unpack_canvas
 from pipelines.reference import LoaderSettings, load_rgb
 from pipelines.spec import CropSpec, MultiCropSpec
+from tests.helpers import run_in_spawned_process
 
 pytestmark = pytest.mark.ffcv
 
@@ -68,19 +68,8 @@ def _write_betons(root: str) -> None:
 def gd_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("gpu_decode"))
     _write_sources(root)
-    proc = multiprocessing.get_context("spawn").Process(target=_write_betons, args=(root,))
-    proc.start()
-    proc.join(300)
-    assert proc.exitcode == 0, "writing the test .beton files failed"
+    run_in_spawned_process(_write_betons, root)
     return root
-
-
-@pytest.fixture
-def no_jit():
-    from ffcv.pipeline.compiler import Compiler
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(True)
 
 
 def _settings(batch_size: int = 4) -> LoaderSettings:
