@@ -51,6 +51,13 @@ IMAGE_FIELD, LABEL_FIELD, SIZE_OUTPUT = "image", "label", "image_size"
 DECODE_MODES = ("cpu", "gpu")
 
 
+def _uint8_slot(previous_state: State, n_bytes: int) -> tuple[State, AllocationQuery]:
+    """The new state and the allocation of a per-sample uint8 slot of n_bytes."""
+    u8 = np.dtype("<u1")
+    return (replace(previous_state, jit_mode=True, shape=(n_bytes,), dtype=u8),
+            AllocationQuery((n_bytes,), u8))
+
+
 class CanvasDecoder(Operation):
     """JPEG/raw -> a packed uint8 slot of Hmax*Wmax*3 bytes per image, decoded once."""
 
@@ -61,10 +68,7 @@ class CanvasDecoder(Operation):
     def declare_state_and_memory(self, previous_state: State):
         hmax, wmax = _canvas_size(self.metadata, self.max_size)
         self.canvas_shape = (hmax, wmax, 3)
-        slot = (hmax * wmax * 3,)
-        u8 = np.dtype("<u1")
-        return (replace(previous_state, jit_mode=True, shape=slot, dtype=u8),
-                AllocationQuery(slot, u8))
+        return _uint8_slot(previous_state, hmax * wmax * 3)
 
     def generate_code(self) -> Callable:
         mem_read = self.memory_read
@@ -124,10 +128,7 @@ class BytesPassthrough(Operation):
     def declare_state_and_memory(self, previous_state: State):
         hmax, wmax = _canvas_size(self.metadata, self.max_size)
         self.canvas_shape = (hmax, wmax, 3)
-        slot = (max(hmax * wmax * 3, self.max_bytes),)
-        u8 = np.dtype("<u1")
-        return (replace(previous_state, jit_mode=True, shape=slot, dtype=u8),
-                AllocationQuery(slot, u8))
+        return _uint8_slot(previous_state, max(hmax * wmax * 3, self.max_bytes))
 
     def generate_code(self) -> Callable:
         mem_read = self.memory_read
