@@ -2,12 +2,15 @@
 
 Graph per image: fn.readers.webdataset (tar shards + wds2idx index files written by
 tools/convert_in1k.py) -> one decode ("mixed" = nvJPEG on GPU, "cpu" in CPU mode) -> for each of
-the 1 + 8 crops of pipelines/spec.py: random_resized_crop, colour jitter, grayscale, blur,
-solarize, then flip + normalise + cast in crop_mirror_normalize, HWC (so the torch view is
-channels-last for free). Random application uses DALI conditionals: a sample that does not get
-an augmentation skips its work. CPU mode (device_id=None) is the same graph with only the
-decoder's device string changed and per-sample scalars left on the host; no per-sample Python
-runs in either mode. docs/DALI.md lists every parameter mapping and its tolerance.
+the 1 + 8 crops of pipelines/spec.py: random_resized_crop, then the photometric stage (colour
+jitter with its four ops in a random order per sample, grayscale, blur, solarize), then flip +
+normalise + cast in crop_mirror_normalize, HWC (so the torch view is channels-last for free).
+The photometric randomness is drawn by DALI ops (draws()); a sample that does not get an
+augmentation skips its work. CPU mode runs the stage as one numba_function per crop
+(pipelines/photometric_numba.py); GPU mode as DALI operators under conditionals, with per-sample
+scalars on the host until they meet the image (the "ops" implementation, which CPU mode can run
+too, and the tests do). No per-sample Python runs in either mode. docs/DALI.md lists every
+parameter mapping and its tolerance.
 
 Data order: per epoch, the shard files are permuted and the reader's shuffle buffer reseeded,
 both from (seed, epoch); rank r reads DALI shard r of num_shards = world size; every rank stops
@@ -17,6 +20,7 @@ a resumed run sees exactly the batches (order and augmentations) of an uninterru
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -26,9 +30,26 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
+from nvidia.dali.plugin.numba import NumbaFunction
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.batch import MultiCropBatch
+from pipelines.photometric_numba import (
+    BRIGHTNESS,
+    CONTRAST,
+    HUE,
+    NO_SOLARIZE,
+    NUM_DRAWS,
+    P_FACTORS,
+    P_GRAY,
+    P_JITTER,
+    P_KEYS,
+    P_SIGMA,
+    P_THRESHOLD,
+    SATURATION,
+    augment,
+    spec_vector,
+)
 from pipelines.reference import LoaderSettings, derived_seed
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec, val_resize_size
 
@@ -41,6 +62,7 @@ SHUFFLE_BUFFER = 8192  # samples held by the reader's shuffle buffer (encoded JP
 HUE_OFFSETS = np.array([5, 3, 1], dtype=np.float32).reshape(1, 1, 3)
 MEAN_255 = [255 * m for m in IMAGENET_MEAN]  # crop_mirror_normalize works in uint8 units
 STD_255 = [255 * s for s in IMAGENET_STD]
+PHOTOMETRIC_IMPLS = ("numba", "ops")  # see photometric()
 
 
 # ---------------------------------------------------------------- shards
@@ -97,36 +119,108 @@ def parse_labels(raw: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- graph
-def _coin(p: float):
-    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
-
-
 def _on(node, gpu: bool):
     """Per-sample scalars are drawn on the host; arithmetic with a GPU image needs them there."""
     return node.gpu() if gpu else node
 
 
-def _jitter(crop, group: CropSpec, gpu: bool):
-    """torchvision ColorJitter(b, c, s, h) with factors drawn per sample."""
-    b = fn.random.uniform(range=(1 - group.brightness, 1 + group.brightness))
-    c = fn.random.uniform(range=(1 - group.contrast, 1 + group.contrast))
-    s = fn.random.uniform(range=(1 - group.saturation, 1 + group.saturation))
-    h = fn.random.uniform(range=(-group.hue, group.hue))
-    return jitter_with(crop, b, c, s, h, gpu)
+def draws(group: CropSpec) -> list:
+    """The photometric randomness of one crop per sample, host scalars in
+    photometric_numba's P_* layout: the jitter coin, the factors ColorJitter.get_params draws
+    (b, c, s in [1 - x, 1 + x], hue in turns in [-h, h]), four order keys, the grayscale coin,
+    the blur sigma (0 when its coin says no) and the solarize threshold (NO_SOLARIZE when
+    not)."""
+    def coin(p: float):
+        return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+
+    def uniform(low: float, high: float):
+        return fn.random.uniform(range=(low, high))
+
+    factors = [uniform(1 - group.brightness, 1 + group.brightness),
+               uniform(1 - group.contrast, 1 + group.contrast),
+               uniform(1 - group.saturation, 1 + group.saturation),
+               uniform(-group.hue, group.hue)]
+    keys = [uniform(0.0, 1.0) for _ in range(4)]
+    sigma = coin(group.blur_p) * uniform(*group.blur_sigma)
+    threshold = NO_SOLARIZE - coin(group.solarize_p) * (NO_SOLARIZE - group.solarize_threshold)
+    return [coin(group.jitter_p), *factors, *keys, coin(group.grayscale_p), sigma, threshold]
 
 
-def jitter_with(crop, brightness, contrast, saturation, hue, gpu: bool):
-    """Brightness and contrast in one expression, b * (c * x + (1 - c) * gray_mean), rounded
-    and saturated to uint8; saturation in fn.hsv (uint8 again); then torchvision's HSV hue
-    shift in arithmetic ops. One fixed order stands for the random one: without clamping b, c
-    and s commute, and the hue shift commutes with b and nearly with c and s (docs/DALI.md)."""
-    gray = fn.color_space_conversion(crop, image_type=types.RGB, output_type=types.GRAY)
-    mean = fn.reductions.mean(gray, keep_dims=True)  # [1, 1, 1] per sample
-    scale, shift = brightness * contrast, brightness * (1 - contrast)
-    crop = fn.cast(_on(scale, gpu) * crop + _on(shift, gpu) * mean, dtype=types.UINT8)
-    crop = fn.hsv(crop, saturation=saturation)
-    return fn.cast(adjust_hue(fn.cast(crop, dtype=types.FLOAT), _on(hue, gpu)),
-                   dtype=types.UINT8)
+def photometric_numba_op(crop, group: CropSpec, uniforms=None):
+    """CPU mode: the photometric stage as one numba_function call per crop
+    (pipelines/photometric_numba.augment), which skips the ops a sample does not get; its
+    randomness is one DALI op, NUM_DRAWS uniforms per sample (or the `uniforms` given)."""
+    if uniforms is None:
+        uniforms = fn.random.uniform(range=(0.0, 1.0), shape=[NUM_DRAWS])
+    spec = types.Constant(spec_vector(group), device="cpu")
+    out = _augment_op()(crop, uniforms, spec)
+    return fn.reshape(out, layout="HWC")  # numba_function drops the layout
+
+
+def photometric_ops(crop, params: list, gpu: bool):
+    """GPU mode (runs on the CPU too): jitter (random order), grayscale, blur, solarize with
+    the given draws (see draws) as DALI operators under conditionals, so a skipped op does no
+    work either; uint8 between ops."""
+    if params[P_JITTER] > 0.5:
+        crop = jitter_ops(crop, params[P_FACTORS:P_FACTORS + 4], params[P_KEYS:P_KEYS + 4],
+                          gpu)
+    if params[P_GRAY] > 0.5:
+        crop = grayscale(crop)
+    if params[P_SIGMA] > 0:
+        crop = fn.gaussian_blur(crop, sigma=params[P_SIGMA])
+    if params[P_THRESHOLD] < NO_SOLARIZE:
+        crop = solarize(crop, _on(params[P_THRESHOLD], gpu))
+    return crop
+
+
+def jitter_ops(crop, factors: list, keys: list, gpu: bool):
+    """ColorJitter in DALI operators, rounded to uint8 after each op; op k runs at the rank of
+    keys[k], taken through conditionals (one branch per position)."""
+    ranks = _ranks(keys)
+    for position in range(len(ranks)):
+        if ranks[BRIGHTNESS] == position:
+            crop = fn.cast(_on(factors[BRIGHTNESS], gpu) * crop, dtype=types.UINT8)
+        elif ranks[CONTRAST] == position:
+            c = factors[CONTRAST]
+            gray = fn.color_space_conversion(crop, image_type=types.RGB,
+                                             output_type=types.GRAY)
+            mean = fn.reductions.mean(gray, keep_dims=True)  # [1, 1, 1] per sample
+            crop = fn.cast(_on(c, gpu) * crop + _on(1 - c, gpu) * mean, dtype=types.UINT8)
+        elif ranks[SATURATION] == position:
+            crop = fn.hsv(crop, saturation=factors[SATURATION])
+        else:
+            crop = fn.cast(adjust_hue(fn.cast(crop, dtype=types.FLOAT),
+                                      _on(factors[HUE], gpu)), dtype=types.UINT8)
+    return crop
+
+
+def _ranks(keys: list) -> list:
+    """Rank of each of the 4 keys (ascending, ties by index, as photometric_numba.order_of): a
+    permutation of 0..3 per sample, computed on host scalars."""
+    return [sum(fn.cast(keys[j] <= keys[i] if j < i else keys[j] < keys[i], dtype=types.INT32)
+                for j in range(4) if j != i) for i in range(4)]
+
+
+@functools.cache
+def _augment_op() -> NumbaFunction:
+    """One operator instance per process, called once per crop: compiling its C callbacks
+    takes seconds, so a new instance per call (fn.numba_function) would cost that per crop and
+    per epoch's pipeline."""
+    return NumbaFunction(run_fn=_run_augment, setup_fn=_same_shape,
+                         in_types=[types.UINT8, types.FLOAT, types.FLOAT], ins_ndim=[3, 1, 1],
+                         out_types=[types.UINT8], outs_ndim=[3], device="cpu")
+
+
+def _run_augment(out0, in0, in1, in2):
+    """numba_function's run_fn (a plain function: DALI compiles it with numba.njit)."""
+    augment(out0, in0, in1, in2)
+
+
+def _same_shape(outs, ins):
+    """numba_function's setup: the output has the crop's shape."""
+    for i in range(len(outs[0])):
+        for d in range(3):
+            outs[0][i][d] = ins[0][i][d]
 
 
 def adjust_hue(x, hue):
@@ -153,29 +247,24 @@ def grayscale(crop):
     return fn.cat(gray, gray, gray, axis=2)
 
 
-def solarize(crop, threshold: int):
-    """x >= t -> 255 - x on uint8: XOR with 255 where the mask is set."""
+def solarize(crop, threshold):
+    """x >= t -> 255 - x on uint8 (t a number or a per-sample scalar): XOR with 255 where the
+    mask is set."""
     mask = fn.cast(crop >= threshold, dtype=types.UINT8)
     return crop ^ (mask * types.Constant(255, dtype=types.UINT8))
 
 
-def _crop(image, group: CropSpec, gpu: bool, dtype):
+def _crop(image, group: CropSpec, gpu: bool, dtype, photometric_impl: str):
     """One crop of a group in the recipe's order; the flip happens last, in
     crop_mirror_normalize: every op after it is pixel-wise or a symmetric blur, so it commutes."""
     crop = fn.random_resized_crop(image, size=[group.size, group.size],
                                   random_area=list(group.scale),
                                   random_aspect_ratio=list(group.ratio), num_attempts=10,
                                   interp_type=types.INTERP_CUBIC, antialias=True)
-    if _coin(group.jitter_p):
-        crop = _jitter(crop, group, gpu)
-    if _coin(group.grayscale_p):
-        crop = grayscale(crop)
-    if group.blur_p > 0:
-        if _coin(group.blur_p):
-            crop = fn.gaussian_blur(crop, sigma=fn.random.uniform(range=group.blur_sigma))
-    if group.solarize_p > 0:
-        if _coin(group.solarize_p):
-            crop = solarize(crop, group.solarize_threshold)
+    if photometric_impl == "numba":
+        crop = photometric_numba_op(crop, group)
+    else:
+        crop = photometric_ops(crop, draws(group), gpu)
     return fn.crop_mirror_normalize(crop, mirror=fn.random.coin_flip(probability=group.flip_p),
                                     mean=MEAN_255, std=STD_255, dtype=dtype,
                                     output_layout="HWC")
@@ -190,14 +279,15 @@ def _reader(tars: list[str], indexes: list[str], rank: int, world: int, **shuffl
 
 
 @pipeline_def(enable_conditionals=True)
-def train_graph(tars, indexes, rank, world, reader_seed, spec: MultiCropSpec, gpu, dtype):
+def train_graph(tars, indexes, rank, world, reader_seed, spec: MultiCropSpec, gpu, dtype,
+                photometric_impl):
     jpegs, labels = _reader(tars, indexes, rank, world, random_shuffle=True,
                             initial_fill=SHUFFLE_BUFFER, seed=reader_seed)
     image = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     crops = []
     for group in spec.groups:
         for _ in range(group.count):
-            crops.append(_crop(image, group, gpu, dtype))
+            crops.append(_crop(image, group, gpu, dtype, photometric_impl))
     return (*crops, labels)
 
 
@@ -221,6 +311,17 @@ def _device_args(settings: LoaderSettings) -> dict:
     return {"gpu": gpu, "dtype": dtype, "device_id": device_id}
 
 
+def photometric_impl(requested: str | None, gpu: bool) -> str:
+    """The photometric stage's implementation: "numba" in CPU mode, "ops" in GPU mode (a CPU
+    numba_function cannot take GPU crops), or the one requested ("ops" runs in CPU mode too)."""
+    choice = requested or ("ops" if gpu else "numba")
+    if choice not in PHOTOMETRIC_IMPLS:
+        raise ValueError(f"photometric={requested!r}: expected one of {PHOTOMETRIC_IMPLS}")
+    if gpu and choice == "numba":
+        raise ValueError("photometric='numba' runs on the CPU; GPU mode takes 'ops'")
+    return choice
+
+
 def _hwc_to_nchw(parts: list[torch.Tensor], settings: LoaderSettings) -> torch.Tensor:
     """[B, H, W, 3] per crop -> [n*B, 3, H, W], crop-major; channels-last strides."""
     x = (torch.cat(parts) if len(parts) > 1 else parts[0]).permute(0, 3, 1, 2)
@@ -232,9 +333,11 @@ class DaliTrainData:
     """Train batches as MultiCropBatch on the device, epoch by epoch (the interface of
     pipelines.reference.ReferenceTrainData)."""
 
-    def __init__(self, folder: str, spec: MultiCropSpec, settings: LoaderSettings):
+    def __init__(self, folder: str, spec: MultiCropSpec, settings: LoaderSettings,
+                 photometric: str | None = None):
         self.tars, self.indexes, self.num_samples = find_shards(folder)
         self.spec, self.settings = spec, settings
+        self.photometric = photometric_impl(photometric, settings.device.type == "cuda")
         self._num_classes = count_classes(folder, self.tars, self.indexes)
         self.steps_per_epoch = self.num_samples // (settings.batch_size * settings.world_size)
         if self.steps_per_epoch == 0:
@@ -256,8 +359,9 @@ class DaliTrainData:
         return train_graph(
             [self.tars[i] for i in order], [self.indexes[i] for i in order], s.rank,
             s.world_size, derived_seed(s.seed, epoch, s.rank, 0), self.spec, dev["gpu"],
-            dev["dtype"], batch_size=s.batch_size, num_threads=max(1, s.num_workers),
-            device_id=dev["device_id"], seed=derived_seed(s.seed, epoch, s.rank, 1))
+            dev["dtype"], self.photometric, batch_size=s.batch_size,
+            num_threads=max(1, s.num_workers), device_id=dev["device_id"],
+            seed=derived_seed(s.seed, epoch, s.rank, 1))
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
         s = self.settings

@@ -1,7 +1,13 @@
-"""Small shared builders for the tests: a tiny config, state and synthetic batches."""
+"""Small shared builders for the tests: a tiny config, state and synthetic batches, and
+torchvision's ColorJitter with given factors and order."""
+import math
+
+import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 
 from pipelines.batch import MultiCropBatch
+from pipelines.photometric_numba import order_of
 from trex_fast.build import build_state
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
@@ -60,3 +66,27 @@ def synthetic_batch(cfg, num_classes=5, seed=0):
                                 generator=g),
         labels=torch.randint(0, num_classes, (b,), generator=g),
     )
+
+
+JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def torchvision_photometric(image: np.ndarray, jitter=None, keys=(0, 1, 2, 3), gray=False,
+                            blur_sigma=None, solarize_threshold=None) -> np.ndarray:
+    """The recipe's photometric ops with torchvision's functional API on a float image, in
+    pipelines/photometric_numba.py's conventions: jitter = [b, c, s, hue] in the order of the
+    keys, grayscale, Gaussian blur (window 2 * ceil(3 sigma) + 1), rounding to uint8, solarize.
+    HWC uint8 in, HWC float64 (integer values) out."""
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    if jitter is not None:
+        for op in order_of(keys):
+            x = JITTER_OPS[op](x, float(jitter[op]))
+    if gray:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if blur_sigma is not None:
+        k = 2 * math.ceil(3 * blur_sigma) + 1
+        x = TF.gaussian_blur(x, [k, k], [blur_sigma, blur_sigma])
+    x = (x * 255).round().to(torch.uint8)
+    if solarize_threshold is not None:
+        x = TF.solarize(x, solarize_threshold)
+    return x.permute(1, 2, 0).numpy().astype(np.float64)
