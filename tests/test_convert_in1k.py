@@ -99,14 +99,28 @@ def _pil_reference_is_exact(rel: str) -> bool:
 
 
 def test_order_and_labels_match_torchvision_imagefolder(tree):
+    """--train_order=source and val: ImageFolder's exact list. The default shuffled train order:
+    the same (path, label) pairs in an order set by --seed, not class-sorted."""
     from torchvision.datasets import ImageFolder
 
-    plan = scan(make_options(src=str(tree), dst=str(tree / "unused")))
+    def listed(split, **kw):
+        plan = scan(make_options(src=str(tree), dst=str(tree / "unused"), **kw))
+        return [(s.path, s.label) for s in plan.splits[split].samples], plan
+
     for split in ("train", "val"):
         folder = ImageFolder(str(tree / split))
         expected = [(Path(p).relative_to(tree).as_posix(), y) for p, y in folder.samples]
-        assert [(s.path, s.label) for s in plan.splits[split].samples] == expected
-    assert plan.classes == tuple(folder.classes) == WNIDS
+        ordered, plan = listed(split, train_order="source")
+        assert ordered == expected
+        assert plan.classes == tuple(folder.classes) == WNIDS
+        shuffled, _ = listed(split)
+        if split == "val":
+            assert shuffled == expected
+            continue
+        assert sorted(shuffled) == sorted(expected) and shuffled != expected
+        assert shuffled == listed(split)[0] != listed(split, seed=1)[0]
+        labels = [y for _, y in shuffled]
+        assert labels != sorted(labels)
 
 
 def test_every_bad_kind_is_reported_not_dropped(converted):
@@ -367,7 +381,8 @@ def test_subsets_by_class_file_and_limit(tree, tmp_path):
     meta = _run(tree, tmp_path / "sub", classes=str(classes), limit_per_class=2)
     assert meta["classes"] == [WNIDS[1], WNIDS[2]]
     assert meta["counts"] == {"train": 4, "val": 4}
-    plan = scan(make_options(src=str(tree), dst="x", classes=str(classes), limit_per_class=2))
+    plan = scan(make_options(src=str(tree), dst="x", classes=str(classes), limit_per_class=2,
+                             train_order="source"))
     assert [s.label for s in plan.splits["train"].samples] == [0, 0, 1, 1]
     assert plan.splits["train"].samples[0].path == f"train/{WNIDS[1]}/{WNIDS[1]}_0.JPEG"
 

@@ -21,7 +21,8 @@ from pipelines.convert.verify import verify as verify_outputs
 def main(src=None, dst=None, formats=None, splits=None, max_resolution=None, jpeg_quality=None,
          write_mode=None, compress_probability=None, smart_threshold=None, shard_size=None,
          val_labels=None, classes=None, limit_per_class=None, on_error=None, seed=None,
-         chunk_size=None, num_workers=None, overwrite=None, verify=None, check_disk=None) -> None:
+         train_order=None, chunk_size=None, num_workers=None, overwrite=None, verify=None,
+         check_disk=None) -> None:
     """Convert <src>/{train,val} into <dst>/{train,val}.beton, <dst>/dali/ and <dst>/meta.json.
 
     Args:
@@ -44,7 +45,10 @@ def main(src=None, dst=None, formats=None, splits=None, max_resolution=None, jpe
         limit_per_class: keep only the first N files of each class (sorted order), per split.
         on_error: skip leaves undecodable files out and lists them in meta.json;
             fail stops at the first one.
-        seed: seed of all randomness (write_mode=proportion).
+        seed: seed of all randomness (write_mode=proportion, train_order=shuffled).
+        train_order: shuffled writes the train split in a random order seeded by --seed (the
+            webdataset convention: DALI's shuffle buffer then mixes classes); source keeps
+            ImageFolder's class-sorted order. val is always in ImageFolder order.
         chunk_size: images per resumable work unit.
         num_workers: decode+encode processes; default all cores; 0 runs in this process.
         overwrite: delete this tool's earlier outputs in dst and convert again.

@@ -10,12 +10,13 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-TOOL_VERSION = "1.0.0"  # bump when the output bytes for the same options change
+TOOL_VERSION = "1.1.0"  # bump when the output bytes for the same options change
 
 FORMATS = ("ffcv", "dali")
 SPLITS = ("train", "val")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 ON_ERROR = ("skip", "fail")
+TRAIN_ORDERS = ("shuffled", "source")
 RUNTIME_ONLY = ("dst", "num_workers", "overwrite", "verify", "check_disk")
 
 
@@ -40,6 +41,7 @@ class ConvertOptions:
     limit_per_class: int | None = None
     on_error: str = "skip"
     seed: int = 0
+    train_order: str = "shuffled"  # of the written train split; val keeps ImageFolder order
     chunk_size: int = 256  # images per resumable work unit
     num_workers: int | None = None  # None: all cores; 0: in this process
     overwrite: bool = False
@@ -124,6 +126,7 @@ def _validate_numbers(opts: ConvertOptions) -> None:
         _check_int("num_workers", opts.num_workers, 0)
     _check_choice("write_mode", opts.write_mode, WRITE_MODES)
     _check_choice("on_error", opts.on_error, ON_ERROR)
+    _check_choice("train_order", opts.train_order, TRAIN_ORDERS)
     p = opts.compress_probability
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ConvertError(f"--compress_probability={p!r}: expected a number in [0, 1]")

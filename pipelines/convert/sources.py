@@ -4,6 +4,9 @@ Labels and order follow torchvision's ImageFolder exactly: classes are the sorte
 of train/ (label = index), files are walked in sorted order and kept by extension. A flat val/
 folder (ILSVRC2012_val_*.JPEG) takes its labels from LOC_val_solution.csv and is ordered by
 (label, file name), so it converts to the same bytes as the same images sorted into folders.
+With --train_order=shuffled (the default) the train list is then permuted, seeded by --seed:
+webdataset shards must not be class-sorted, since a reader's shuffle buffer only mixes samples
+that are near each other in the stream.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .issues import Issue
 from .options import ConvertError, ConvertOptions
@@ -22,7 +27,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 @dataclass(frozen=True, slots=True)  # slots: 1.3M of these for full ImageNet
 class Sample:
-    index: int  # position in the split's source list; seeds this image's randomness
+    index: int  # position in the split as written; seeds this image's randomness
     path: str  # relative to --src, '/'-separated
     label: int
 
@@ -98,6 +103,8 @@ def _scan_split(root: Path, name: str, classes: tuple[str, ...], all_classes: tu
         raise ConvertError(f"{split_dir} has no class folders; for a flat val folder pass "
                            "--val_labels=LOC_val_solution.csv")
     found = _limit(found, opts.limit_per_class)
+    if name == "train" and opts.train_order == "shuffled":
+        found = [found[i] for i in np.random.default_rng(opts.seed).permutation(len(found))]
     samples = tuple(Sample(i, path, label) for i, (path, label) in enumerate(found))
     return SplitSource(name=name, samples=samples, issues=tuple(issues))
 
