@@ -204,18 +204,22 @@ def bench_decode_only(args) -> dict:
 
 def bench_dali(args) -> dict:
     """pipelines/dali_multicrop.py on <data>/dali/train; if absent, shards of the same JPEG
-    files as train/ (bytes copied, not re-encoded) are written there first."""
+    files as train/ (bytes copied, not re-encoded) are written there first, in a seeded random
+    order as tools/convert_in1k.py writes train."""
     from pathlib import Path
 
     from pipelines.dali_multicrop import DaliTrainData
 
     folder = os.path.join(args.data, "dali", "train")
     if not os.path.isdir(folder):
+        import numpy as np
         from torchvision.datasets import ImageFolder
 
         from pipelines.convert.shards import ShardWriter
         writer = ShardWriter(Path(folder), shard_size=256)
-        for path, label in ImageFolder(os.path.join(args.data, "train")).samples:
+        samples = ImageFolder(os.path.join(args.data, "train")).samples
+        for i in np.random.default_rng(0).permutation(len(samples)):
+            path, label = samples[i]
             with open(path, "rb") as f:
                 writer.add(label, f.read())
         writer.close()
