@@ -30,5 +30,5 @@ def no_jit():
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for marker, (probe, reason) in _REQUIREMENTS.items():
-            if marker in item.keywords and not probe():
+            if item.get_closest_marker(marker) is not None and not probe():
                 item.add_marker(pytest.mark.skip(reason=reason))

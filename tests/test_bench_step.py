@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,11 +35,17 @@ def test_summary_tables_and_projection(tmp_path):
     assert f"1 x cpu: {hours_one:.1f} h" in proc.stdout
 
 
-def test_bench_gpu_stage_tiny_cpu_run():
+@pytest.mark.parametrize("decode", ["none", "gpu"])
+def test_bench_gpu_stage_tiny_cpu_run(decode):
+    """On the CPU, decode=gpu runs torchvision's CPU decoder in the stage: it must agree with
+    itself exactly (on a GPU the same fields compare nvJPEG with the CPU decoder)."""
     cmd = [sys.executable, "tools/bench_gpu_stage.py", "--device=cpu", "--batch_size=2",
-           "--max_resolution=64", "--steps=1", "--warmup=1"]
+           "--max_resolution=64", "--steps=1", "--warmup=1", f"--decode={decode}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["ms_per_batch"] > 0
+    assert result["ms_per_batch"] > 0 and result["decode"] == decode
     assert result["out_shapes"] == [[2, 3, 224, 224], [16, 3, 96, 96]]
+    if decode == "gpu":
+        assert result["decode_images_per_s"] > 0 and result["jpeg_kib_mean"] > 0
+        assert result["vs_cpu_decode_max_abs"] == 0

@@ -58,7 +58,9 @@ def main(folder: str) -> None:
         same = [r for r in step_rows if r["batch_size"] == stage["batch_size"]]
         if same:
             step_ms = min(r["step_ms"] for r in same)
-            print(f"- GPU multi-crop stage at batch {stage['batch_size']}: "
+            what = ("nvJPEG decode + GPU multi-crop stage" if stage.get("decode") == "gpu"
+                    else "GPU multi-crop stage")
+            print(f"- {what} at batch {stage['batch_size']}: "
                   f"{stage['ms_per_batch']} ms = {100 * stage['ms_per_batch'] / step_ms:.1f}% of "
                   f"the fastest training step ({step_ms} ms)")
 
