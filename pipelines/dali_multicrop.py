@@ -5,8 +5,8 @@ tools/convert_in1k.py) -> one decode ("mixed" = nvJPEG on GPU, "cpu" in CPU mode
 the 1 + 8 crops of pipelines/spec.py: random_resized_crop, then the photometric stage (colour
 jitter with its four ops in a random order per sample, grayscale, blur, solarize), then flip +
 normalise + cast in crop_mirror_normalize, HWC (so the torch view is channels-last for free).
-The photometric randomness is drawn by DALI ops (draws()); a sample that does not get an
-augmentation skips its work. CPU mode runs the stage as one numba_function per crop
+Its randomness comes from DALI random ops, and a sample that does not get an augmentation skips
+its work. CPU mode runs the stage as one numba_function per crop fed by one uniform-draw op
 (pipelines/photometric_numba.py); GPU mode as DALI operators under conditionals, with per-sample
 scalars on the host until they meet the image (the "ops" implementation, which CPU mode can run
 too, and the tests do). No per-sample Python runs in either mode. docs/DALI.md lists every
@@ -331,7 +331,8 @@ def _hwc_to_nchw(parts: list[torch.Tensor], settings: LoaderSettings) -> torch.T
 
 class DaliTrainData:
     """Train batches as MultiCropBatch on the device, epoch by epoch (the interface of
-    pipelines.reference.ReferenceTrainData)."""
+    pipelines.reference.ReferenceTrainData). `photometric`: "numba" or "ops" (see
+    photometric_impl; None picks by device)."""
 
     def __init__(self, folder: str, spec: MultiCropSpec, settings: LoaderSettings,
                  photometric: str | None = None):

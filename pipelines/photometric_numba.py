@@ -15,7 +15,7 @@ scale-equivariant) and rounded once, before solarize (which compares the uint8 v
 
 `params` per sample, float32, laid out by the P_* indices below: the jitter flag (0 or 1), its
 factors [b, c, s, hue in turns] and order keys, the grayscale flag, the blur sigma (0: no blur)
-and the solarize threshold (NO_SOLARIZE or above: none). `augment` draws them from NUM_DRAWS
+and the solarize threshold (NO_SOLARIZE or above: none). `augment` derives them from NUM_DRAWS
 uniform numbers and a crop group's spec_vector, so DALI needs one random op per crop.
 """
 from __future__ import annotations
