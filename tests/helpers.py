@@ -1,5 +1,5 @@
 """Small shared builders for the tests: a tiny config, state and synthetic batches, and
-torchvision's ColorJitter with given factors and order."""
+the recipe's photometric ops through torchvision's functional API."""
 import math
 
 import numpy as np
