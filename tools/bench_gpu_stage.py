@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -28,6 +27,7 @@ from pipelines.gpu_multicrop import GpuMultiCrop, unpack_canvas  # noqa: E402
 from pipelines.spec import multicrop_spec  # noqa: E402
 from trex_fast.cli import run_cli  # noqa: E402
 from trex_fast.config import make_config  # noqa: E402
+from trex_fast.profiling import timed  # noqa: E402
 
 
 def _jpeg_batch(sizes: torch.Tensor, gen: torch.Generator, quality: int = 90):
@@ -47,23 +47,11 @@ def _jpeg_batch(sizes: torch.Tensor, gen: torch.Generator, quality: int = 90):
     return stored, info
 
 
-def _time(fn, steps: int, warmup: int, dev: torch.device) -> float:
-    """Seconds per call of fn(step) after `warmup` calls (CUDA events on a GPU)."""
+def _per_call(fn, steps: int, warmup: int, dev: torch.device) -> float:
+    """Seconds per call of fn(step) after `warmup` untimed calls."""
     for i in range(warmup):
         fn(i)
-    if dev.type != "cuda":
-        t0 = time.perf_counter()
-        for i in range(steps):
-            fn(warmup + i)
-        return (time.perf_counter() - t0) / steps
-    torch.cuda.synchronize(dev)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(steps):
-        fn(warmup + i)
-    end.record()
-    torch.cuda.synchronize(dev)
-    return start.elapsed_time(end) / 1000 / steps
+    return timed(dev, lambda: [fn(warmup + i) for i in range(steps)]) / steps
 
 
 def main(batch_size: int = 256, max_resolution: int = 500, preset: str = "trex",
@@ -97,7 +85,7 @@ def main(batch_size: int = 256, max_resolution: int = 500, preset: str = "trex",
 
         def canvas_of(step: int):
             return decode_canvas(stored, info, max_resolution, max_resolution, dev)
-        decode_s = _time(canvas_of, steps, warmup, dev)
+        decode_s = _per_call(canvas_of, steps, warmup, dev)
         on_device, on_cpu = canvas_of(0).cpu().int(), decode_canvas(
             stored, info, max_resolution, max_resolution, "cpu").int()
         inside = torch.cat([(on_device[i, :h, :w] - on_cpu[i, :h, :w]).abs().flatten()
@@ -120,7 +108,7 @@ def main(batch_size: int = 256, max_resolution: int = 500, preset: str = "trex",
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    seconds = _time(one, steps, warmup, dev)
+    seconds = _per_call(one, steps, warmup, dev)
     batch = out["batch"]
     result = {
         "bench": "gpu_stage", "device": str(dev),

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,7 +27,7 @@ from trex_fast.build import build_state, resolve_device  # noqa: E402
 from trex_fast.cli import run_cli  # noqa: E402
 from trex_fast.config import make_config  # noqa: E402
 from trex_fast.distributed import DistInfo  # noqa: E402
-from trex_fast.profiling import PhaseTimer  # noqa: E402
+from trex_fast.profiling import PhaseTimer, timed  # noqa: E402
 from trex_fast.step import COMPUTE_DTYPES, resolve_precision, train_step  # noqa: E402
 
 SINGLE = DistInfo(0, 1, 0, 1)
@@ -41,21 +40,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     bm = torch.randn(n, n, device=device, dtype=dtype)
     reps = 20 if device.type == "cuda" else 3
     a @ bm  # warm-up
-    seconds = _timed(device, lambda: [a @ bm for _ in range(reps)])
+    seconds = timed(device, lambda: [a @ bm for _ in range(reps)])
     return 2 * n**3 * reps / seconds / 1e12
-
-
-def _timed(device: torch.device, fn) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def bench_config(cfg, num_classes: int, steps: int, warmup: int, peak_tflops: float) -> dict:
@@ -70,7 +56,7 @@ def bench_config(cfg, num_classes: int, steps: int, warmup: int, peak_tflops: fl
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = PhaseTimer(device)
-    seconds = _timed(device, lambda: [train_step(state, batch, timer) for _ in range(steps)])
+    seconds = timed(device, lambda: [train_step(state, batch, timer) for _ in range(steps)])
     phases = timer.read()
     samples_per_s = steps * cfg.batch_size / seconds
     achieved = flops_per_sample * samples_per_s / 1e12

@@ -14,6 +14,21 @@ import torch
 STEP_PHASES = ("prototypes", "forward+loss", "ema+enqueue", "backward", "optimizer")
 
 
+def timed(device: torch.device, fn) -> float:
+    """Seconds that fn() takes on `device`: CUDA events around it and one sync at the end on a
+    GPU, the host clock elsewhere (CPU work is synchronous). For the benchmark scripts."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 class NullTimer:
     """The default: train_step's marks cost nothing."""
 
