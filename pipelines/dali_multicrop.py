@@ -40,6 +40,7 @@ from pipelines.photometric_numba import (
     HUE,
     NO_SOLARIZE,
     NUM_DRAWS,
+    NUM_PARAMS,
     P_FACTORS,
     P_GRAY,
     P_JITTER,
@@ -48,6 +49,7 @@ from pipelines.photometric_numba import (
     P_THRESHOLD,
     SATURATION,
     augment,
+    params_from,
     spec_vector,
 )
 from pipelines.reference import LoaderSettings, derived_seed
@@ -124,26 +126,21 @@ def _on(node, gpu: bool):
     return node.gpu() if gpu else node
 
 
+def _uniforms():
+    """The photometric randomness of one crop: NUM_DRAWS uniforms per sample, one DALI op."""
+    return fn.random.uniform(range=(0.0, 1.0), shape=[NUM_DRAWS])
+
+
+def _spec_node(group: CropSpec):
+    return types.Constant(spec_vector(group), device="cpu")
+
+
 def draws(group: CropSpec) -> list:
-    """The photometric randomness of one crop per sample, host scalars in
-    photometric_numba's P_* layout: the jitter coin, the factors ColorJitter.get_params draws
-    (b, c, s in [1 - x, 1 + x], hue in turns in [-h, h]), four order keys, the grayscale coin,
-    the blur sigma (0 when its coin says no) and the solarize threshold (NO_SOLARIZE when
-    not)."""
-    def coin(p: float):
-        return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
-
-    def uniform(low: float, high: float):
-        return fn.random.uniform(range=(low, high))
-
-    factors = [uniform(1 - group.brightness, 1 + group.brightness),
-               uniform(1 - group.contrast, 1 + group.contrast),
-               uniform(1 - group.saturation, 1 + group.saturation),
-               uniform(-group.hue, group.hue)]
-    keys = [uniform(0.0, 1.0) for _ in range(4)]
-    sigma = coin(group.blur_p) * uniform(*group.blur_sigma)
-    threshold = NO_SOLARIZE - coin(group.solarize_p) * (NO_SOLARIZE - group.solarize_threshold)
-    return [coin(group.jitter_p), *factors, *keys, coin(group.grayscale_p), sigma, threshold]
+    """GPU mode's photometric parameters, host scalars in photometric_numba's P_* layout: the
+    uniforms mapped by photometric_numba.params_from (in a CPU numba_function), the mapping CPU
+    mode's augment applies inside its own call."""
+    params = _params_op()(_uniforms(), _spec_node(group))
+    return [params[k] for k in range(NUM_PARAMS)]
 
 
 def photometric_numba_op(crop, group: CropSpec, uniforms=None):
@@ -151,9 +148,8 @@ def photometric_numba_op(crop, group: CropSpec, uniforms=None):
     (pipelines/photometric_numba.augment), which skips the ops a sample does not get; its
     randomness is one DALI op, NUM_DRAWS uniforms per sample (or the `uniforms` given)."""
     if uniforms is None:
-        uniforms = fn.random.uniform(range=(0.0, 1.0), shape=[NUM_DRAWS])
-    spec = types.Constant(spec_vector(group), device="cpu")
-    out = _augment_op()(crop, uniforms, spec)
+        uniforms = _uniforms()
+    out = _augment_op()(crop, uniforms, _spec_node(group))
     return fn.reshape(out, layout="HWC")  # numba_function drops the layout
 
 
@@ -214,6 +210,23 @@ def _augment_op() -> NumbaFunction:
 def _run_augment(out0, in0, in1, in2):
     """numba_function's run_fn (a plain function: DALI compiles it with numba.njit)."""
     augment(out0, in0, in1, in2)
+
+
+@functools.cache
+def _params_op() -> NumbaFunction:
+    """uniforms [NUM_DRAWS] + spec vector -> params [NUM_PARAMS], per sample on the CPU."""
+    return NumbaFunction(run_fn=_run_params, setup_fn=_params_shape,
+                         in_types=[types.FLOAT, types.FLOAT], ins_ndim=[1, 1],
+                         out_types=[types.FLOAT], outs_ndim=[1], device="cpu")
+
+
+def _run_params(out0, in0, in1):
+    out0[:] = params_from(in0, in1)
+
+
+def _params_shape(outs, ins):
+    for i in range(len(outs[0])):
+        outs[0][i][0] = NUM_PARAMS
 
 
 def _same_shape(outs, ins):

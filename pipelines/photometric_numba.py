@@ -38,9 +38,15 @@ NUM_DRAWS = 13
 LUMA_R, LUMA_G, LUMA_B = 0.2989, 0.587, 0.114  # torchvision's rgb_to_grayscale weights
 
 
-def order_of(keys) -> np.ndarray:
+@njit(cache=True)
+def _order(keys):
     """Jitter op indices in the order they run: ascending keys, ties by index (stable sort)."""
-    return np.argsort(np.asarray(keys), kind="mergesort")
+    return np.argsort(keys, kind="mergesort")
+
+
+def order_of(keys) -> np.ndarray:
+    """_order for any sequence of 4 keys (the convention the tests build references with)."""
+    return _order(np.asarray(keys, np.float32))
 
 
 def make_params(jitter=None, keys=(0, 1, 2, 3), gray=False, blur_sigma=None,
@@ -147,7 +153,7 @@ def _jitter(x, factors, keys):
     """ColorJitter in place on x (HWC float32, 0..255). Contrast blends with the mean luma of
     the image as the ops before it left it: pass 1 applies those and sums the luma, pass 2
     applies contrast and the ops after it."""
-    order = np.argsort(keys, kind="mergesort")
+    order = _order(keys)
     split = np.nonzero(order == CONTRAST)[0][0]
     before, after = order[:split], order[split + 1:]
     total = 0.0
