@@ -51,11 +51,12 @@ IMAGE_FIELD, LABEL_FIELD, SIZE_OUTPUT = "image", "label", "image_size"
 DECODE_MODES = ("cpu", "gpu")
 
 
-def _uint8_slot(previous_state: State, n_bytes: int) -> tuple[State, AllocationQuery]:
-    """The new state and the allocation of a per-sample uint8 slot of n_bytes."""
-    u8 = np.dtype("<u1")
-    return (replace(previous_state, jit_mode=True, shape=(n_bytes,), dtype=u8),
-            AllocationQuery((n_bytes,), u8))
+def _per_sample(previous_state: State, n: int, dtype: str) -> tuple[State, AllocationQuery]:
+    """The new state and the allocation of n values of dtype per sample (a uint8 slot of
+    decoded pixels or stored bytes, or int32 metadata columns)."""
+    dt = np.dtype(dtype)
+    return replace(previous_state, jit_mode=True, shape=(n,), dtype=dt), AllocationQuery((n,), dt)
+
 
 
 class CanvasDecoder(Operation):
@@ -68,7 +69,7 @@ class CanvasDecoder(Operation):
     def declare_state_and_memory(self, previous_state: State):
         hmax, wmax = _canvas_size(self.metadata, self.max_size)
         self.canvas_shape = (hmax, wmax, 3)
-        return _uint8_slot(previous_state, hmax * wmax * 3)
+        return _per_sample(previous_state, hmax * wmax * 3, "<u1")
 
     def generate_code(self) -> Callable:
         mem_read = self.memory_read
@@ -97,9 +98,7 @@ class ImageSizeDecoder(Operation):
     """The (height, width) of each image, from the metadata alone (no read, no decode)."""
 
     def declare_state_and_memory(self, previous_state: State):
-        i32 = np.dtype("<i4")
-        return (replace(previous_state, jit_mode=True, shape=(2,), dtype=i32),
-                AllocationQuery((2,), i32))
+        return _per_sample(previous_state, 2, "<i4")
 
     def generate_code(self) -> Callable:
         my_range = Compiler.get_iterator()
@@ -128,7 +127,7 @@ class BytesPassthrough(Operation):
     def declare_state_and_memory(self, previous_state: State):
         hmax, wmax = _canvas_size(self.metadata, self.max_size)
         self.canvas_shape = (hmax, wmax, 3)
-        return _uint8_slot(previous_state, max(hmax * wmax * 3, self.max_bytes))
+        return _per_sample(previous_state, max(hmax * wmax * 3, self.max_bytes), "<u1")
 
     def generate_code(self) -> Callable:
         mem_read = self.memory_read
@@ -150,9 +149,7 @@ class SampleInfoDecoder(Operation):
     metadata plus the stored length, which the device decode needs to cut the slot."""
 
     def declare_state_and_memory(self, previous_state: State):
-        i32 = np.dtype("<i4")
-        return (replace(previous_state, jit_mode=True, shape=(4,), dtype=i32),
-                AllocationQuery((4,), i32))
+        return _per_sample(previous_state, 4, "<i4")
 
     def generate_code(self) -> Callable:
         mem_read = self.memory_read

@@ -11,7 +11,8 @@ Pipelines:
                canvases; with --decode=gpu: hand out the stored bytes), samples_per_s =
                loader + (gpu: batched decode_jpeg +) the multi-crop stage on --device
   decode_only  the floor of a decode-once design: the same .beton, the same workers, each
-               JPEG decoded once into a scratch buffer and nothing else
+               JPEG decoded once by the ffcv path's CanvasDecoder and nothing else (no size
+               field, no labels, no device stage)
   dali         pipelines/dali_multicrop.py in CPU mode (writes dali/train shards from
                train/ first when they are missing)
 Each pipeline prints one JSON line; with several, a last JSON line holds all results and
@@ -148,47 +149,14 @@ def bench_ffcv(args) -> dict:
             "decode": args.decode}
 
 
-def _decode_only_op():
-    """An FFCV decoder op that only decodes each JPEG into a per-sample scratch buffer."""
-    import numpy as np
-    from ffcv.libffcv import imdecode
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-
-    from pipelines.ffcv_multicrop import CanvasDecoder
-
-    class DecodeOnly(CanvasDecoder):
-        def declare_state_and_memory(self, previous_state):
-            state, _ = super().declare_state_and_memory(previous_state)
-            h, w, _ = self.canvas_shape
-            return state, AllocationQuery((h * w * 3,), np.dtype("<u1"))
-
-        def generate_code(self):
-            mem_read, my_range = self.memory_read, Compiler.get_iterator()
-            imdecode_c = Compiler.compile(imdecode)
-
-            def decode(batch_indices, scratch, metadata, storage_state):
-                for i in my_range(len(batch_indices)):
-                    field = metadata[batch_indices[i]]
-                    data = mem_read(field["data_ptr"], storage_state)
-                    h, w = np.int64(field["height"]), np.int64(field["width"])
-                    imdecode_c(data, scratch[i][:h * w * 3], h, w, h, w, 0, 0, 1, 1, False,
-                               False)
-                return scratch[:len(batch_indices)]
-
-            decode.is_parallel = True
-            return decode
-
-    return DecodeOnly()
-
-
 def bench_decode_only(args) -> dict:
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline.pipeline_spec import PipelineSpec
 
+    from pipelines.ffcv_multicrop import CanvasDecoder
     loader = Loader(os.path.join(args.data, "train.beton"), batch_size=args.batch_size,
                     num_workers=args.num_workers, order=OrderOption.RANDOM, seed=0,
-                    pipelines={"image": PipelineSpec("image", decoder=_decode_only_op()),
+                    pipelines={"image": PipelineSpec("image", decoder=CanvasDecoder()),
                                "label": None}, drop_last=True, batches_ahead=2)
 
     def epoch_iter(epoch: int):
