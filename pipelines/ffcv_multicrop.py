@@ -19,7 +19,8 @@ the same canvas. decode="cpu" is the path above.
 
 Data order: the reference's EpochSampler (a seeded permutation per epoch, split across ranks,
 whole batches only, resumable mid-epoch), so the FFCV and reference paths see the same order
-when the .beton holds the images in ImageFolder order (tools/convert_in1k.py).
+when the .beton holds the images in ImageFolder order (tools/convert_in1k.py
+--train_order=source; the default writes train in a seeded random order).
 """
 from __future__ import annotations
 
