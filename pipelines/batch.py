@@ -1,4 +1,5 @@
-"""The batch contract shared by every pipeline (DESIGN.md).
+"""The contract shared by every pipeline (DESIGN.md): the batch, the loader settings, the
+epoch order and the seeding of augmentations. Imports torch alone (no PIL spec, no ffcv/dali).
 
 A MultiCropBatch holds the global crops [G*B, 3, Hg, Wg] and the local crops [L*B, 3, Hl, Wl],
 crop-major ([crop_0 of all B images | crop_1 ... ]), normalised, channels-last, in the compute
@@ -8,9 +9,12 @@ pipeline made it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
@@ -69,3 +73,50 @@ class Uint8MultiCrops:
             local_crops=normalize_uint8(self.local_crops, device, dtype, channels_last),
             labels=self.labels.to(device, non_blocking=True),
         )
+
+
+def derived_seed(*keys: int) -> int:
+    """A well-mixed 32-bit seed from non-negative integer keys (e.g. seed, epoch, index)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) keys: a seeded permutation per epoch, split across ranks, cut to
+    whole batches so every rank takes the same number of steps; can start mid-epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = n // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} training images are fewer than one global batch "
+                             f"({batch_size} x {world_size} processes)")
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=g)
+        per_rank = self.steps_per_epoch * self.batch_size
+        mine = order[self.rank::self.world_size][:per_rank]
+        for index in mine[self.start_step * self.batch_size:].tolist():
+            yield self.epoch, index
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What every pipeline's loader needs besides the data: where batches go and how."""
+
+    batch_size: int  # per process
+    num_workers: int
+    seed: int
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool

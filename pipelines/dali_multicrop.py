@@ -33,7 +33,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.numba import NumbaFunction
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.batch import MultiCropBatch
+from pipelines.batch import LoaderSettings, MultiCropBatch, derived_seed
 from pipelines.photometric_numba import (
     BRIGHTNESS,
     CONTRAST,
@@ -52,7 +52,6 @@ from pipelines.photometric_numba import (
     params_from,
     spec_vector,
 )
-from pipelines.reference import LoaderSettings, derived_seed
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec, val_resize_size
 
 READER = "shards"

@@ -42,10 +42,9 @@ from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 
-from pipelines.batch import MultiCropBatch
+from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch
 from pipelines.gpu_decode import decode_canvas
 from pipelines.gpu_multicrop import GpuMultiCrop, normalize, unpack_canvas, val_resize_center_crop
-from pipelines.reference import EpochSampler, LoaderSettings
 from pipelines.spec import MultiCropSpec, val_resize_size
 
 IMAGE_FIELD, LABEL_FIELD, SIZE_OUTPUT = "image", "label", "image_size"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipelines.batch import MultiCropBatch
+from pipelines.batch import MultiCropBatch, derived_seed
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
@@ -38,10 +38,11 @@ BICUBIC_A = -0.5  # PIL's (and torch's antialiased) bicubic coefficient
 RRC_TRIES = 10  # torchvision RandomResizedCrop.get_params
 
 
-def make_generator(device: torch.device, seed: int, epoch: int, step: int) -> torch.Generator:
-    """A generator on `device` that depends on (seed, epoch, step) only."""
-    mixed = (seed * 1_000_003 + epoch) * 1_000_033 + step  # distinct keys -> distinct seeds
-    return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
+def make_generator(device: torch.device, seed: int, rank: int, epoch: int,
+                   step: int) -> torch.Generator:
+    """A generator on `device` that depends on (seed, rank, epoch, step) only: every rank draws
+    its own augmentations (under DDP rank r's image b is another image than rank 0's)."""
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, rank, epoch, step))
 
 
 def _uniform(shape, lo: float, hi: float, gen: torch.Generator,
@@ -330,13 +331,13 @@ class GpuMultiCrop:
     """Decoded canvases -> MultiCropBatch. Same (seed, epoch, step) and inputs -> same batch."""
 
     def __init__(self, spec: MultiCropSpec, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, seed: int):
+                 channels_last: bool, seed: int, rank: int = 0):
         self.spec, self.device, self.dtype = spec, torch.device(device), dtype
-        self.channels_last, self.seed = channels_last, seed
+        self.channels_last, self.seed, self.rank = channels_last, seed, rank
 
     def __call__(self, canvas: torch.Tensor, sizes: torch.Tensor, labels: torch.Tensor,
                  epoch: int, step: int) -> MultiCropBatch:
-        gen = make_generator(self.device, self.seed, epoch, step)
+        gen = make_generator(self.device, self.seed, self.rank, epoch, step)
         images = canvas_to_float(canvas.to(self.device, non_blocking=True))
         sizes = sizes.to(self.device, non_blocking=True)
         groups = []

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from pipelines.batch import MultiCropBatch, Uint8MultiCrops, normalize_uint8
+from pipelines.batch import (  # noqa: F401 (LoaderSettings: re-exported for callers)
+    EpochSampler,
+    LoaderSettings,
+    MultiCropBatch,
+    Uint8MultiCrops,
+    derived_seed,
+    normalize_uint8,
+)
 from pipelines.spec import CropSpec, MultiCropSpec, val_resize_size
 
 BICUBIC = T.InterpolationMode.BICUBIC
@@ -60,11 +65,6 @@ def crop_transform(group: CropSpec) -> T.Compose:
         ops.append(T.RandomSolarize(group.solarize_threshold, p=group.solarize_p))
     ops.append(T.PILToTensor())  # uint8 [3, size, size]
     return T.Compose(ops)
-
-
-def derived_seed(*keys: int) -> int:
-    """A well-mixed 32-bit seed from non-negative integer keys (e.g. seed, epoch, index)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -116,48 +116,6 @@ def collate_multicrop(samples) -> Uint8MultiCrops:
 
     labels = torch.tensor([s[2] for s in samples], dtype=torch.long)
     return Uint8MultiCrops(crop_major(0), crop_major(1), labels)
-
-
-class EpochSampler(Sampler):
-    """Yields (epoch, index) keys: a seeded permutation per epoch, split across ranks, cut to
-    whole batches so every rank takes the same number of steps; can start mid-epoch."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.steps_per_epoch = n // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{n} training images are fewer than one global batch "
-                             f"({batch_size} x {world_size} processes)")
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.batch_size
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        g = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
-        order = torch.randperm(self.n, generator=g)
-        per_rank = self.steps_per_epoch * self.batch_size
-        mine = order[self.rank::self.world_size][:per_rank]
-        for index in mine[self.start_step * self.batch_size:].tolist():
-            yield self.epoch, index
-
-
-@dataclass(frozen=True)
-class LoaderSettings:
-    """What every pipeline's loader needs besides the data: where batches go and how."""
-
-    batch_size: int  # per process
-    num_workers: int
-    seed: int
-    rank: int
-    world_size: int
-    device: torch.device
-    dtype: torch.dtype
-    channels_last: bool
 
 
 class ReferenceTrainData:

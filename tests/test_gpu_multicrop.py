@@ -8,7 +8,8 @@ Tolerances (also in docs/PIPELINES.md):
   of log aspect ratio within 0.03, fallback rate within 0.01 (20k draws each).
 - augmentation rates: within 4.5 binomial standard errors of the spec's probability.
 - per-channel mean/std of the normalised output vs the reference on the same images: within
-  4 standard errors + 0.02, and never more than 0.05 (768 global, 6144 local crops each).
+  4 standard errors + 0.02 (768 global, 6144 local crops each; a global channel mean's standard
+  error is ~0.05 there, so no absolute cap below that is meaningful).
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ def test_output_statistics_match_reference(jpeg_root):
             # of the difference plus a 0.02 bias allowance (PIL uint8 vs float maths)
             se = (sa.var(0) / len(sa) + sb.var(0) / len(sb)).sqrt()
             diff = (sa.mean(0) - sb.mean(0)).abs()
-            assert (diff < 4 * se + 0.02).all() and (diff < 0.05).all(), (k, diff, se)
+            assert (diff < 4 * se + 0.02).all(), (k, diff, se)
 
 
 def test_canvas_must_be_uint8_hwc():

@@ -97,7 +97,7 @@ def synthesize(root: str, n: int) -> None:
 
 # ---------------------------------------------------------------- timing
 def _settings(args):
-    from pipelines.reference import LoaderSettings
+    from pipelines.batch import LoaderSettings
     return LoaderSettings(batch_size=args.batch_size, num_workers=args.num_workers, seed=0,
                           rank=0, world_size=1, device=torch.device(args.device),
                           dtype=torch.float32 if args.device == "cpu" else torch.bfloat16,

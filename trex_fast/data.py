@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-from pipelines.reference import LoaderSettings, ReferenceTrainData, ReferenceValData
+from pipelines.batch import LoaderSettings
+from pipelines.reference import ReferenceTrainData, ReferenceValData
 from pipelines.spec import multicrop_spec
 from trex_fast import demo_data
 from trex_fast.config import Config

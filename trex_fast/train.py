@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from pipelines.reference import LoaderSettings
+from pipelines.batch import LoaderSettings
 from trex_fast import bottleneck, distributed, runlog
 from trex_fast import checkpoint as ckpt_lib
 from trex_fast.build import build_state, resolve_device
