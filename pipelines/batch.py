@@ -38,6 +38,13 @@ def _mean_std_255(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+@functools.cache
+def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, 3, 1, 1] mean and std in [0, 1] units, made once per device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    return mean, torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+
 def normalize_uint8(
     images: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool
 ) -> torch.Tensor:

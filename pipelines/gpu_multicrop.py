@@ -20,71 +20,43 @@ How each step maps onto the reference (pipelines/reference.py, torchvision on PI
   torchvision's gaussian_blur); the reference's PIL GaussianBlur(radius=sigma) approximates
   the same Gaussian (standard deviation sigma) with box passes and edge padding.
 - Solarize: x >= 128/255 -> 1 - x on [0, 1] floats, as PIL's solarize(128) on uint8.
-Random parameters come from a torch.Generator on the device seeded by (seed, epoch, step).
+Random parameters: one uniform tensor per batch from a generator on the device seeded by
+(seed, rank, epoch, step), mapped to a parameter table by pipelines/draws.py; impl="triton"
+(pipelines/kernels/multicrop.py) reads the same table, so both make the same draws.
+
+This module is the executable spec of those kernels and the CPU path (impl="torch"); its
+arithmetic is float32 like theirs.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pipelines.batch import MultiCropBatch, derived_seed
-from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
+from pipelines import draws as D
+from pipelines.batch import MultiCropBatch, mean_std
+from pipelines.device_images import DeviceImages, from_canvas
+from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec  # noqa: F401
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
 BICUBIC_A = -0.5  # PIL's (and torch's antialiased) bicubic coefficient
-RRC_TRIES = 10  # torchvision RandomResizedCrop.get_params
-
-
-def make_generator(device: torch.device, seed: int, rank: int, epoch: int,
-                   step: int) -> torch.Generator:
-    """A generator on `device` that depends on (seed, rank, epoch, step) only: every rank draws
-    its own augmentations (under DDP rank r's image b is another image than rank 0's)."""
-    return torch.Generator(device=device).manual_seed(derived_seed(seed, rank, epoch, step))
-
-
-def _uniform(shape, lo: float, hi: float, gen: torch.Generator,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    u = torch.rand(shape, generator=gen, device=gen.device, dtype=dtype)
-    return lo + (hi - lo) * u
+IMPLS = ("auto", "torch", "triton")
 
 
 # ---------------------------------------------------------------- crop boxes
 def sample_boxes(sizes: torch.Tensor, count: int, scale: tuple[float, float],
                  ratio: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop boxes for `count` crops of each image, crop-major.
-
-    sizes: [B, 2] (height, width). Returns [count*B, 4] int64 (top, left, height, width).
-    float64 so that round() and floor() see the numbers Python's floats see in torchvision.
-    """
+    """RandomResizedCrop boxes for `count` crops of each image, crop-major, drawn as the stage
+    draws them (pipelines/draws.py). sizes: [B, 2] (height, width).
+    Returns [count*B, 4] int64 (top, left, height, width)."""
     if sizes.ndim != 2 or sizes.shape[1] != 2:
         raise ValueError(f"sizes must be [B, 2] (height, width), got {tuple(sizes.shape)}")
-    hw = sizes.to(device=gen.device, dtype=torch.float64).repeat(count, 1)  # [N, 2]
-    height, width = hw[:, :1], hw[:, 1:]  # [N, 1]
-    n = hw.shape[0]
-    u = torch.rand(n, RRC_TRIES, 4, generator=gen, device=gen.device, dtype=torch.float64)
-    target_area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    w = torch.round(torch.sqrt(target_area * aspect))  # [N, 10]
-    h = torch.round(torch.sqrt(target_area / aspect))
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    top = torch.floor(u[..., 2] * (height - h + 1))  # randint(0, height - h + 1)
-    left = torch.floor(u[..., 3] * (width - w + 1))
-    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)  # first valid try (ties: first)
-    chosen = [t.gather(1, first).squeeze(1) for t in (top, left, h, w)]
-
-    height, width = height.squeeze(1), width.squeeze(1)
-    in_ratio = width / height
-    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
-    fb_w = torch.where(wide, torch.round(height * max(ratio)), width)
-    fb_h = torch.where(narrow, torch.round(width / min(ratio)), height)
-    fallback = [torch.floor((height - fb_h) / 2), torch.floor((width - fb_w) / 2), fb_h, fb_w]
-    any_valid = valid.any(dim=1)
-    box = [torch.where(any_valid, c, f) for c, f in zip(chosen, fallback)]
-    return torch.stack(box, dim=1).long()
+    u = D.draw_uniforms(count * sizes.shape[0], gen)
+    return D.boxes_from_uniforms(u, sizes.to(u.device).repeat(count, 1), scale, ratio).long()
 
 
 # ---------------------------------------------------------------- antialiased resampling
@@ -115,20 +87,19 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, out_full: torch.
     if kind not in FILTERS:
         raise ValueError(f"kind must be one of {sorted(FILTERS)}, got {kind!r}")
     kernel, support = FILTERS[kind]
-    start, length, out_full, offset = (t.to(torch.float64)[:, None]
+    start, length, out_full, offset = (t.to(torch.float32)[:, None]
                                        for t in (start, length, out_full, offset))  # [N, 1]
     scale = length / out_full  # input pixels per output pixel
     filter_scale = scale.clamp(min=1.0)  # widen the kernel when downscaling: antialias
     reach = support * filter_scale
     dev = start.device
-    centre = (torch.arange(out_size, device=dev, dtype=torch.float64) + offset + 0.5) * scale
+    centre = (torch.arange(out_size, device=dev, dtype=torch.float32) + offset + 0.5) * scale
     lo = torch.floor(centre - reach + 0.5).clamp(min=0)[..., None]  # PIL's window
     hi = torch.minimum(torch.floor(centre + reach + 0.5), length)[..., None]
-    x = (torch.arange(canvas, device=dev, dtype=torch.float64) - start)[:, None, :]  # box coords
+    x = (torch.arange(canvas, device=dev, dtype=torch.float32) - start)[:, None, :]  # box coords
     weights = kernel((x - centre[..., None] + 0.5) / filter_scale[..., None])
     weights = weights * ((x >= lo) & (x < hi))  # never read outside the box
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(torch.float32)
+    return weights / weights.sum(dim=-1, keepdim=True)
 
 
 def resize_boxes(images: torch.Tensor, row_weights: torch.Tensor,
@@ -213,6 +184,12 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return blend(x, grayscale(x), factor)
 
 
+@functools.cache
+def _hsv_offsets(device: torch.device) -> torch.Tensor:
+    """[1, 3, 1, 1]: channel n of HSV -> RGB reads (offset_n + 6 h) mod 6; made once per device."""
+    return torch.tensor([5.0, 3.0, 1.0], device=device).view(1, 3, 1, 1)
+
+
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotate the hue by a per-sample factor [N] in [-0.5, 0.5] (HSV, as torchvision)."""
     maxc, _ = x.max(dim=1)
@@ -227,8 +204,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     hue = torch.where(grey, torch.zeros_like(hue), hue)
     hue = (hue / 6.0 + _per_sample(factor).squeeze(1)).remainder(1.0)
     # HSV -> RGB: channel n is v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6.
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
-         + 6.0 * hue.unsqueeze(1)).remainder(6.0)
+    k = (_hsv_offsets(x.device) + 6.0 * hue.unsqueeze(1)).remainder(6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     v, s = maxc.unsqueeze(1), sat.unsqueeze(1)
     return v - v * s * ramp
@@ -268,22 +244,21 @@ class AugParams:
     solarize: torch.Tensor  # bool
 
 
-def draw_params(group: CropSpec, n: int, gen: torch.Generator) -> AugParams:
-    """The random draws of ColorJitter.get_params and the RandomApply coins, batched."""
-    def coin(p: float) -> torch.Tensor:
-        return torch.rand(n, generator=gen, device=gen.device) < p
+def params_from_table(table: torch.Tensor) -> tuple[torch.Tensor, AugParams]:
+    """A parameter table [N, NUM_P] (pipelines/draws.py) -> (boxes [N, 4] int64, AugParams)."""
+    flag = table[:, D.P_FLIP:D.P_SOLARIZE + 1] != 0
+    flip, jitter, gray, blur, sol = flag.unbind(dim=1)
+    return table[:, D.P_TOP:D.P_WIDTH + 1].long(), AugParams(
+        flip, jitter, table[:, D.P_FACTORS:D.P_FACTORS + 4],
+        table[:, D.P_ORDER:D.P_ORDER + 4].long(), gray, blur, table[:, D.P_SIGMA], sol)
 
-    flip, jitter, gray, blur, sol = (coin(p) for p in (group.flip_p, group.jitter_p,
-                                                        group.grayscale_p, group.blur_p,
-                                                        group.solarize_p))
-    bounds = [(max(0.0, 1 - group.brightness), 1 + group.brightness),
-              (max(0.0, 1 - group.contrast), 1 + group.contrast),
-              (max(0.0, 1 - group.saturation), 1 + group.saturation),
-              (-group.hue, group.hue)]
-    factors = torch.stack([_uniform(n, lo, hi, gen) for lo, hi in bounds], dim=1)
-    order = torch.rand(n, 4, generator=gen, device=gen.device).argsort(dim=1)  # permutation
-    sigma = _uniform(n, *group.blur_sigma, gen)
-    return AugParams(flip, jitter, factors, order, gray, blur, sigma, sol)
+
+def draw_params(group: CropSpec, n: int, gen: torch.Generator,
+                sizes: torch.Tensor | None = None) -> AugParams:
+    """The photometric draws of n crops (sizes [B, 2] only matter for the boxes)."""
+    u = D.draw_uniforms(n, gen)
+    sizes = torch.full((n, 2), 256, device=u.device) if sizes is None else sizes
+    return params_from_table(D.params_table(u, sizes.to(u.device), group))[1]
 
 
 def color_jitter(x: torch.Tensor, p: AugParams) -> torch.Tensor:
@@ -306,13 +281,17 @@ def color_jitter(x: torch.Tensor, p: AugParams) -> torch.Tensor:
     return x
 
 
+def blur_radius(group: CropSpec) -> int:
+    """torchvision's kernel radius for the group's largest sigma: 2 * radius + 1 taps."""
+    return math.ceil(3 * group.blur_sigma[1])
+
+
 def photometric(x: torch.Tensor, group: CropSpec, p: AugParams) -> torch.Tensor:
     """Jitter, grayscale, blur, solarize on [N, 3, S, S] floats in [0, 1] (flip is in the crop)."""
     x = color_jitter(x, p)
     x = torch.where(_per_sample(p.gray), grayscale(x).expand_as(x), x)
     if group.blur_p > 0:
-        radius = math.ceil(3 * group.blur_sigma[1])
-        x = torch.where(_per_sample(p.blur), gaussian_blur(x, p.sigma, radius), x)
+        x = torch.where(_per_sample(p.blur), gaussian_blur(x, p.sigma, blur_radius(group)), x)
     if group.solarize_p > 0:
         x = torch.where(_per_sample(p.solarize),
                         solarize(x, group.solarize_threshold / 255.0), x)
@@ -320,39 +299,80 @@ def photometric(x: torch.Tensor, group: CropSpec, p: AugParams) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = mean_std(x.device)
     x = ((x - mean) / std).to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # ---------------------------------------------------------------- the stages
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """"auto": the Triton kernels on CUDA, plain torch elsewhere. "triton" off CUDA runs only in
+    Triton's interpreter (TRITON_INTERPRET=1, as the tests do)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+    from trex_fast import availability
+
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and availability.has_triton() else "torch"
+    if impl == "triton":
+        if not availability.has_triton():
+            raise RuntimeError("impl='triton' needs triton installed (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"impl='triton' on {device} runs only with TRITON_INTERPRET=1; "
+                             "use impl='torch' (or 'auto') off CUDA")
+    return impl
+
+
 class GpuMultiCrop:
-    """Decoded canvases -> MultiCropBatch. Same (seed, epoch, step) and inputs -> same batch."""
+    """Decoded images -> MultiCropBatch, on the device: RECIPE.md's 1 + 8 crops and their
+    augmentations. Same (seed, rank, epoch, step) and inputs -> same batch; ranks differ.
+
+    impl: "torch" (this module, the spec and the CPU path), "triton" (the fused kernels,
+    pipelines/kernels/multicrop.py: 7 launches per batch) or "auto" (see resolve_impl).
+    """
 
     def __init__(self, spec: MultiCropSpec, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, seed: int, rank: int = 0):
+                 channels_last: bool, seed: int, rank: int = 0, impl: str = "auto"):
         self.spec, self.device, self.dtype = spec, torch.device(device), dtype
         self.channels_last, self.seed, self.rank = channels_last, seed, rank
+        self.impl = resolve_impl(impl, self.device)
+        for group in spec.groups:
+            if group.count and group.blur_p > 0 and blur_radius(group) >= group.size:
+                raise ValueError(f"blur radius {blur_radius(group)} needs crops larger than "
+                                 f"{blur_radius(group)} pixels, got {group.size}")
 
-    def __call__(self, canvas: torch.Tensor, sizes: torch.Tensor, labels: torch.Tensor,
-                 epoch: int, step: int) -> MultiCropBatch:
-        gen = make_generator(self.device, self.seed, self.rank, epoch, step)
-        images = canvas_to_float(canvas.to(self.device, non_blocking=True))
-        sizes = sizes.to(self.device, non_blocking=True)
-        groups = []
+    def __call__(self, images: torch.Tensor | DeviceImages, sizes: torch.Tensor | None,
+                 labels: torch.Tensor, epoch: int, step: int) -> MultiCropBatch:
+        """images: a uint8 canvas [B, H, W, 3] with sizes [B, 2] (height, width), or a
+        DeviceImages (which carries its sizes; `sizes` is then ignored)."""
+        if not isinstance(images, DeviceImages):
+            images = from_canvas(images.to(self.device, non_blocking=True), sizes)
+        gen = D.make_generator(self.device, self.seed, self.rank, epoch, step)
+        b = images.batch_size
+        uniforms = D.draw_uniforms(b * sum(g.count for g in self.spec.groups), gen)  # [9B, U]
+        floats = canvas_to_float(images.to_canvas()) if self.impl == "torch" else None
+        crops, row = [], 0
         for group in self.spec.groups:
+            u = uniforms[row:row + group.count * b]  # this group's rows, crop-major
+            row += group.count * b
             if group.count == 0:
-                groups.append(torch.empty(0, 3, group.size, group.size, device=self.device,
-                                          dtype=self.dtype))
-                continue
-            boxes = sample_boxes(sizes, group.count, group.scale, group.ratio, gen)
-            params = draw_params(group, boxes.shape[0], gen)
-            crops = crop_resize(images, boxes, group.size, params.flip)
-            crops = photometric(crops, group, params)
-            groups.append(normalize(crops, self.dtype, self.channels_last))
-        return MultiCropBatch(groups[0], groups[1],
+                crops.append(torch.empty(0, 3, group.size, group.size, device=self.device,
+                                         dtype=self.dtype))
+            elif self.impl == "triton":
+                from pipelines.kernels import multicrop
+
+                crops.append(multicrop.multicrop_group(images, u, group, self.dtype,
+                                                       self.channels_last))
+            else:
+                crops.append(self._torch_group(floats, images.sizes, u, group))
+        return MultiCropBatch(crops[0], crops[1],
                               labels.to(self.device, non_blocking=True).long())
+
+    def _torch_group(self, floats: torch.Tensor, sizes: torch.Tensor, u: torch.Tensor,
+                     group: CropSpec) -> torch.Tensor:
+        boxes, params = params_from_table(D.params_table(u, sizes, group))
+        crops = crop_resize(floats, boxes, group.size, params.flip)
+        return normalize(photometric(crops, group, params), self.dtype, self.channels_last)
 
 
 def val_resize_center_crop(canvas: torch.Tensor, sizes: torch.Tensor, resize: int,

@@ -1,0 +1,89 @@
+"""Where a batch's decoded uint8 images lie on the device, as the multi-crop stage reads them.
+
+Three layouts, so that no decoder's output is copied into another layout first:
+- CANVAS: [B, H, W, 3], image b at the top-left of its slot (pipelines.gpu_decode, DALI's pad);
+- PACKED: [B, slot] rows, image b's h*w*3 bytes first with row stride w (the FFCV decoder's
+  output: the stage reads it in place instead of unpacking it into a canvas);
+- PLANES: one flat buffer of [3, h, w] planes (torchvision's decode_jpeg output, concatenated
+  once), image b at element `offsets[b]`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CANVAS, PACKED, PLANES = range(3)
+
+
+@dataclass(frozen=True)
+class DeviceImages:
+    data: torch.Tensor  # uint8; CANVAS [B, H, W, 3], PACKED [B, slot], PLANES [total]
+    sizes: torch.Tensor  # [B, 2] integer (height, width), on the device
+    layout: int  # CANVAS, PACKED or PLANES
+    canvas_hw: tuple[int, int]  # the largest image the layout holds (H, W)
+    offsets: torch.Tensor | None = None  # PLANES: [B] int64 element offset of image b
+
+    @property
+    def batch_size(self) -> int:
+        return self.sizes.shape[0]
+
+    @property
+    def image_stride(self) -> int:
+        """Elements from image b to image b + 1 (CANVAS and PACKED)."""
+        return self.data.stride(0) if self.layout != PLANES else 0
+
+    def to_canvas(self) -> torch.Tensor:
+        """The [B, H, W, 3] canvas (zeros around each image), for the plain-torch stage."""
+        from pipelines.gpu_multicrop import unpack_canvas
+
+        if self.layout == CANVAS:
+            return self.data
+        if self.layout == PACKED:
+            return unpack_canvas(self.data, self.sizes, *self.canvas_hw)
+        canvas = torch.zeros(self.batch_size, *self.canvas_hw, 3, dtype=torch.uint8,
+                             device=self.data.device)
+        for b, ((h, w), start) in enumerate(zip(self.sizes.tolist(), self.offsets.tolist())):
+            canvas[b, :h, :w] = self.data[start:start + 3 * h * w].view(3, h, w).permute(1, 2, 0)
+        return canvas
+
+
+def from_canvas(canvas: torch.Tensor, sizes: torch.Tensor) -> DeviceImages:
+    if canvas.dtype != torch.uint8 or canvas.ndim != 4 or canvas.shape[-1] != 3:
+        raise ValueError("canvas must be uint8 [B, H, W, 3], got "
+                         f"{canvas.dtype} {tuple(canvas.shape)}")
+    _check_sizes(sizes, canvas.shape[0])
+    return DeviceImages(canvas.contiguous(), sizes.to(canvas.device, non_blocking=True), CANVAS,
+                        (canvas.shape[1], canvas.shape[2]))
+
+
+def from_packed(packed: torch.Tensor, sizes: torch.Tensor, height: int,
+                width: int) -> DeviceImages:
+    if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] < height * width * 3:
+        raise ValueError(f"packed must be uint8 [B, >= {height * width * 3}], got "
+                         f"{packed.dtype} {tuple(packed.shape)}")
+    _check_sizes(sizes, packed.shape[0])
+    if packed.stride(1) != 1:
+        packed = packed.contiguous()
+    return DeviceImages(packed, sizes.to(packed.device, non_blocking=True), PACKED,
+                        (height, width))
+
+
+def from_planes(planes: list[torch.Tensor], sizes: torch.Tensor, height: int,
+                width: int) -> DeviceImages:
+    """decode_jpeg's [3, h, w] images (on the device), sizes [B, 2] on the CPU: one cat."""
+    _check_sizes(sizes, len(planes))
+    device = planes[0].device
+    counts = sizes[:, 0].long() * sizes[:, 1].long() * 3  # CPU metadata: no device sync
+    offsets = torch.cumsum(counts, 0) - counts
+    data = torch.cat([p.reshape(-1) for p in planes])
+    pinned = torch.stack([*sizes.long().T, offsets]).pin_memory() if device.type == "cuda" \
+        else torch.stack([*sizes.long().T, offsets])
+    meta = pinned.to(device, non_blocking=True)  # [3, B]: height, width, offset
+    return DeviceImages(data, meta[:2].T, PLANES, (height, width), meta[2])
+
+
+def _check_sizes(sizes: torch.Tensor, batch: int) -> None:
+    if sizes.ndim != 2 or sizes.shape != (batch, 2) or sizes.is_floating_point():
+        raise ValueError(f"sizes must be integer [B={batch}, 2] (height, width), got "
+                         f"{sizes.dtype} {tuple(sizes.shape)}")

@@ -1,0 +1,1 @@
+"""Triton kernels of the pipelines' device stages (imported only where Triton is used)."""
