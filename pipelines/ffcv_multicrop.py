@@ -5,17 +5,17 @@ CPU side, per batch, in FFCV's numba-compiled, nogil, parallel-over-the-batch co
 - `CanvasDecoder` decodes each JPEG once with libjpeg-turbo (raw images are copied) straight
   into a fixed-size uint8 slot of Hmax*Wmax*3 bytes, packed (row stride = its own width), so
   no copy follows the decode (Hmax/Wmax: the largest image of the .beton, from its metadata,
-  so nothing is resized or clipped). The device stage unpacks it into a [Hmax, Wmax, 3]
-  canvas with one gather (gpu_multicrop.unpack_canvas);
+  so nothing is resized or clipped). The device stage reads the packed rows in place
+  (pipelines/device_images.from_packed; no canvas is made);
 - `ImageSizeDecoder`, a second pipeline on the same field, reads only the metadata: the true
   (height, width) of each image, so the device stage knows where each canvas ends.
 Reading and decoding are the only per-image CPU work; no per-sample Python runs.
 
 decode="gpu" (issue 9) moves the decode off the CPU: `BytesPassthrough` only copies each
 sample's stored bytes (JPEG or raw pixels) into a fixed-size slot and `SampleInfoDecoder`
-adds (height, width, nbytes, is_jpeg); pipelines/gpu_decode.decode_canvas then decodes the
-batch's JPEGs in one torchvision.io.decode_jpeg call on the device (nvJPEG on CUDA) and builds
-the same canvas. decode="cpu" is the path above.
+adds (height, width, nbytes, is_jpeg); pipelines/gpu_decode.decode_images then decodes the
+batch's JPEGs in one torchvision.io.decode_jpeg call on the device (nvJPEG on CUDA) and hands
+the decoded planes, concatenated once, to the stage. decode="cpu" is the path above.
 
 Data order: the reference's EpochSampler (a seeded permutation per epoch, split across ranks,
 whole batches only, resumable mid-epoch), so the FFCV and reference paths see the same order
@@ -43,8 +43,9 @@ from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 
 from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch
-from pipelines.gpu_decode import decode_canvas
-from pipelines.gpu_multicrop import GpuMultiCrop, normalize, unpack_canvas, val_resize_center_crop
+from pipelines.device_images import DeviceImages, from_packed
+from pipelines.gpu_decode import decode_images
+from pipelines.gpu_multicrop import GpuMultiCrop, normalize, val_resize_center_crop
 from pipelines.spec import MultiCropSpec, val_resize_size
 
 IMAGE_FIELD, LABEL_FIELD, SIZE_OUTPUT = "image", "label", "image_size"
@@ -225,13 +226,20 @@ def _pipelines(decoder: Operation, size_op: Operation) -> dict:
             SIZE_OUTPUT: PipelineSpec(IMAGE_FIELD, decoder=size_op)}
 
 
-def _to_canvas(decode: str, data: torch.Tensor, sizes: torch.Tensor,
-               canvas_shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """The loader's (bytes or packed decodes, sizes or info) -> canvas on the device."""
+def _to_images(decode: str, data: torch.Tensor, sizes: torch.Tensor,
+               canvas_shape: tuple[int, int, int], device: torch.device) -> DeviceImages:
+    """The loader's (bytes or packed decodes, sizes or info) -> the images on the device, in
+    the layout the stage reads in place (packed rows, or decoded planes)."""
     height, width, _ = canvas_shape
     if decode == "gpu":
-        return decode_canvas(data, sizes, height, width, device)
-    return unpack_canvas(data.to(device, non_blocking=True), sizes, height, width)
+        return decode_images(data, sizes, height, width, device)
+    return from_packed(data.to(device, non_blocking=True), sizes[:, :2], height, width)
+
+
+def _to_canvas(decode: str, data: torch.Tensor, sizes: torch.Tensor,
+               canvas_shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """As _to_images, as a [B, H, W, 3] canvas (the val transform reads canvases)."""
+    return _to_images(decode, data, sizes, canvas_shape, device).to_canvas()
 
 
 def _as_torch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,7 +281,7 @@ class FfcvTrainData:
         labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
         self.labels_max = int(labels.max())
         self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
-                                  settings.channels_last, settings.seed)
+                                  settings.channels_last, settings.seed, rank=settings.rank)
 
     @property
     def num_classes(self) -> int:
@@ -299,9 +307,9 @@ class FfcvTrainData:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
         for step, (data, sizes, labels) in enumerate(self.decoded(epoch, start_step),
                                                      start=start_step):
-            canvas = _to_canvas(self.decode, data, sizes, self.canvas_shape,
+            images = _to_images(self.decode, data, sizes, self.canvas_shape,
                                 self.settings.device)
-            yield self.stage(canvas, sizes[:, :2], labels, epoch, step)
+            yield self.stage(images, None, labels, epoch, step)
 
     @property
     def canvas_shape(self) -> tuple[int, int, int]:
