@@ -1,7 +1,8 @@
 """Backbone weights in and out: trex_fast checkpoints, backbone.pth, torchvision state_dicts and
 released files whose keys sit under `module.`, `model.`, `encoder.` or `backbone.` prefixes,
 possibly inside a "model" / "state_dict" / "core" entry. Everything becomes the state_dict of
-a bare torchvision model of the arch (fc excluded).
+a bare torchvision model of the arch (fc excluded). Files load weights-only (the authors' full
+checkpoints, with their argparse.Namespace of arguments, included); see trex_fast.safe_load.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from trex_fast.model import build_backbone
+from trex_fast.safe_load import RELEASE_GLOBALS, load_file
 
 _CONTAINERS = ("core", "state_dict", "model", "teacher", "student")
 _PREFIXES = ("module.", "model.", "encoder.", "backbone.", "_orig_mod.")
@@ -38,11 +40,12 @@ def _strip(key: str) -> str:
     return key
 
 
-def backbone_state(path: str, arch: str) -> dict[str, torch.Tensor]:
-    """The torchvision `arch` backbone weights stored in `path` (fc left out)."""
+def backbone_state(path: str, arch: str, trust_file: bool = False) -> dict[str, torch.Tensor]:
+    """The torchvision `arch` backbone weights stored in `path` (fc left out); trust_file: load
+    with full pickle (see safe_load)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--backbone={path!r}: no such file")
-    raw = torch.load(path, map_location="cpu", weights_only=False)
+    raw = load_file(path, trust_file=trust_file, allowed=RELEASE_GLOBALS)
     tensors = {_strip(k): v for k, v in _unwrap(raw).items() if isinstance(v, torch.Tensor)}
     reference, _ = build_backbone(arch)
     wanted = reference.state_dict()
@@ -59,16 +62,16 @@ def backbone_state(path: str, arch: str) -> dict[str, torch.Tensor]:
     return {k: tensors[k] for k in wanted}
 
 
-def load_backbone(path: str, arch: str) -> nn.Module:
+def load_backbone(path: str, arch: str, trust_file: bool = False) -> nn.Module:
     """A torchvision `arch` with fc = identity and the weights from `path`."""
     backbone, _ = build_backbone(arch)
-    backbone.load_state_dict(backbone_state(path, arch))
+    backbone.load_state_dict(backbone_state(path, arch, trust_file))
     return backbone
 
 
-def export_backbone(checkpoint: str, out: str, arch: str) -> str:
+def export_backbone(checkpoint: str, out: str, arch: str, trust_file: bool = False) -> str:
     """Write a checkpoint's backbone as a torchvision state_dict (loads with only fc missing)."""
-    state = backbone_state(checkpoint, arch)
+    state = backbone_state(checkpoint, arch, trust_file)
     tmp = f"{out}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out)

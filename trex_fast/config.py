@@ -83,6 +83,10 @@ class Config:
     log_every: int = _f(50, "steps between reads of the on-device metrics (the only host sync)")
     eval_every: int = _f(1, "epochs between validations (0 = only after the last epoch)")
     resume: str = _f("", "checkpoint to resume from; empty = output_dir/checkpoint.pt if any")
+    trust_file: bool = _f(False, "DANGEROUS: load the checkpoint to resume from with full "
+                                 "pickle, which runs any code a crafted file holds; only for a "
+                                 "file you trust that weights-only loading refuses (e.g. one "
+                                 "written before trex_fast stored RNG states as tensors)")
     profile_steps: int = _f(0, "instead of training: time this many steps with real data, with "
                                "synthetic data and of the loader alone, print whether the run "
                                "is data- or compute-bound, write bottleneck.json, exit")

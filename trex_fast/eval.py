@@ -8,12 +8,15 @@
     export  a trex_fast checkpoint's backbone as a torchvision state_dict
 
 Backbones load from trex_fast checkpoints, backbone.pth, torchvision state_dicts or released
-files with `module.` / `model.` / `encoder.` prefixes (trex_fast.backbone_io).
+files with `module.` / `model.` / `encoder.` prefixes (trex_fast.backbone_io). Every file loads
+weights-only: one that would run code is refused with a one-line error naming it, unless
+--trust_file=True (dangerous: full pickle) is given for a file the user trusts.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
 from trex_fast.losses import torch_prototype_ce_with_top1
 from trex_fast.probes import log_odds, probe
+from trex_fast.safe_load import UnsafeFileError, load_file
 
 SINGLE = DistInfo(0, 1, 0, 1)
 
@@ -83,7 +87,7 @@ def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: 
 
 def knn(backbone: str, train: str, val: str, arch: str = "resnet50", k: int = 20,
         temperature: float = 0.07, image_size: int = 224, batch_size: int = 128,
-        num_workers: int = 4, device: str = "auto") -> None:
+        num_workers: int = 4, device: str = "auto", trust_file: bool = False) -> None:
     """Weighted k-NN top-1 on frozen backbone features.
 
     Args:
@@ -97,9 +101,11 @@ def knn(backbone: str, train: str, val: str, arch: str = "resnet50", k: int = 20
         batch_size: images per forward pass.
         num_workers: data-loading workers.
         device: auto, cpu or cuda.
+        trust_file: DANGEROUS: load --backbone with full pickle, which runs any code a crafted
+            file holds; only for a file you trust (default: weights-only, which refuses it).
     """
     dev = resolve_device(make_config("trex", device=device), SINGLE)
-    net = load_backbone(backbone, arch)
+    net = load_backbone(backbone, arch, trust_file)
     train_feats, train_labels = extract_features(
         net, _images(train, image_size, batch_size, num_workers), dev)
     val_feats, val_labels = extract_features(
@@ -110,7 +116,7 @@ def knn(backbone: str, train: str, val: str, arch: str = "resnet50", k: int = 20
 
 @torch.no_grad()
 def in1k(checkpoint: str, val: str, batch_size: int = 128, num_workers: int = 4,
-         device: str = "auto") -> None:
+         device: str = "auto", trust_file: bool = False) -> None:
     """Top-1/top-5 with the training head (memory prototypes or cosine classifier).
 
     Args:
@@ -119,8 +125,10 @@ def in1k(checkpoint: str, val: str, batch_size: int = 128, num_workers: int = 4,
         batch_size: images per forward pass.
         num_workers: data-loading workers.
         device: auto, cpu or cuda.
+        trust_file: DANGEROUS: load --checkpoint with full pickle, which runs any code a crafted
+            file holds; only for a file you trust (default: weights-only, which refuses it).
     """
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, trust_file, flag="--checkpoint")
     flags = {k: v for k, v in ckpt["config"].items() if k not in ("preset", "device")}
     cfg = make_config(ckpt["config"]["preset"], **flags, device=device)
     dev = resolve_device(cfg, SINGLE)
@@ -143,10 +151,11 @@ def in1k(checkpoint: str, val: str, batch_size: int = 128, num_workers: int = 4,
 
 
 def _cached_features(net, root: str, cache: str, image_size: int, batch_size: int,
-                     num_workers: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_workers: int, device,
+                     trust_file: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of one split, extracted once: a finished cache file is reused (resumable)."""
     if os.path.isfile(cache):
-        saved = torch.load(cache)
+        saved = load_file(cache, trust_file)
         return saved["features"], saved["labels"]
     loader = _images(root, image_size, batch_size, num_workers, transfer_transform(image_size))
     feats, labels = extract_features(net, loader, device)
@@ -159,7 +168,7 @@ def _cached_features(net, root: str, cache: str, image_size: int, batch_size: in
 def transfer(backbone: str, datasets: str, arch: str = "resnet50", probe_kind: str = "lbfgs",
              grid_size: int = 12, sgd_epochs: int = 100, image_size: int = 224,
              cache_dir: str = "runs/transfer_cache", batch_size: int = 128,
-             num_workers: int = 4, device: str = "auto") -> None:
+             num_workers: int = 4, device: str = "auto", trust_file: bool = False) -> None:
     """Linear probes on frozen 2048-d (pre-projector) features, per dataset, and the mean
     log-odds. Each dataset is an ImageFolder root with train/ and test/ (or val/).
 
@@ -175,10 +184,13 @@ def transfer(backbone: str, datasets: str, arch: str = "resnet50", probe_kind: s
         batch_size: images per forward pass.
         num_workers: data-loading workers.
         device: auto, cpu or cuda.
+        trust_file: DANGEROUS: load --backbone and the cached features with full pickle,
+            which runs any code a crafted file holds; only for files you trust (default:
+            weights-only, which refuses them).
     """
     roots = [d for d in str(datasets).split(",") if d]
     dev = resolve_device(make_config("trex", device=device), SINGLE)
-    net = load_backbone(backbone, arch)
+    net = load_backbone(backbone, arch, trust_file)
     os.makedirs(cache_dir, exist_ok=True)
     tag = f"{os.path.basename(backbone)}_{arch}_{image_size}"
     results = {}
@@ -187,7 +199,7 @@ def transfer(backbone: str, datasets: str, arch: str = "resnet50", probe_kind: s
         name = os.path.basename(os.path.normpath(root))
         splits = [_cached_features(net, os.path.join(root, split),
                                    os.path.join(cache_dir, f"{name}_{split}_{tag}.pt"),
-                                   image_size, batch_size, num_workers, dev)
+                                   image_size, batch_size, num_workers, dev, trust_file)
                   for split in ("train", test_split)]
         results[name] = probe(*splits[0], *splits[1], kind=probe_kind, grid_size=grid_size,
                               sgd_epochs=sgd_epochs)
@@ -200,18 +212,28 @@ def transfer(backbone: str, datasets: str, arch: str = "resnet50", probe_kind: s
                       "log_odds_mean": mean}))
 
 
-def export(checkpoint: str, out: str, arch: str = "") -> None:
+def export(checkpoint: str, out: str, arch: str = "", trust_file: bool = False) -> None:
     """Write the backbone of a trex_fast checkpoint as a torchvision state_dict.
 
     Args:
         checkpoint: a trex_fast checkpoint.pt (or any file backbone_io reads).
         out: the .pth to write; loads into torchvision.models.<arch>() with only fc missing.
         arch: the architecture; default: the one recorded in the checkpoint.
+        trust_file: DANGEROUS: load --checkpoint with full pickle, which runs any code a crafted
+            file holds; only for a file you trust (default: weights-only, which refuses it).
     """
     if not arch:
-        arch = load_checkpoint(checkpoint)["config"]["arch"]
-    print(f"wrote {export_backbone(checkpoint, out, arch)} ({arch})")
+        arch = load_checkpoint(checkpoint, trust_file, flag="--checkpoint")["config"]["arch"]
+    print(f"wrote {export_backbone(checkpoint, out, arch, trust_file)} ({arch})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export}, argv)
+    except UnsafeFileError as e:  # a refused file: one line, no traceback
+        print(f"trex_fast.eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export})
+    main()

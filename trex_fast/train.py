@@ -23,6 +23,7 @@ from trex_fast.config import FIELDS, Config, ConfigError, check_world, help_text
 from trex_fast.data import build_data, resolve_data_root, resolve_pipeline
 from trex_fast.loop import StopSignal, train_one_epoch
 from trex_fast.model import backbone_state_dict
+from trex_fast.safe_load import UnsafeFileError
 from trex_fast.step import COMPUTE_DTYPES, TrainState, resolve_precision
 from trex_fast.validation import evaluate
 
@@ -50,7 +51,7 @@ def _resume(cfg: Config, state: TrainState, out_dir: str,
     path = cfg.resume or os.path.join(out_dir, ckpt_lib.CHECKPOINT_NAME)
     if not cfg.resume and not os.path.isfile(path):
         return 0, 0, 0.0
-    ckpt = ckpt_lib.load_checkpoint(path)
+    ckpt = ckpt_lib.load_checkpoint(path, trust_file=cfg.trust_file)
     ckpt_lib.check_compatible(ckpt, cfg, num_classes)
     ckpt_lib.restore(state, ckpt)
     if ckpt["epoch"] >= cfg.epochs:
@@ -200,7 +201,11 @@ def main(**flags) -> None:
     except ConfigError as e:
         print(f"trex_fast.train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except UnsafeFileError as e:  # a refused --resume file: one line, no traceback
+        print(f"trex_fast.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if result.get("signal"):  # preempted: saved, but tell the scheduler the job did not finish
         sys.exit(128 + result["signal"])
 

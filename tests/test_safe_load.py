@@ -1,0 +1,260 @@
+"""Weights-only loading (issue #18): a crafted file never runs code unless --trust_file=True;
+the authors' release formats and trex_fast's own checkpoints load without it."""
+import argparse
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from tests.helpers import tiny_config
+from trex_fast import eval as eval_cli
+from trex_fast.backbone_io import backbone_state
+from trex_fast.checkpoint import load_checkpoint, rng_state, set_rng_state
+from trex_fast.config import ConfigError
+from trex_fast.demo_data import write_dataset
+from trex_fast.safe_load import UnsafeFileError, load_file
+from trex_fast.train import run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH_FLAGS = ["--preset=demo", "--warmup_epochs=0", "--arch=resnet18", "--batch_size=8",
+              "--global_size=32", "--local_size=16", "--local_crops=2", "--memory_size=32",
+              "--pr_hidden_dim=32", "--pr_bottleneck_dim=8", "--num_workers=0", "--device=cpu"]
+
+
+class WritesMarker:
+    """Unpickling this calls open(marker, "w"): the marker file exists iff the file ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _config(root, out, **overrides):
+    return tiny_config(data=str(root / "data"), output_dir=str(out), batch_size=8,
+                       memory_size=32, num_workers=0, epochs=1, **overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safe_load")
+    write_dataset(str(root / "data"), train_per_class=4, val_per_class=2)  # 8 classes
+    result = run(_config(root, root / "run"))
+    return root, result
+
+
+@pytest.fixture
+def crafted(trained, tmp_path):
+    """A backbone file and a checkpoint that are valid apart from a payload writing `marker`."""
+    root, _ = trained
+    marker = tmp_path / "marker"
+    weights = torchvision.models.resnet18().state_dict()
+    backbone = tmp_path / "crafted_backbone.pth"
+    torch.save({"model": weights, "payload": WritesMarker(marker)}, backbone)
+    ckpt = load_checkpoint(str(root / "run" / "checkpoint.pt"))
+    checkpoint = tmp_path / "crafted_checkpoint.pt"
+    torch.save({**ckpt, "payload": WritesMarker(marker)}, checkpoint)
+    return {"marker": marker, "backbone": backbone, "checkpoint": checkpoint, "weights": weights}
+
+
+def _cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+def _assert_refused_in_one_line(proc, path, program):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(f"{program}: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert str(path) in errors[0] and "io.open" in errors[0]
+    assert "--trust_file=True" in errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_crafted_file_is_refused_naming_file_and_global(tmp_path, zip_format):
+    marker, path = tmp_path / "marker", tmp_path / "crafted.pt"
+    torch.save({"w": torch.ones(3), "payload": WritesMarker(marker)}, path,
+               _use_new_zipfile_serialization=zip_format)  # legacy: no static scan, unpickler
+    with pytest.raises(UnsafeFileError) as e:
+        load_file(str(path))
+    message = str(e.value)
+    assert "\n" not in message
+    assert str(path) in message and "io.open" in message and "--trust_file=True" in message
+    assert not marker.exists()
+
+
+def test_trust_file_loads_the_crafted_file_only_when_asked(tmp_path):
+    marker, path = tmp_path / "marker", tmp_path / "crafted.pt"
+    torch.save({"w": torch.ones(3), "payload": WritesMarker(marker)}, path)
+    for not_true in ("yes", 1, "True"):  # a mistyped flag must not switch the check off
+        with pytest.raises(ValueError, match="--trust_file=.*expected True or False"):
+            load_file(str(path), trust_file=not_true)
+    assert not marker.exists()
+    loaded = load_file(str(path), trust_file=True)
+    loaded["payload"].close()
+    assert marker.exists() and torch.equal(loaded["w"], torch.ones(3))
+
+
+def test_trust_file_is_a_boolean_train_flag_off_by_default():
+    assert tiny_config().trust_file is False
+    assert tiny_config(trust_file=True).trust_file is True
+    with pytest.raises(ConfigError, match="--trust_file='yes': expected True or False"):
+        tiny_config(trust_file="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' release and trex_fast's own files
+# ---------------------------------------------------------------------------------------------
+def _authors_full_checkpoint(path, backbone: torch.nn.Module) -> None:
+    """The layout of the released full checkpoints: model / optimizer / epoch / args /
+    fp16_scaler, the model's keys under DDP's `module.` and a head next to the backbone."""
+    head = torch.nn.Linear(512, 16)
+    model = {**{f"module.backbone.{k}": v for k, v in backbone.state_dict().items()},
+             **{f"module.head.{k}": v for k, v in head.state_dict().items()}}
+    params = list(backbone.parameters()) + list(head.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # momentum buffers in the state
+    args = argparse.Namespace(arch="resnet50", data_path="/datasets/imagenet", lr=0.1,
+                              global_crops_scale=[0.25, 1.0], local_crops_number=8,
+                              use_fp16=True, output_dir=None, dist_url="env://", gpu=0)
+    fp16_scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                   "growth_interval": 2000, "_growth_tracker": 17}
+    torch.save({"model": model, "optimizer": optimizer.state_dict(), "epoch": 100,
+                "args": args, "fp16_scaler": fp16_scaler}, path)
+
+
+def test_the_authors_full_checkpoint_loads_and_its_backbone_is_the_saved_one(tmp_path):
+    saved = torchvision.models.resnet18()
+    saved.fc = torch.nn.Identity()
+    path = tmp_path / "trex_full.pth"
+    _authors_full_checkpoint(path, saved)
+    with pytest.raises(Exception, match="argparse.Namespace"):  # torch's default refuses it
+        torch.load(path, weights_only=True)
+
+    state = backbone_state(str(path), "resnet18")
+    assert state.keys() == saved.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in saved.state_dict().items())
+    raw = load_file(str(path), allowed=(argparse.Namespace,))
+    assert raw["args"].arch == "resnet50" and raw["args"].global_crops_scale == [0.25, 1.0]
+    assert raw["epoch"] == 100 and raw["fp16_scaler"]["_growth_tracker"] == 17
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # scoped to a load
+    with pytest.raises(ValueError, match="is not a trex_fast checkpoint"):
+        load_checkpoint(str(path))  # loads safely, then is told apart from ours
+
+
+def test_the_authors_plain_state_dict_loads(tmp_path):
+    saved = torchvision.models.resnet18()
+    path = tmp_path / "trex_r18.pth"
+    torch.save(saved.state_dict(), path)
+    state = backbone_state(str(path), "resnet18")
+    assert all(torch.equal(state[k], saved.state_dict()[k]) for k in state)
+
+
+def test_trex_fast_files_need_no_global_and_restore_the_rng_exactly(trained, tmp_path):
+    root, _ = trained
+    for name in ("checkpoint.pt", "backbone.pth"):
+        path = root / "run" / name
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == [], name
+        torch.load(path, weights_only=True)  # plain torch, nothing allowed
+
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    np.random.standard_normal()  # a cached Gaussian in the numpy state
+    path = tmp_path / "rng.pt"
+    torch.save(rng_state(), path)
+    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
+    set_rng_state(load_file(str(path)))
+    got = (torch.rand(3), np.random.standard_normal(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+
+def test_a_checkpoint_from_before_weights_only_loads_only_with_trust_file(trained, tmp_path):
+    root, _ = trained
+    ckpt = load_checkpoint(str(root / "run" / "checkpoint.pt"))
+    old = {**ckpt, "rng": {**ckpt["rng"], "numpy": np.random.get_state(),
+                           "python": random.getstate()}}  # the layout before #18
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    with pytest.raises(UnsafeFileError, match="numpy"):
+        load_checkpoint(str(path))
+    loaded = load_checkpoint(str(path), trust_file=True)
+    expected = (np.random.random(), random.random())
+    set_rng_state(loaded["rng"])
+    assert (np.random.random(), random.random()) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# every entry point that takes a file
+# ---------------------------------------------------------------------------------------------
+def test_eval_knn_refuses_a_crafted_backbone(trained, crafted):
+    root, _ = trained
+    proc = _cli("trex_fast.eval", "knn", f"--backbone={crafted['backbone']}", "--arch=resnet18",
+                f"--train={root / 'data' / 'train'}", f"--val={root / 'data' / 'val'}",
+                "--image_size=32", "--num_workers=0", "--device=cpu")
+    _assert_refused_in_one_line(proc, crafted["backbone"], "trex_fast.eval")
+    assert not crafted["marker"].exists()
+
+
+def test_eval_in1k_refuses_a_crafted_checkpoint(trained, crafted):
+    root, _ = trained
+    proc = _cli("trex_fast.eval", "in1k", f"--checkpoint={crafted['checkpoint']}",
+                f"--val={root / 'data' / 'val'}", "--num_workers=0", "--device=cpu")
+    _assert_refused_in_one_line(proc, crafted["checkpoint"], "trex_fast.eval")
+    assert not crafted["marker"].exists()
+
+
+def test_eval_export_and_transfer_refuse_crafted_files(trained, crafted, tmp_path):
+    root, _ = trained
+    out = tmp_path / "out.pth"
+    with pytest.raises(UnsafeFileError, match="crafted_checkpoint.pt"):
+        eval_cli.export(str(crafted["checkpoint"]), str(out))
+    with pytest.raises(UnsafeFileError, match="crafted_backbone.pth"):
+        eval_cli.export(str(crafted["backbone"]), str(out), arch="resnet18")
+    with pytest.raises(UnsafeFileError, match="crafted_backbone.pth"):
+        eval_cli.transfer(str(crafted["backbone"]), str(root / "data"), arch="resnet18")
+    cache = tmp_path / "cache.pt"  # a feature cache someone else filled
+    torch.save({"features": torch.ones(2, 4), "labels": torch.zeros(2),
+                "payload": WritesMarker(crafted["marker"])}, cache)
+    with pytest.raises(UnsafeFileError, match="cache.pt"):
+        eval_cli._cached_features(None, "unused", str(cache), 32, 2, 0, torch.device("cpu"))
+    assert not out.exists() and not crafted["marker"].exists()
+
+
+def test_eval_trust_file_flag_loads_the_crafted_checkpoint(crafted, tmp_path):
+    out = tmp_path / "r18.pth"
+    proc = _cli("trex_fast.eval", "export", f"--checkpoint={crafted['checkpoint']}",
+                f"--out={out}", "--trust_file=True")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "loading" in proc.stderr and "full pickle" in proc.stderr  # said out loud
+    assert crafted["marker"].exists() and out.is_file()
+
+
+def test_train_resume_refuses_a_crafted_checkpoint(trained, crafted, tmp_path):
+    root, _ = trained
+    proc = _cli("trex_fast.train", f"--data={root / 'data'}", f"--output_dir={tmp_path / 'r'}",
+                f"--resume={crafted['checkpoint']}", "--epochs=1", *ARCH_FLAGS)
+    _assert_refused_in_one_line(proc, crafted["checkpoint"], "trex_fast.train")
+    assert not crafted["marker"].exists()
+
+
+def test_train_resume_with_trust_file_loads_the_crafted_checkpoint(trained, crafted, tmp_path):
+    root, result = trained
+    with pytest.raises(UnsafeFileError):
+        run(_config(root, tmp_path / "refused", resume=str(crafted["checkpoint"])))
+    assert not crafted["marker"].exists()
+    again = run(_config(root, tmp_path / "trusted", resume=str(crafted["checkpoint"]),
+                        trust_file=True))  # the finished run, reported again
+    assert crafted["marker"].exists()
+    assert again["val_top1"] == pytest.approx(result["val_top1"], abs=1e-6)

@@ -1,0 +1,80 @@
+"""The one way trex_fast reads a torch file back: weights-only, unless the user trusts the file.
+
+torch.load(weights_only=False) is Python's pickle: a crafted file runs arbitrary code the
+moment it is opened (issue #18). Every reader (checkpoints, backbones, the feature cache) goes
+through `load_file`, which unpickles with torch's weights-only unpickler: tensors, containers,
+numbers, strings and the few extra classes a reader allows for the duration of that one load.
+A file that needs any other global is refused before anything in it is built, with a one-line
+`UnsafeFileError` that names the file and the globals. `trust_file=True` (the `--trust_file`
+flag) is the old full-pickle load, for a file the user trusts.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import sys
+
+import torch
+
+# The authors' t-ReX release: the ResNet-50 files are plain state_dicts (no global beyond
+# torch's own); the full checkpoints are {"model", "optimizer", "epoch", "args",
+# "fp16_scaler"?} where args is the training script's argparse.Namespace, whose values are
+# strings, numbers, booleans, lists and None (no global either).
+RELEASE_GLOBALS: tuple = (argparse.Namespace,)
+
+_TRUST_HINT = ("if you trust this file, --trust_file=True loads it with full pickle (which can "
+               "run code)")
+
+
+class UnsafeFileError(ValueError):
+    """A file needs globals a weights-only load does not allow; one line naming file and globals."""
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    """The globals of a torch.save zip file outside the allowed set (a static scan of the
+    pickle opcodes: nothing is built). Empty for the legacy format, which cannot be scanned."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (ValueError, RuntimeError):  # not a zip archive: the unpickler below decides
+        return []
+
+
+def _reason(error: pickle.UnpicklingError) -> str:
+    """The useful part of torch's weights-only error: the global it refused, when named."""
+    text = str(error)
+    named = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if named:
+        return f"it needs the Python global {named.group(1)}"
+    called = re.search(r"unrecognized function (.+?)(?: which belongs|$)", text, re.MULTILINE)
+    if called:
+        return f"it calls {called.group(1)}"
+    detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()
+    return detail[0] if detail else "the weights-only unpickler refused it"
+
+
+def _refusal(path: str, reason: str) -> UnsafeFileError:
+    return UnsafeFileError(f"{path}: refused to load: {reason}, which weights-only loading does "
+                           f"not allow (a crafted file runs code this way); {_TRUST_HINT}")
+
+
+def load_file(path: str, trust_file: bool = False, allowed: tuple = ()):
+    """torch.load(path) onto the CPU, weights-only with `allowed` classes (scoped to this load).
+
+    trust_file=True (exactly True: a mistyped flag must not turn the check off) loads with
+    full pickle, for a file the user trusts."""
+    if not isinstance(trust_file, bool):
+        raise ValueError(f"--trust_file={trust_file!r}: expected True or False")
+    if trust_file:
+        print(f"[trex_fast] warning: --trust_file=True: loading {path} with full pickle",
+              file=sys.stderr, flush=True)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(list(allowed)):
+        unsafe = _unsafe_globals(path)
+        if unsafe:  # refuse before the unpickler builds anything
+            plural = "s" if len(unsafe) > 1 else ""
+            raise _refusal(path, f"it needs the Python global{plural} {', '.join(unsafe)}")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise _refusal(path, _reason(e)) from None
