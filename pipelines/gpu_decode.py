@@ -30,11 +30,12 @@ def decode_images(stored: torch.Tensor, info: torch.Tensor, height: int, width: 
         raise ValueError(f"info must be [B, 4] (height, width, nbytes, is_jpeg), got "
                          f"{tuple(info.shape)}")
     device = torch.device(device)
-    hw = info[:, :2].tolist()  # CPU metadata: no device sync
-    nbytes, is_jpeg = info[:, INFO_NBYTES].tolist(), info[:, INFO_IS_JPEG].tolist()
+    meta = info.numpy()  # CPU metadata (numpy() refuses device tensors): no device sync
+    hw = [(int(h), int(w)) for h, w in meta[:, :2]]
+    nbytes, is_jpeg = meta[:, INFO_NBYTES], meta[:, INFO_IS_JPEG]
     jpeg = [i for i, flag in enumerate(is_jpeg) if flag]
     # views, no copy: decode_jpeg wants one 1-D CPU tensor per image (batched nvJPEG on CUDA)
-    decoded = dict(zip(jpeg, decode_jpeg([stored[i, :nbytes[i]] for i in jpeg], device=device,
+    decoded = dict(zip(jpeg, decode_jpeg([stored[i, :int(nbytes[i])] for i in jpeg], device=device,
                                          mode=ImageReadMode.RGB))) if jpeg else {}
     planes = []
     for i, (h, w) in enumerate(hw):

@@ -1,7 +1,16 @@
-"""Time of the GPU multi-crop stage (pipelines/gpu_multicrop.py) on synthetic images.
+"""Time, or counted cost, of the GPU multi-crop stage (pipelines/gpu_multicrop.py) on
+synthetic images.
 
-    python tools/bench_gpu_stage.py --device=cuda --batch_size=256
+    python tools/bench_gpu_stage.py --device=cuda --batch_size=256 --impl=triton
     python tools/bench_gpu_stage.py --device=cuda --batch_size=256 --decode=gpu
+    python tools/bench_gpu_stage.py --count --device=cpu --batch_size=4 --impl=triton
+
+--count (any device, no GPU needed; Triton in its interpreter off CUDA): the device side of one
+batch (decode hand-off plus the stage) under trex_fast.costcount, after one warm-up batch:
+bytes of every aten op's tensors plus every Triton launch's tensor arguments, launches, host
+syncs, float64 tensors over 64k elements, and the bytes the batch moves host-to-device; one
+JSON line with the counts for the batch and scaled to a batch of 256. A count is a cost model
+(DESIGN.md "Performance targets"), not a timing.
 
 Needs neither FFCV nor DALI. --decode=none: packed decodes of random sizes up to max_resolution
 (as the FFCV decoder hands them over) are unpacked, cropped, resized and augmented into the
@@ -22,11 +31,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.gpu_decode import decode_canvas  # noqa: E402
-from pipelines.gpu_multicrop import GpuMultiCrop, unpack_canvas  # noqa: E402
+from pipelines.device_images import from_packed  # noqa: E402
+from pipelines.gpu_decode import decode_canvas, decode_images  # noqa: E402
+from pipelines.gpu_multicrop import GpuMultiCrop  # noqa: E402
 from pipelines.spec import multicrop_spec  # noqa: E402
 from trex_fast.cli import run_cli  # noqa: E402
 from trex_fast.config import make_config  # noqa: E402
+from trex_fast.costcount import count_cost  # noqa: E402
 from trex_fast.profiling import timed  # noqa: E402
 
 
@@ -54,9 +65,24 @@ def _per_call(fn, steps: int, warmup: int, dev: torch.device) -> float:
     return timed(dev, lambda: [fn(warmup + i) for i in range(steps)]) / steps
 
 
+def _count(one, batch_size: int, h2d_bytes: int, impl: str) -> dict:
+    """Counted cost of one batch (one warm-up first, so per-device caches exist)."""
+    with count_cost(run_kernels=False):
+        one(0)
+    with count_cost(run_kernels=False) as cost:
+        one(1)
+    scale = 256 / batch_size
+    return {"counted": f"batch {batch_size}, scaled x{scale:g} to 256",
+            **{f"{k}_per_256": v for k, v in cost.summary(scale).items()},
+            "h2d_gb_per_256": round(h2d_bytes * scale / 1e9, 3),
+            "launches": cost.launches, "host_sync_ops": sorted(set(cost.host_syncs)),
+            "triton_kernels": sorted({name for name, _ in cost.triton_launches}),
+            "float64_max_numel": max(cost.float64_tensors, default=0), "impl": impl}
+
+
 def main(batch_size: int = 256, max_resolution: int = 500, preset: str = "trex",
          device: str = "cuda", steps: int = 10, warmup: int = 3, seed: int = 0,
-         decode: str = "none") -> None:
+         decode: str = "none", impl: str = "auto", count: bool = False) -> None:
     """Benchmark the GPU multi-crop stage.
 
     Args:
@@ -69,7 +95,13 @@ def main(batch_size: int = 256, max_resolution: int = 500, preset: str = "trex",
         seed: seed of the synthetic images and of the augmentations.
         decode: none (decoded images in, as FFCV's CPU decode gives them) or gpu (JPEG bytes
             in, decoded in the stage, as FFCV's decode="gpu" mode).
+        impl: the stage's implementation: auto (triton on CUDA, torch elsewhere), torch or
+            triton (off CUDA: Triton's interpreter, TRITON_INTERPRET=1).
+        count: count the device side's cost (bytes, launches, host syncs, float64 tensors)
+            instead of timing it; works without a GPU.
     """
+    if count and impl == "triton" and device != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     if decode not in ("none", "gpu"):
         raise SystemExit(f"--decode={decode!r}: expected none or gpu")
     cfg = make_config(preset, batch_size=batch_size)
@@ -78,15 +110,39 @@ def main(batch_size: int = 256, max_resolution: int = 500, preset: str = "trex",
     sizes = torch.randint(max_resolution // 2, max_resolution + 1, (batch_size, 2), generator=gen)
     labels = torch.randint(0, 1000, (batch_size,), generator=gen)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    stage = GpuMultiCrop(multicrop_spec(cfg), dev, dtype, channels_last=True, seed=seed)
+    dtype = torch.bfloat16 if count else dtype  # counts are for the production dtype
+    stage = GpuMultiCrop(multicrop_spec(cfg), dev, dtype, channels_last=True, seed=seed,
+                         impl=impl)
     extra = {}
     if decode == "gpu":
         stored, info = _jpeg_batch(sizes, gen)
 
-        def canvas_of(step: int):
-            return decode_canvas(stored, info, max_resolution, max_resolution, dev)
-        decode_s = _per_call(canvas_of, steps, warmup, dev)
-        on_device, on_cpu = canvas_of(0).cpu().int(), decode_canvas(
+        def images_of(step: int):
+            return decode_images(stored, info, max_resolution, max_resolution, dev)
+        h2d_bytes = int(info[:, 2].sum())  # the JPEG bytes nvJPEG reads
+    else:
+        packed = torch.randint(0, 256, (batch_size, max_resolution * max_resolution * 3),
+                               dtype=torch.uint8, generator=gen).to(dev)
+        h2d_bytes = packed.numel()  # the loader's slots, if copied as they are
+
+        def images_of(step: int):  # the host-to-device copy is counted, not timed
+            return from_packed(packed, sizes, max_resolution, max_resolution)
+    out = {}
+
+    def one(step: int):
+        out["batch"] = stage(images_of(step), None, labels, epoch=0, step=step)
+
+    if count:
+        print(json.dumps({"bench": "gpu_stage_count", "device": str(dev),
+                          "batch_size": batch_size, "max_resolution": max_resolution,
+                          "crops": f"{cfg.global_crops}x{cfg.global_size}+"
+                                   f"{cfg.local_crops}x{cfg.local_size}",
+                          "decode": decode, "dtype": "bf16",
+                          **_count(one, batch_size, h2d_bytes, stage.impl)}), flush=True)
+        return
+    if decode == "gpu":
+        decode_s = _per_call(images_of, steps, warmup, dev)
+        on_device, on_cpu = images_of(0).to_canvas().cpu().int(), decode_canvas(
             stored, info, max_resolution, max_resolution, "cpu").int()
         inside = torch.cat([(on_device[i, :h, :w] - on_cpu[i, :h, :w]).abs().flatten()
                             for i, (h, w) in enumerate(sizes.tolist())]).float()
@@ -95,17 +151,6 @@ def main(batch_size: int = 256, max_resolution: int = 500, preset: str = "trex",
                  "jpeg_kib_mean": round(info[:, 2].float().mean().item() / 1024, 1),
                  "vs_cpu_decode_mean_abs": round(inside.mean().item(), 4),
                  "vs_cpu_decode_max_abs": int(inside.max().item())}
-    else:
-        packed = torch.randint(0, 256, (batch_size, max_resolution * max_resolution * 3),
-                               dtype=torch.uint8, generator=gen).to(dev)
-
-        def canvas_of(step: int):
-            return unpack_canvas(packed, sizes, max_resolution, max_resolution)
-    out = {}
-
-    def one(step: int):
-        out["batch"] = stage(canvas_of(step), sizes, labels, epoch=0, step=step)
-
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     seconds = _per_call(one, steps, warmup, dev)
@@ -115,7 +160,7 @@ def main(batch_size: int = 256, max_resolution: int = 500, preset: str = "trex",
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "batch_size": batch_size, "max_resolution": max_resolution,
         "crops": f"{cfg.global_crops}x{cfg.global_size}+{cfg.local_crops}x{cfg.local_size}",
-        "decode": decode,
+        "decode": decode, "impl": stage.impl,
         "ms_per_batch": round(1000 * seconds, 3),
         "images_per_s": round(batch_size / seconds, 1),
         "peak_mem_gib": (round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
