@@ -46,6 +46,7 @@ from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch
 from pipelines.device_images import DeviceImages, from_packed
 from pipelines.gpu_decode import decode_images
 from pipelines.gpu_multicrop import GpuMultiCrop, normalize, val_resize_center_crop
+from pipelines.overlap import PinnedPrefixCopy, overlapped, packed_prefix_bytes
 from pipelines.spec import MultiCropSpec, val_resize_size
 
 IMAGE_FIELD, LABEL_FIELD, SIZE_OUTPUT = "image", "label", "image_size"
@@ -305,11 +306,26 @@ class FfcvTrainData:
             _drain(iterator)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
-        for step, (data, sizes, labels) in enumerate(self.decoded(epoch, start_step),
-                                                     start=start_step):
-            images = _to_images(self.decode, data, sizes, self.canvas_shape,
-                                self.settings.device)
-            yield self.stage(images, None, labels, epoch, step)
+        """Batch k+1's device work (host-to-device copy or decode hand-off, then the stage) is
+        issued on a side CUDA stream before batch k is yielded (pipelines/overlap.py). With
+        decode="cpu" only the used prefix of each packed row travels, through pinned staging;
+        `self.host_to_device.last_bytes` counts the bytes of the last batch."""
+        device = self.settings.device
+        self.host_to_device = PinnedPrefixCopy(device)
+
+        def to_device(item):
+            step, (data, sizes, labels) = item
+            sizes, labels = sizes.clone(), labels.clone()  # FFCV reuses these host buffers
+            if self.decode == "cpu":
+                data = self.host_to_device(data, packed_prefix_bytes(sizes))
+            images = _to_images(self.decode, data, sizes, self.canvas_shape, device)
+            return self.stage(images, None, labels, epoch, step)
+
+        decoded = self.decoded(epoch, start_step)
+        try:
+            yield from overlapped(enumerate(decoded, start=start_step), to_device, device)
+        finally:
+            decoded.close()  # an early stop drains the FFCV iterator now, not at collection
 
     @property
     def canvas_shape(self) -> tuple[int, int, int]:

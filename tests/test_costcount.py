@@ -121,3 +121,14 @@ def test_triton_launch_counts_its_arguments_not_the_interpreter_copies():
     assert cost.launches == 1
     assert sum(cost.ops.values()) == 0
     assert cost.summary()["triton_launches"] == 1
+
+
+@pytest.mark.gpu
+def test_a_blocking_copy_to_the_host_is_a_sync_on_cuda():
+    x = torch.randn(1000, device="cuda")
+    with count_cost() as cost:
+        x.cpu()
+        torch.empty(1000, pin_memory=True).copy_(x, non_blocking=True)
+        x * 2
+    assert len(cost.host_syncs) == 1 and cost.host_syncs[0].startswith("aten._to_copy")
+    assert cost.launches == 3
