@@ -1,22 +1,26 @@
-"""DALI loader for the multi-crop recipe (issue #5). Imports nvidia.dali; nothing else does.
+"""DALI loader for the multi-crop recipe (issues #5, #13). Imports nvidia.dali; nothing else does.
 
-Graph per image: fn.readers.webdataset (tar shards + wds2idx index files written by
-tools/convert_in1k.py) -> one decode ("mixed" = nvJPEG on GPU, "cpu" in CPU mode) -> for each of
-the 1 + 8 crops of pipelines/spec.py: random_resized_crop, then the photometric stage (colour
-jitter with its four ops in a random order per sample, grayscale, blur, solarize), then flip +
-normalise + cast in crop_mirror_normalize, HWC (so the torch view is channels-last for free).
-Its randomness comes from DALI random ops, and a sample that does not get an augmentation skips
-its work. CPU mode runs the stage as one numba_function per crop fed by one uniform-draw op
-(pipelines/photometric_numba.py); GPU mode as DALI operators under conditionals, with per-sample
-scalars on the host until they meet the image (the "ops" implementation, which CPU mode can run
-too, and the tests do). No per-sample Python runs in either mode. docs/DALI.md lists every
-parameter mapping and its tolerance.
+Two graphs read the same tar shards (fn.readers.webdataset over the shards + wds2idx index
+files written by tools/convert_in1k.py) and decode each image once:
+- photometric="stage" (GPU mode's default; runs in CPU mode too, and the tests run it there):
+  decode ("mixed" = nvJPEG on GPU, "cpu" in CPU mode), resize down to the stored maximum side
+  where larger, pad to a fixed canvas [B, S, S, 3] uint8 (image at the top-left, zeros
+  elsewhere) and output the true sizes [B, 2] (height, width). Canvas and sizes reach torch
+  through DLPack without a copy and pipelines.gpu_multicrop.GpuMultiCrop makes the 9 crops and
+  their augmentations: the device stage the FFCV path uses, one implementation for both.
+- photometric="numba" (CPU mode's default; CPU only): for each of the 1 + 8 crops of
+  pipelines/spec.py, random_resized_crop, then the photometric stage (colour jitter with its
+  four ops in a random order per sample, grayscale, blur, solarize) as one numba_function per
+  crop fed by one uniform-draw op (pipelines/photometric_numba.py), then flip + normalise +
+  cast in crop_mirror_normalize, HWC (so the torch view is channels-last for free).
+No per-sample Python runs in either. docs/DALI.md lists every parameter mapping and tolerance.
 
 Data order: per epoch, the shard files are permuted and the reader's shuffle buffer reseeded,
 both from (seed, epoch); rank r reads DALI shard r of num_shards = world size; every rank stops
 after n // (batch * world) steps (drop policy, as the reference). Resume: the pipeline of an
 epoch is rebuilt from the same seeds and its first start_step batches are drawn and dropped, so
-a resumed run sees exactly the batches (order and augmentations) of an uninterrupted one.
+a resumed run sees exactly the batches (order and augmentations) of an uninterrupted one; the
+stage's draws depend on (seed, rank, epoch, step) only.
 """
 from __future__ import annotations
 
@@ -29,41 +33,22 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
 from nvidia.dali.plugin.numba import NumbaFunction
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from torch.utils.dlpack import from_dlpack
 
 from pipelines.batch import LoaderSettings, MultiCropBatch, derived_seed
-from pipelines.photometric_numba import (
-    BRIGHTNESS,
-    CONTRAST,
-    HUE,
-    NO_SOLARIZE,
-    NUM_DRAWS,
-    NUM_PARAMS,
-    P_FACTORS,
-    P_GRAY,
-    P_JITTER,
-    P_KEYS,
-    P_SIGMA,
-    P_THRESHOLD,
-    SATURATION,
-    augment,
-    params_from,
-    spec_vector,
-)
+from pipelines.convert.options import ConvertOptions
+from pipelines.gpu_multicrop import GpuMultiCrop
+from pipelines.photometric_numba import NUM_DRAWS, augment, spec_vector
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec, val_resize_size
 
 READER = "shards"
 LABEL_BYTES = 8  # a `.cls` is ASCII decimal; padded with zero bytes to this many
 SHUFFLE_BUFFER = 8192  # samples held by the reader's shuffle buffer (encoded JPEGs)
-# HSV -> RGB without branches: channel n = V - C * clamp(min(k, 4 - k), 0, 1) with
-# k = (n + H) mod 6, H the hue in sixths of a turn, n = 5, 3, 1 for R, G, B (V = max,
-# C = max - min); shape [1, 1, 3] so it broadcasts over an HWC image's channels.
-HUE_OFFSETS = np.array([5, 3, 1], dtype=np.float32).reshape(1, 1, 3)
 MEAN_255 = [255 * m for m in IMAGENET_MEAN]  # crop_mirror_normalize works in uint8 units
 STD_255 = [255 * s for s in IMAGENET_STD]
-PHOTOMETRIC_IMPLS = ("numba", "ops")  # see photometric()
+PHOTOMETRIC_IMPLS = ("numba", "stage")  # see photometric_impl()
 
 
 # ---------------------------------------------------------------- shards
@@ -111,6 +96,21 @@ def count_classes(folder: str, tars: list[str], indexes: list[str]) -> int:
     return largest + 1
 
 
+def canvas_side(folder: str, max_resolution: int | None = None) -> int:
+    """The canvas side S of the stage graph: `max_resolution` if given, else the converter's
+    max_resolution from <data>/meta.json (no stored image has a longer side), else the
+    converter's default. Images with a longer side than S are resized down to it."""
+    if max_resolution is None:
+        meta = os.path.join(folder, os.pardir, os.pardir, "meta.json")
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                max_resolution = json.load(f).get("options", {}).get("max_resolution")
+    side = ConvertOptions.max_resolution if max_resolution is None else max_resolution
+    if not isinstance(side, int) or isinstance(side, bool) or side < 1:
+        raise ValueError(f"max_resolution={side!r}: expected a positive int (pixels)")
+    return side
+
+
 def parse_labels(raw: torch.Tensor) -> torch.Tensor:
     """[B, LABEL_BYTES] ASCII digits right-padded with zeros -> [B] int64, vectorised."""
     valid = raw > 0
@@ -119,27 +119,39 @@ def parse_labels(raw: torch.Tensor) -> torch.Tensor:
     return (digits * torch.pow(10, power)).sum(1)
 
 
-# ---------------------------------------------------------------- graph
-def _on(node, gpu: bool):
-    """Per-sample scalars are drawn on the host; arithmetic with a GPU image needs them there."""
-    return node.gpu() if gpu else node
+# ---------------------------------------------------------------- graphs
+def _reader(tars: list[str], indexes: list[str], rank: int, world: int, **shuffle):
+    jpegs, cls = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["jpg", "cls"],
+                                       missing_component_behavior="error", shard_id=rank,
+                                       num_shards=world, stick_to_shard=True, name=READER,
+                                       **shuffle)
+    return jpegs, fn.pad(cls, fill_value=0, shape=[LABEL_BYTES])
+
+
+def _decode(jpegs, gpu: bool):
+    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+
+@pipeline_def(enable_conditionals=True)
+def canvas_graph(tars, indexes, rank, world, reader_seed, side: int, gpu: bool):
+    """The stage hand-off: canvas [B, side, side, 3] uint8 with each decoded image at its
+    top-left (zeros elsewhere), sizes [B, 2] int32 (height, width) and the label bytes. GPU
+    mode differs only in its device strings ("mixed" decode, sizes moved to the GPU)."""
+    jpegs, labels = _reader(tars, indexes, rank, world, random_shuffle=True,
+                            initial_fill=SHUFFLE_BUFFER, seed=reader_seed)
+    image = _decode(jpegs, gpu)
+    hw = image.shape(dtype=types.INT32)  # [3] per sample, on the CPU in both modes
+    if (hw[0] > side) | (hw[1] > side):  # only images not from the converter (or a smaller S)
+        image = fn.resize(image, resize_longer=side, interp_type=types.INTERP_LINEAR,
+                          antialias=True)  # downscale with a triangle filter, like INTER_AREA
+    sizes = image.shape(dtype=types.INT32)[0:2]
+    canvas = fn.pad(image, axes=(0, 1), shape=(side, side), fill_value=0)
+    return canvas, sizes.gpu() if gpu else sizes, labels
 
 
 def _uniforms():
     """The photometric randomness of one crop: NUM_DRAWS uniforms per sample, one DALI op."""
     return fn.random.uniform(range=(0.0, 1.0), shape=[NUM_DRAWS])
-
-
-def _spec_node(group: CropSpec):
-    return types.Constant(spec_vector(group), device="cpu")
-
-
-def draws(group: CropSpec) -> list:
-    """GPU mode's photometric parameters, host scalars in photometric_numba's P_* layout: the
-    uniforms mapped by photometric_numba.params_from (in a CPU numba_function), the mapping CPU
-    mode's augment applies inside its own call."""
-    params = _params_op()(_uniforms(), _spec_node(group))
-    return [params[k] for k in range(NUM_PARAMS)]
 
 
 def photometric_numba_op(crop, group: CropSpec, uniforms=None):
@@ -148,52 +160,9 @@ def photometric_numba_op(crop, group: CropSpec, uniforms=None):
     randomness is one DALI op, NUM_DRAWS uniforms per sample (or the `uniforms` given)."""
     if uniforms is None:
         uniforms = _uniforms()
-    out = _augment_op()(crop, uniforms, _spec_node(group))
+    spec = types.Constant(spec_vector(group), device="cpu")
+    out = _augment_op()(crop, uniforms, spec)
     return fn.reshape(out, layout="HWC")  # numba_function drops the layout
-
-
-def photometric_ops(crop, params: list, gpu: bool):
-    """GPU mode (runs on the CPU too): jitter (random order), grayscale, blur, solarize with
-    the given draws (see draws) as DALI operators under conditionals, so a skipped op does no
-    work either; uint8 between ops."""
-    if params[P_JITTER] > 0.5:
-        crop = jitter_ops(crop, params[P_FACTORS:P_FACTORS + 4], params[P_KEYS:P_KEYS + 4],
-                          gpu)
-    if params[P_GRAY] > 0.5:
-        crop = grayscale(crop)
-    if params[P_SIGMA] > 0:
-        crop = fn.gaussian_blur(crop, sigma=params[P_SIGMA])
-    if params[P_THRESHOLD] < NO_SOLARIZE:
-        crop = solarize(crop, _on(params[P_THRESHOLD], gpu))
-    return crop
-
-
-def jitter_ops(crop, factors: list, keys: list, gpu: bool):
-    """ColorJitter in DALI operators, rounded to uint8 after each op; op k runs at the rank of
-    keys[k], taken through conditionals (one branch per position)."""
-    ranks = _ranks(keys)
-    for position in range(len(ranks)):
-        if ranks[BRIGHTNESS] == position:
-            crop = fn.cast(_on(factors[BRIGHTNESS], gpu) * crop, dtype=types.UINT8)
-        elif ranks[CONTRAST] == position:
-            c = factors[CONTRAST]
-            gray = fn.color_space_conversion(crop, image_type=types.RGB,
-                                             output_type=types.GRAY)
-            mean = fn.reductions.mean(gray, keep_dims=True)  # [1, 1, 1] per sample
-            crop = fn.cast(_on(c, gpu) * crop + _on(1 - c, gpu) * mean, dtype=types.UINT8)
-        elif ranks[SATURATION] == position:
-            crop = fn.hsv(crop, saturation=factors[SATURATION])
-        else:
-            crop = fn.cast(adjust_hue(fn.cast(crop, dtype=types.FLOAT),
-                                      _on(factors[HUE], gpu)), dtype=types.UINT8)
-    return crop
-
-
-def _ranks(keys: list) -> list:
-    """Rank of each of the 4 keys (ascending, ties by index, as photometric_numba.order_of): a
-    permutation of 0..3 per sample, computed on host scalars."""
-    return [sum(fn.cast(keys[j] <= keys[i] if j < i else keys[j] < keys[i], dtype=types.INT32)
-                for j in range(4) if j != i) for i in range(4)]
 
 
 @functools.cache
@@ -211,23 +180,6 @@ def _run_augment(out0, in0, in1, in2):
     augment(out0, in0, in1, in2)
 
 
-@functools.cache
-def _params_op() -> NumbaFunction:
-    """uniforms [NUM_DRAWS] + spec vector -> params [NUM_PARAMS], per sample on the CPU."""
-    return NumbaFunction(run_fn=_run_params, setup_fn=_params_shape,
-                         in_types=[types.FLOAT, types.FLOAT], ins_ndim=[1, 1],
-                         out_types=[types.FLOAT], outs_ndim=[1], device="cpu")
-
-
-def _run_params(out0, in0, in1):
-    out0[:] = params_from(in0, in1)
-
-
-def _params_shape(outs, ins):
-    for i in range(len(outs[0])):
-        outs[0][i][0] = NUM_PARAMS
-
-
 def _same_shape(outs, ins):
     """numba_function's setup: the output has the crop's shape."""
     for i in range(len(outs[0])):
@@ -235,78 +187,33 @@ def _same_shape(outs, ins):
             outs[0][i][d] = ins[0][i][d]
 
 
-def adjust_hue(x, hue):
-    """torchvision's adjust_hue (H of HSV shifted by `hue` turns, S and V kept) on a float HWC
-    image in any scale, per-sample `hue`. Not fn.hsv's hue: it rotates chroma linearly in YIQ,
-    ~20/255 mean error at 36 degrees on saturated images."""
-    r, g, b = x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]
-    maxc = dmath.max(dmath.max(r, g), b)
-    chroma = maxc - dmath.min(dmath.min(r, g), b)
-    safe = dmath.max(chroma, 1e-6)  # grey pixels: any hue gives maxc, so any divisor will do
-    is_r = maxc == r  # torchvision's tie order: R, then G, then B
-    is_g = (maxc == g) & (maxc != r)
-    is_b = (maxc != g) & (maxc != r)
-    h6 = (is_r * (g - b) + is_g * (2 * safe + b - r) + is_b * (4 * safe + r - g)) / safe
-    k = types.Constant(HUE_OFFSETS) + (h6 + 6 * hue)
-    k = k - 6 * dmath.floor(k / 6)
-    return maxc - chroma * dmath.clamp(dmath.min(k, 4 - k), 0, 1)
-
-
-def grayscale(crop):
-    """ITU-R 601 luma (PIL's "L") in all three channels. Not fn.hsv(saturation=0): its YIQ
-    round trip leaves the channels up to 1/255 apart, so the crop is not exactly grey."""
-    gray = fn.color_space_conversion(crop, image_type=types.RGB, output_type=types.GRAY)
-    return fn.cat(gray, gray, gray, axis=2)
-
-
-def solarize(crop, threshold):
-    """x >= t -> 255 - x on uint8 (t a number or a per-sample scalar): XOR with 255 where the
-    mask is set."""
-    mask = fn.cast(crop >= threshold, dtype=types.UINT8)
-    return crop ^ (mask * types.Constant(255, dtype=types.UINT8))
-
-
-def _crop(image, group: CropSpec, gpu: bool, dtype, photometric_impl: str):
+def _crop(image, group: CropSpec, dtype):
     """One crop of a group in the recipe's order; the flip happens last, in
     crop_mirror_normalize: every op after it is pixel-wise or a symmetric blur, so it commutes."""
     crop = fn.random_resized_crop(image, size=[group.size, group.size],
                                   random_area=list(group.scale),
                                   random_aspect_ratio=list(group.ratio), num_attempts=10,
                                   interp_type=types.INTERP_CUBIC, antialias=True)
-    if photometric_impl == "numba":
-        crop = photometric_numba_op(crop, group)
-    else:
-        crop = photometric_ops(crop, draws(group), gpu)
+    crop = photometric_numba_op(crop, group)
     return fn.crop_mirror_normalize(crop, mirror=fn.random.coin_flip(probability=group.flip_p),
                                     mean=MEAN_255, std=STD_255, dtype=dtype,
                                     output_layout="HWC")
 
 
-def _reader(tars: list[str], indexes: list[str], rank: int, world: int, **shuffle):
-    jpegs, cls = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["jpg", "cls"],
-                                       missing_component_behavior="error", shard_id=rank,
-                                       num_shards=world, stick_to_shard=True, name=READER,
-                                       **shuffle)
-    return jpegs, fn.pad(cls, fill_value=0, shape=[LABEL_BYTES])
-
-
-@pipeline_def(enable_conditionals=True)
-def train_graph(tars, indexes, rank, world, reader_seed, spec: MultiCropSpec, gpu, dtype,
-                photometric_impl):
+@pipeline_def
+def crops_graph(tars, indexes, rank, world, reader_seed, spec: MultiCropSpec, dtype):
+    """CPU mode's crops: 1 + 8 normalised HWC crops per image and the label bytes."""
     jpegs, labels = _reader(tars, indexes, rank, world, random_shuffle=True,
                             initial_fill=SHUFFLE_BUFFER, seed=reader_seed)
-    image = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    crops = []
-    for group in spec.groups:
-        for _ in range(group.count):
-            crops.append(_crop(image, group, gpu, dtype, photometric_impl))
+    image = _decode(jpegs, gpu=False)
+    crops = [_crop(image, group, dtype) for group in spec.groups for _ in range(group.count)]
     return (*crops, labels)
 
 
 @pipeline_def
 def val_graph(tars, indexes, rank, world, global_size, gpu, dtype):
     jpegs, labels = _reader(tars, indexes, rank, world, pad_last_batch=True)
-    image = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    image = _decode(jpegs, gpu)
     image = fn.resize(image, resize_shorter=val_resize_size(global_size),
                       interp_type=types.INTERP_LINEAR, antialias=True)
     image = fn.crop_mirror_normalize(image, crop=(global_size, global_size), mean=MEAN_255,
@@ -324,14 +231,26 @@ def _device_args(settings: LoaderSettings) -> dict:
 
 
 def photometric_impl(requested: str | None, gpu: bool) -> str:
-    """The photometric stage's implementation: "numba" in CPU mode, "ops" in GPU mode (a CPU
-    numba_function cannot take GPU crops), or the one requested ("ops" runs in CPU mode too)."""
-    choice = requested or ("ops" if gpu else "numba")
+    """Where the crops and their augmentations are made: "stage" (GpuMultiCrop after the
+    canvas hand-off; the default in GPU mode) or "numba" (DALI crops + the numba operator; the
+    default in CPU mode, CPU only: a CPU numba_function cannot take GPU images)."""
+    choice = requested or ("stage" if gpu else "numba")
     if choice not in PHOTOMETRIC_IMPLS:
-        raise ValueError(f"photometric={requested!r}: expected one of {PHOTOMETRIC_IMPLS}")
+        raise ValueError(f"photometric={requested!r}: accepted values are "
+                         f"{', '.join(PHOTOMETRIC_IMPLS)}")
     if gpu and choice == "numba":
-        raise ValueError("photometric='numba' runs on the CPU; GPU mode takes 'ops'")
+        raise ValueError("photometric='numba' runs in DALI's CPU mode only; on a CUDA device "
+                         "use 'stage'")
     return choice
+
+
+def dlpack_tensor(outputs) -> torch.Tensor:
+    """A dense DALI TensorList (CPU or GPU) as one torch tensor on the same memory, no copy.
+    The pipeline's default (dynamic) executor never reuses a returned buffer, and on the GPU
+    DALI's __dlpack__ makes torch's current stream wait for the producing stream (no host
+    sync). DALIGenericIterator would instead copy every output into torch-owned memory: at
+    batch 256 from 500 x 500 canvases that is 192 MB read and 192 MB written per batch."""
+    return from_dlpack(outputs.as_tensor())
 
 
 def _hwc_to_nchw(parts: list[torch.Tensor], settings: LoaderSettings) -> torch.Tensor:
@@ -343,14 +262,16 @@ def _hwc_to_nchw(parts: list[torch.Tensor], settings: LoaderSettings) -> torch.T
 
 class DaliTrainData:
     """Train batches as MultiCropBatch on the device, epoch by epoch (the interface of
-    pipelines.reference.ReferenceTrainData). `photometric`: "numba" or "ops" (see
-    photometric_impl; None picks by device)."""
+    pipelines.reference.ReferenceTrainData). `photometric`: "stage" or "numba" (see
+    photometric_impl; None picks by device). `max_resolution`: the stage's canvas side (see
+    canvas_side; None reads it from meta.json)."""
 
     def __init__(self, folder: str, spec: MultiCropSpec, settings: LoaderSettings,
-                 photometric: str | None = None):
+                 photometric: str | None = None, max_resolution: int | None = None):
         self.tars, self.indexes, self.num_samples = find_shards(folder)
         self.spec, self.settings = spec, settings
         self.photometric = photometric_impl(photometric, settings.device.type == "cuda")
+        self.side = canvas_side(folder, max_resolution)
         self._num_classes = count_classes(folder, self.tars, self.indexes)
         self.steps_per_epoch = self.num_samples // (settings.batch_size * settings.world_size)
         if self.steps_per_epoch == 0:
@@ -358,10 +279,18 @@ class DaliTrainData:
                              f"one global batch ({settings.batch_size} x {settings.world_size})")
         self.names = [f"{kind}{i}" for kind, group in zip("gl", spec.groups)
                       for i in range(group.count)]
+        self.stage = None
+        if self.photometric == "stage":
+            self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
+                                      settings.channels_last, settings.seed, rank=settings.rank)
 
     @property
     def num_classes(self) -> int:
         return self._num_classes
+
+    @property
+    def canvas_shape(self) -> tuple[int, int, int]:
+        return (self.side, self.side, 3)
 
     def pipeline(self, epoch: int):
         """The epoch's graph: shard order and seeds from (seed, epoch), the same on all ranks
@@ -369,14 +298,42 @@ class DaliTrainData:
         s = self.settings
         order = np.random.default_rng(derived_seed(s.seed, epoch)).permutation(len(self.tars))
         dev = _device_args(s)
-        return train_graph(
-            [self.tars[i] for i in order], [self.indexes[i] for i in order], s.rank,
-            s.world_size, derived_seed(s.seed, epoch, s.rank, 0), self.spec, dev["gpu"],
-            dev["dtype"], self.photometric, batch_size=s.batch_size,
-            num_threads=max(1, s.num_workers), device_id=dev["device_id"],
-            seed=derived_seed(s.seed, epoch, s.rank, 1))
+        data = ([self.tars[i] for i in order], [self.indexes[i] for i in order], s.rank,
+                s.world_size, derived_seed(s.seed, epoch, s.rank, 0))
+        run = {"batch_size": s.batch_size, "num_threads": max(1, s.num_workers),
+               "device_id": dev["device_id"], "seed": derived_seed(s.seed, epoch, s.rank, 1)}
+        if self.photometric == "stage":
+            return canvas_graph(*data, self.side, dev["gpu"], **run)
+        return crops_graph(*data, self.spec, dev["dtype"], **run)
+
+    def decoded(self, epoch: int, start_step: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The stage graph's hand-off, steps start_step.. of the epoch: (canvas [B, S, S, 3]
+        uint8, sizes [B, 2] int32, labels [B] int64), canvas and sizes on DALI's memory (the
+        device's in GPU mode), labels on the training device."""
+        if self.photometric != "stage":
+            raise ValueError(f"decoded() needs photometric='stage', not {self.photometric!r}")
+        pipe = self.pipeline(epoch)
+        try:
+            for step in range(self.steps_per_epoch):
+                canvas, sizes, labels = pipe.run()
+                if step < start_step:  # resume: same seeds, so dropping replays the order
+                    continue
+                labels = parse_labels(dlpack_tensor(labels))
+                yield (dlpack_tensor(canvas), dlpack_tensor(sizes),
+                       labels.to(self.settings.device, non_blocking=True))
+        finally:
+            del pipe
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
+        if self.photometric == "stage":
+            for step, (canvas, sizes, labels) in enumerate(self.decoded(epoch, start_step),
+                                                           start=start_step):
+                yield self.stage(canvas, sizes, labels, epoch, step)
+        else:
+            yield from self._numba_epoch(epoch, start_step)
+
+    def _numba_epoch(self, epoch: int, start_step: int) -> Iterator[MultiCropBatch]:
         s = self.settings
         n_global = self.spec.global_group.count
         iterator = DALIGenericIterator(self.pipeline(epoch), [*self.names, "label"],

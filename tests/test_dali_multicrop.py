@@ -4,31 +4,34 @@ with the converter's ShardWriter from demo JPEGs (the bytes of the files, not re
 Tolerances (also in docs/DALI.md):
 - CPU mode's photometric stage (pipelines/photometric_numba.py, tested against torchvision in
   tests/test_photometric_numba.py) through DALI's numba_function equals a direct call exactly.
-- GPU mode's DALI operators ("ops", run here on the CPU) vs torchvision's float ops: jitter in
-  the order of the keys max |diff| <= 4 of 255 and mean < 0.5 (uint8 rounding after each op),
-  3x closer to that order than to the reverse one; grayscale max 2 and exactly grey, solarize
-  exact, blur (same sigma, window 2*ceil(3*sigma)+1) mean < 1, the whole chain mean < 1.
+- the stage hand-off (photometric="stage": GPU mode's graph with "cpu" device strings): canvas
+  and sizes equal PIL's decode of the same JPEGs exactly (both libjpeg-turbo), zeros outside
+  the image; resized down (longer side > the canvas side) mean |diff| < 2.5 of 255 vs PIL's
+  antialiased bilinear resize to the same size; batches equal GpuMultiCrop applied to the
+  hand-off exactly; solid-colour images give crops of their own colour within 3 of 255.
 - per-channel mean of the normalised crops vs the reference on the same images, 12 epochs of
   4 + 4 crops per image: within max(0.06, 4.5 standard errors of the difference); std within
   0.06 (normalised units); rate of grayscale crops within 4.5 binomial s.e.
-- val batches vs ReferenceValData: labels equal, mean |diff| < 0.05 (normalised).
+- val batches vs ReferenceValData: labels equal, mean |diff| < 0.2 (normalised) at the best
+  shift of at most one pixel.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from pipelines.batch import LoaderSettings
 from pipelines.convert.shards import ShardWriter
-from pipelines.reference import LoaderSettings, MultiCropDataset, ReferenceValData, load_rgb
+from pipelines.reference import MultiCropDataset, ReferenceValData, load_rgb
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
-from tests.helpers import torchvision_photometric
 from trex_fast import demo_data
 
 pytestmark = pytest.mark.dali
@@ -44,10 +47,14 @@ def _write_shards(out: Path, samples: list[tuple[str, int]], shard_size: int) ->
     writer.close()
 
 
+SIDE = 160  # the stage's canvas side in these tests: demo images are at most 119 x 159
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """demo JPEGs; dali/{train,val} in ImageFolder order; dali/ids: 26 samples whose label is
-    their own index, so a label names the sample (shard size 7: shards of unequal size)."""
+    their own index, so a label names the sample (shard size 7: shards of unequal size);
+    dali/solid: 8 single-colour JPEGs of different sizes, label i has colour SOLID[i]."""
     root = tmp_path_factory.mktemp("dali")
     demo_data.write_dataset(str(root), train_per_class=3, val_per_class=2)
     for split in ("train", "val"):
@@ -55,58 +62,78 @@ def data_root(tmp_path_factory):
     train = ImageFolder(str(root / "train")).samples
     ids = [(train[i % len(train)][0], i) for i in range(26)]
     _write_shards(root / "dali" / "ids", ids, 7)
+    (root / "solid").mkdir()
+    for i, colour in enumerate(SOLID):
+        size = (40 + 9 * i, 90 - 6 * i)  # (width, height): both orientations, all different
+        Image.new("RGB", size, colour).save(root / "solid" / f"{i}.jpg", quality=95)
+    _write_shards(root / "dali" / "solid",
+                  [(str(root / "solid" / f"{i}.jpg"), i) for i in range(len(SOLID))], 3)
     return root
 
 
-def _settings(batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 3):
+SOLID = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (40, 220, 220),
+         (220, 40, 220), (128, 128, 128), (250, 140, 10)]
+
+
+def _settings(batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 3,
+              dtype: torch.dtype = torch.float32, channels_last: bool = True):
     return LoaderSettings(batch_size=batch_size, num_workers=1, seed=seed, rank=rank,
-                          world_size=world_size, device=torch.device("cpu"),
-                          dtype=torch.float32, channels_last=True)
+                          world_size=world_size, device=torch.device("cpu"), dtype=dtype,
+                          channels_last=channels_last)
 
 
-def _train(root, split="train", spec: MultiCropSpec = SPEC, photometric=None, **kw):
+def _train(root, split="train", spec: MultiCropSpec = SPEC, photometric=None, side=SIDE, **kw):
     from pipelines.dali_multicrop import DaliTrainData
     return DaliTrainData(str(root / "dali" / split), spec, _settings(**{"batch_size": 4, **kw}),
-                         photometric=photometric)
+                         photometric=photometric, max_resolution=side)
 
 
 # ---------------------------------------------------------------- contract, order
-@pytest.mark.parametrize("photometric", ["numba", "ops"])  # ops: GPU mode's graph, on the CPU
-def test_epoch_yields_the_batch_contract(data_root, photometric):
-    data = _train(data_root, photometric=photometric)
+CONTRACT_CASES = [("numba", torch.float32, True), ("stage", torch.float32, True),
+                  ("stage", torch.bfloat16, False)]
+
+
+@pytest.mark.parametrize("photometric,dtype,channels_last", CONTRACT_CASES)
+def test_epoch_yields_the_batch_contract(data_root, photometric, dtype, channels_last):
+    data = _train(data_root, photometric=photometric, dtype=dtype, channels_last=channels_last)
     assert data.num_classes == len(demo_data.PATTERNS) and data.steps_per_epoch == 6
     batches = list(data.epoch(0))
     assert len(batches) == 6
     b = batches[0]
     assert b.global_crops.shape == (4, 3, 64, 64) and b.local_crops.shape == (8, 3, 32, 32)
-    assert b.global_crops.dtype == torch.float32 and b.labels.dtype == torch.int64
-    assert b.global_crops.is_contiguous(memory_format=torch.channels_last)
-    assert b.local_crops.is_contiguous(memory_format=torch.channels_last)
-    assert torch.isfinite(b.global_crops).all() and torch.isfinite(b.local_crops).all()
+    assert b.global_crops.dtype == dtype == b.local_crops.dtype
+    assert b.labels.dtype == torch.int64 and b.labels.shape == (4,)
+    for crops in (b.global_crops, b.local_crops):
+        assert crops.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert crops.is_contiguous() != channels_last
+        assert torch.isfinite(crops.float()).all()
     labels = sorted(torch.cat([x.labels for x in batches]).tolist())
     assert labels == sorted(y for _, y in ImageFolder(str(data_root / "train")).samples)
 
 
-def test_same_seed_same_batches_resume_continues_the_order(data_root):
-    first = list(_train(data_root).epoch(1))
-    again = list(_train(data_root).epoch(1))
-    resumed = list(_train(data_root).epoch(1, start_step=2))
+@pytest.mark.parametrize("photometric", ["numba", "stage"])
+def test_same_seed_same_batches_resume_continues_the_order(data_root, photometric):
+    def run(epoch, steps=None, **kw):
+        return list(itertools.islice(_train(data_root, photometric=photometric, **kw)
+                                     .epoch(epoch), steps))
+
+    first, again = run(1), run(1)
+    resumed = list(_train(data_root, photometric=photometric).epoch(1, start_step=2))
     assert len(resumed) == 4
     for x, y in zip(first, again):
         assert torch.equal(x.labels, y.labels) and torch.equal(x.local_crops, y.local_crops)
     for x, y in zip(first[2:], resumed):
         assert torch.equal(x.labels, y.labels) and torch.equal(x.global_crops, y.global_crops)
-    other_epoch = list(_train(data_root).epoch(2))
-    assert not torch.equal(first[0].global_crops, other_epoch[0].global_crops)
-    other_seed = list(_train(data_root, seed=4).epoch(1))
-    assert not torch.equal(first[0].global_crops, other_seed[0].global_crops)
+        assert torch.equal(x.local_crops, y.local_crops)
+    assert not torch.equal(first[0].global_crops, run(2, steps=1)[0].global_crops)
+    assert not torch.equal(first[0].global_crops, run(1, steps=1, seed=4)[0].global_crops)
 
 
-@pytest.mark.parametrize("epoch", [0, 3])
-def test_two_ranks_cover_an_epoch_once_without_overlap(data_root, epoch):
+@pytest.mark.parametrize("photometric,epoch", [("numba", 0), ("numba", 3), ("stage", 3)])
+def test_two_ranks_cover_an_epoch_once_without_overlap(data_root, photometric, epoch):
     seen = []
     for rank in (0, 1):
-        data = _train(data_root, "ids", rank=rank, world_size=2)
+        data = _train(data_root, "ids", photometric=photometric, rank=rank, world_size=2)
         assert data.steps_per_epoch == 26 // 8
         ids = torch.cat([b.labels for b in data.epoch(epoch)]).tolist()
         assert len(ids) == len(set(ids)) == 12  # each rank: 3 steps, no sample twice
@@ -133,12 +160,130 @@ def test_missing_folder_and_index_are_clear_errors(data_root, tmp_path):
         DaliTrainData(str(broken), SPEC, _settings(4))
 
 
+def test_photometric_choice_defaults_by_device_and_rejects_ops():
+    from pipelines.dali_multicrop import photometric_impl
+    assert photometric_impl(None, gpu=True) == "stage"
+    assert photometric_impl(None, gpu=False) == "numba"
+    assert photometric_impl("stage", gpu=False) == "stage"
+    with pytest.raises(ValueError, match="accepted values are numba, stage"):
+        photometric_impl("ops", gpu=True)
+    with pytest.raises(ValueError, match="CPU mode only"):
+        photometric_impl("numba", gpu=True)
+
+
 def test_build_data_routes_dali(data_root):
     from trex_fast.config import make_config
     from trex_fast.data import build_data
     cfg = make_config("demo", pipeline="dali", global_size=64, local_size=32)
     train, val = build_data(cfg, str(data_root), _settings(4))
     assert type(train).__name__ == "DaliTrainData" and type(val).__name__ == "DaliValData"
+    assert train.photometric == "numba"  # CPU device
+
+
+# ---------------------------------------------------------------- the stage hand-off
+def test_hand_off_is_the_decoded_image_at_the_top_left(data_root):
+    """canvas [B, S, S, 3] uint8 and sizes [B, 2] = PIL's decode of the same JPEG, zeros
+    elsewhere, over a whole epoch (every sample once)."""
+    train = ImageFolder(str(data_root / "train")).samples
+    data = _train(data_root, "ids", photometric="stage", batch_size=5)
+    seen = []
+    for canvas, sizes, labels in data.decoded(0):
+        assert canvas.dtype == torch.uint8 and canvas.shape == (5, SIDE, SIDE, 3)
+        assert sizes.dtype == torch.int32 and sizes.shape == (5, 2)
+        for b, sample in enumerate(labels.tolist()):
+            image = np.asarray(load_rgb(train[sample % len(train)][0]))
+            h, w = sizes[b].tolist()
+            assert (h, w) == image.shape[:2]
+            assert np.array_equal(canvas[b, :h, :w].numpy(), image)
+            assert not canvas[b, h:].any() and not canvas[b, :, w:].any()
+            seen.append(sample)
+    assert len(seen) == len(set(seen)) == 25  # 26 // 5 steps of 5
+
+
+def test_hand_off_resizes_images_larger_than_the_canvas_down_to_it(data_root):
+    side = 100  # below every demo image's width (112..159): all are resized
+    train = ImageFolder(str(data_root / "train")).samples
+    data = _train(data_root, "ids", photometric="stage", side=side, batch_size=8)
+    diffs = []
+    for canvas, sizes, labels in data.decoded(0):
+        assert canvas.shape == (8, side, side, 3)
+        for b, sample in enumerate(labels.tolist()):
+            image = load_rgb(train[sample % len(train)][0])
+            h, w = sizes[b].tolist()
+            assert w == side and abs(h - image.height * side / image.width) <= 1
+            expected = np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float64)
+            diffs.append(np.abs(canvas[b, :h, :w].numpy() - expected).mean())
+            assert not canvas[b, h:].any()
+    assert float(np.mean(diffs)) < 2.5, diffs
+
+
+def test_stage_batches_are_gpu_multicrop_of_the_hand_off(data_root):
+    """epoch() = GpuMultiCrop(spec, ..., seed, rank)(canvas, sizes, labels, epoch, step): the
+    same stage as the FFCV path, with this rank's draws (rank 0's stage gives other crops)."""
+    from pipelines.gpu_multicrop import GpuMultiCrop
+    data = _train(data_root, "ids", photometric="stage", rank=1, world_size=2)
+    batches = list(data.epoch(2, start_step=1))
+    hand_off = list(data.decoded(2, start_step=1))
+    assert len(batches) == len(hand_off) == 2
+    s = data.settings
+    for rank in (1, 0):
+        stage = GpuMultiCrop(SPEC, s.device, s.dtype, s.channels_last, s.seed, rank=rank)
+        for step, (batch, (canvas, sizes, labels)) in enumerate(zip(batches, hand_off), 1):
+            expected = stage(canvas, sizes, labels, 2, step)
+            assert torch.equal(batch.labels, expected.labels)
+            same = (torch.equal(batch.global_crops, expected.global_crops)
+                    and torch.equal(batch.local_crops, expected.local_crops))
+            assert same == (rank == 1), (rank, step)
+
+
+def test_stage_crops_are_crop_major_and_follow_their_labels(data_root):
+    """Single-colour images and no photometric ops: every crop has its own image's colour, so
+    global crop b and local crop k*B + b must show the colour of labels[b]."""
+    plain = dict(blur_p=0.0, solarize_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    spec = MultiCropSpec(CropSpec(2, 24, (0.25, 1.0), **plain),
+                         CropSpec(3, 12, (0.05, 0.25), **plain))
+    data = _train(data_root, "solid", spec=spec, photometric="stage", batch_size=4)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    labels = []
+    for batch in data.epoch(0):
+        colours = torch.tensor([SOLID[y] for y in batch.labels.tolist()], dtype=torch.float32)
+        for crops, count in ((batch.global_crops, 2), (batch.local_crops, 3)):
+            pixels = (crops.float() * std + mean) * 255  # [count*B, 3, S, S]
+            expected = colours.repeat(count, 1)[:, :, None, None]  # crop-major: k*B + b
+            assert (pixels - expected).abs().max() <= 3, batch.labels
+        labels += batch.labels.tolist()
+    assert sorted(labels) == list(range(len(SOLID)))
+
+
+def test_dlpack_tensor_shares_dali_memory():
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipelines.dali_multicrop import dlpack_tensor
+
+    @pipeline_def(batch_size=3, num_threads=1, device_id=None, seed=0)
+    def graph():
+        return fn.random.uniform(range=(0, 255), shape=[5, 7, 3], dtype=types.FLOAT)
+
+    (out,) = graph().run()
+    tensor = dlpack_tensor(out)
+    assert tensor.shape == (3, 5, 7, 3) and tensor.data_ptr() == out.data_ptr()
+    assert np.array_equal(tensor.numpy(), np.array(out.as_tensor()))
+
+
+def test_canvas_side_from_argument_meta_json_or_default(tmp_path):
+    import json
+
+    from pipelines.convert.options import ConvertOptions
+    from pipelines.dali_multicrop import canvas_side
+    folder = tmp_path / "dali" / "train"
+    folder.mkdir(parents=True)
+    assert canvas_side(str(folder)) == ConvertOptions.max_resolution == 500
+    (tmp_path / "meta.json").write_text(json.dumps({"options": {"max_resolution": 320}}))
+    assert canvas_side(str(folder)) == 320
+    assert canvas_side(str(folder), 128) == 128
+    with pytest.raises(ValueError, match="max_resolution=0"):
+        canvas_side(str(folder), 0)
 
 
 # ---------------------------------------------------------------- val
@@ -161,13 +306,12 @@ def test_val_matches_reference_val_and_shards_count_each_image_once(data_root):
     assert sorted(ids) == list(range(26))
 
 
-# ---------------------------------------------------------------- op mappings
+# ---------------------------------------------------------------- CPU mode's numba operator
 def _run_op(images: list[np.ndarray], op) -> list[np.ndarray]:
     """Apply `op(node)` to HWC uint8 images in a one-batch CPU DALI pipeline."""
     from nvidia.dali import fn, pipeline_def
 
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=0,
-                  enable_conditionals=True)
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=0)
     def graph():
         return op(fn.external_source(source=lambda: images, layout="HWC"))
 
@@ -181,58 +325,6 @@ def _run_op(images: list[np.ndarray], op) -> list[np.ndarray]:
 def photos(data_root) -> list[np.ndarray]:
     paths = [p for p, _ in ImageFolder(str(data_root / "train")).samples[::3]]
     return [np.asarray(load_rgb(p))[:96, :96].copy() for p in paths]
-
-
-def _torch(images: list[np.ndarray]) -> list[torch.Tensor]:
-    return [torch.from_numpy(a).permute(2, 0, 1) for a in images]
-
-
-def _max_and_mean_diff(ours: list[np.ndarray], theirs: list[torch.Tensor]):
-    d = [np.abs(o.astype(float) - t.permute(1, 2, 0).numpy().astype(float))
-         for o, t in zip(ours, theirs)]
-    return max(x.max() for x in d), float(np.mean([x.mean() for x in d]))
-
-
-def _ops_through_dali(photos, jitter, keys, gray=False, blur_sigma=None,
-                     solarize_threshold=None) -> list[np.ndarray]:
-    """GPU mode's photometric_ops on the CPU, with the given parameters as per-sample draws."""
-    from nvidia.dali import fn
-
-    from pipelines.dali_multicrop import photometric_ops
-    from pipelines.photometric_numba import make_params
-    params = make_params(jitter, keys, gray, blur_sigma, solarize_threshold)
-    return _run_op(photos, lambda x: photometric_ops(
-        x, [fn.random.uniform(values=[float(v)]) for v in params], gpu=False))
-
-
-def _torchvision(photos, jitter, keys, **kw) -> list[torch.Tensor]:
-    return [torch.from_numpy(torchvision_photometric(p, jitter, keys, **kw)).permute(2, 0, 1)
-            for p in photos]
-
-
-JITTER_CASES = [([1.3, 0.7, 1.2, 0.1], [0, 1, 2, 3]), ([0.7, 1.35, 0.8, -0.1], [3, 2, 1, 0]),
-                ([1.2, 1.3, 1.2, 0.05], [2, 0, 3, 1]), ([0.6, 0.8, 1.0, -0.05], [1, 3, 0, 2]),
-                ([1.0, 1.0, 1.0, 0.5], [0, 1, 2, 3])]
-
-
-@pytest.mark.parametrize("jitter,keys", JITTER_CASES)
-def test_ops_jitter_matches_torchvision_in_the_keys_order(photos, jitter, keys):
-    """GPU mode's jitter (uint8 rounding after each op) against torchvision's float ops in the
-    order of the keys; far closer to that order than to the reverse one."""
-    ours = _ops_through_dali(photos, jitter, keys)
-    worst, mean = _max_and_mean_diff(ours, _torchvision(photos, jitter, keys))
-    assert worst <= 4 and mean < 0.5, (worst, mean)
-    if jitter[:3] != [1.0, 1.0, 1.0]:
-        wrong = _max_and_mean_diff(ours, _torchvision(photos, jitter, keys[::-1]))[1]
-        assert 3 * mean < wrong, (mean, wrong)
-
-
-def test_ops_chain_matches_torchvision(photos):
-    kw = dict(gray=True, blur_sigma=1.3, solarize_threshold=128)
-    ours = _ops_through_dali(photos, [1.3, 0.7, 1.1, -0.08], [2, 0, 3, 1], **kw)
-    worst, mean = _max_and_mean_diff(ours, _torchvision(photos, [1.3, 0.7, 1.1, -0.08],
-                                                        [2, 0, 3, 1], **kw))
-    assert mean < 1, (worst, mean)  # blur borders: reflect-101 in DALI vs reflect
 
 
 def test_numba_op_in_dali_equals_the_direct_call(photos):
@@ -253,24 +345,6 @@ def test_numba_op_in_dali_equals_the_direct_call(photos):
         augment(expected, image, u, spec_vector(group))
         assert np.array_equal(got, expected)
     assert not np.array_equal(through_dali[0], photos[0])
-
-
-def test_grayscale_solarize_blur_match_torchvision(photos):
-    from nvidia.dali import fn
-
-    from pipelines.dali_multicrop import grayscale, solarize
-    ts = _torch(photos)
-    gray = _run_op(photos, grayscale)
-    assert _max_and_mean_diff(gray, [TF.rgb_to_grayscale(x, 3) for x in ts])[0] <= 2
-    assert all((g.max(2) == g.min(2)).all() for g in gray)  # exactly grey, as PIL's "L"
-    sol = _run_op(photos, lambda x: solarize(x, 128))
-    assert _max_and_mean_diff(sol, [TF.solarize(x, 128) for x in ts])[0] == 0
-    for sigma in (0.5, 2.0):
-        k = 2 * math.ceil(3 * sigma) + 1
-        blur = _run_op(photos, lambda x, s=sigma: fn.gaussian_blur(x, sigma=s))
-        _, mean = _max_and_mean_diff(blur, [TF.gaussian_blur(x, [k, k], [sigma, sigma])
-                                            for x in ts])
-        assert mean < 1, (sigma, mean)
 
 
 # ---------------------------------------------------------------- distributions
