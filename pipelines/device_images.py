@@ -22,7 +22,7 @@ class DeviceImages:
     sizes: torch.Tensor  # [B, 2] integer (height, width), on the device
     layout: int  # CANVAS, PACKED or PLANES
     canvas_hw: tuple[int, int]  # the largest image the layout holds (H, W)
-    offsets: torch.Tensor | None = None  # PLANES: [B] int64 element offset of image b
+    offsets: torch.Tensor | None = None  # PLANES: [B] int64 element offset of image b (strided)
 
     @property
     def batch_size(self) -> int:
@@ -52,7 +52,7 @@ def from_canvas(canvas: torch.Tensor, sizes: torch.Tensor) -> DeviceImages:
     if canvas.dtype != torch.uint8 or canvas.ndim != 4 or canvas.shape[-1] != 3:
         raise ValueError("canvas must be uint8 [B, H, W, 3], got "
                          f"{canvas.dtype} {tuple(canvas.shape)}")
-    _check_sizes(sizes, canvas.shape[0])
+    sizes = _check_sizes(sizes, canvas.shape[0])
     return DeviceImages(canvas.contiguous(), sizes.to(canvas.device, non_blocking=True), CANVAS,
                         (canvas.shape[1], canvas.shape[2]))
 
@@ -62,7 +62,7 @@ def from_packed(packed: torch.Tensor, sizes: torch.Tensor, height: int,
     if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] < height * width * 3:
         raise ValueError(f"packed must be uint8 [B, >= {height * width * 3}], got "
                          f"{packed.dtype} {tuple(packed.shape)}")
-    _check_sizes(sizes, packed.shape[0])
+    sizes = _check_sizes(sizes, packed.shape[0])
     if packed.stride(1) != 1:
         packed = packed.contiguous()
     return DeviceImages(packed, sizes.to(packed.device, non_blocking=True), PACKED,
@@ -72,18 +72,21 @@ def from_packed(packed: torch.Tensor, sizes: torch.Tensor, height: int,
 def from_planes(planes: list[torch.Tensor], sizes: torch.Tensor, height: int,
                 width: int) -> DeviceImages:
     """decode_jpeg's [3, h, w] images (on the device), sizes [B, 2] on the CPU: one cat."""
-    _check_sizes(sizes, len(planes))
+    sizes = _check_sizes(sizes, len(planes))
     device = planes[0].device
     counts = sizes[:, 0].long() * sizes[:, 1].long() * 3  # CPU metadata: no device sync
     offsets = torch.cumsum(counts, 0) - counts
     data = torch.cat([p.reshape(-1) for p in planes])
-    pinned = torch.stack([*sizes.long().T, offsets]).pin_memory() if device.type == "cuda" \
-        else torch.stack([*sizes.long().T, offsets])
-    meta = pinned.to(device, non_blocking=True)  # [3, B]: height, width, offset
-    return DeviceImages(data, meta[:2].T, PLANES, (height, width), meta[2])
+    meta = torch.cat([sizes.long(), offsets[:, None]], dim=1)  # [B, 3]: height, width, offset
+    if device.type == "cuda":
+        meta = meta.pin_memory()
+    meta = meta.to(device, non_blocking=True)  # one small copy for sizes and offsets
+    return DeviceImages(data, meta[:, :2], PLANES, (height, width), meta[:, 2])
 
 
-def _check_sizes(sizes: torch.Tensor, batch: int) -> None:
+def _check_sizes(sizes: torch.Tensor, batch: int) -> torch.Tensor:
+    """sizes with unit column stride (the kernels step rows by stride(0), columns by 1)."""
     if sizes.ndim != 2 or sizes.shape != (batch, 2) or sizes.is_floating_point():
         raise ValueError(f"sizes must be integer [B={batch}, 2] (height, width), got "
                          f"{sizes.dtype} {tuple(sizes.shape)}")
+    return sizes if sizes.stride(1) == 1 else sizes.contiguous()

@@ -267,7 +267,8 @@ def _weight_sums(centre, lo, hi, filter_scale, start, end, BK: tl.constexpr):
 
 
 @triton.jit
-def _resize_kernel(src_ptr, offsets_ptr, sizes_ptr, size_stride, image_stride, canvas_width,
+def _resize_kernel(src_ptr, offsets_ptr, offset_stride, sizes_ptr, size_stride, image_stride,
+                   canvas_width,
                    params_ptr, partial_ptr, mid_ptr, batch, out_size,
                    LAYOUT: tl.constexpr, TILES_X: tl.constexpr, BO: tl.constexpr,
                    BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -279,7 +280,7 @@ def _resize_kernel(src_ptr, offsets_ptr, sizes_ptr, size_stride, image_stride, c
     image = crop % batch
     # where pixel (y, x, c) of the image lies: base + y * row + x * step + c * plane
     if LAYOUT == _LAYOUT_PLANES:
-        base = tl.load(offsets_ptr + image)
+        base = tl.load(offsets_ptr + image * offset_stride)
         row = tl.load(sizes_ptr + image * size_stride + 1).to(tl.int64)
         step, plane = 1, tl.load(sizes_ptr + image * size_stride).to(tl.int64) * row
     else:
@@ -479,7 +480,8 @@ def resize(images: DeviceImages, table: torch.Tensor, out_size: int,
     partial = torch.empty(n, tiles_x * tiles_x, dtype=torch.float32, device=device)
     offsets = images.offsets if images.layout == PLANES else images.sizes
     _resize_kernel[(n, tiles_x * tiles_x)](
-        images.data, offsets, images.sizes, images.sizes.stride(0), images.image_stride,
+        images.data, offsets, offsets.stride(0), images.sizes, images.sizes.stride(0),
+        images.image_stride,
         images.canvas_hw[1], table, partial, mid, images.batch_size, out_size,
         LAYOUT=images.layout, TILES_X=tiles_x, BO=TILE, BK=CHUNK,
         DOT_PRECISION=_dot_precision(device), num_warps=NUM_WARPS)
