@@ -510,3 +510,47 @@ def fused_prototype_ce(z: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     z = z if z.stride(1) == 1 else z.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     return FusedPrototypeCE.apply(z, weight, labels.contiguous(), float(tau), blocks, dot_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile configurations (tools/aot_check.py)
+# ---------------------------------------------------------------------------------------------
+_FLOAT_ARGS = ("inv_tau", "inv_n", "eps")
+
+
+def _aot_signature(fn, pointers: dict, constexprs: dict) -> dict:
+    """Types of fn's runtime arguments: pointers as given, fp32 scalars, every other int i32."""
+    from trex_fast.kernels.aot import pointer
+
+    names = [n for n in fn.arg_names if n not in constexprs]
+    return {n: pointer(pointers[n]) if n.endswith("_ptr") else
+            "fp32" if n in _FLOAT_ARGS else "i32" for n in names}
+
+
+def aot_kernels() -> list:
+    """The launch configurations the launchers pick at the production shapes (DESIGN.md):
+    N=2304, C=1000 and N=16384, C=21841, D=256, bf16 projector outputs against fp32 prototypes
+    under bf16 autocast (the training step), and the fp32 variant (precision=fp32)."""
+    from trex_fast.kernels.aot import AotKernel
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    kernels = []
+    for n, c in ((2304, 1000), (16384, 21841)):
+        for variant, z_dtype, w_dtype, dot_dtype in (("", bf16, f32, bf16),
+                                                     ("fp32,", f32, f32, f32)):
+            # default_block_config's CUDA branch at D = 256
+            blocks = BlockConfig(block_n=32, block_c=32 if w_dtype == f32 else 64, num_warps=8)
+            tag = f"[{variant}N={n},C={c}]"
+            meta = dict(BLOCK_N=blocks.block_n, BLOCK_C=blocks.block_c, BLOCK_D=256,
+                        DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION="ieee", UPCAST=False)
+            ptrs = dict(z_ptr=z_dtype, w_ptr=w_dtype, w_norm_ptr=f32, labels_ptr=torch.int64,
+                        z_norm_ptr=f32, lse_ptr=f32, loss_ptr=f32, correct_ptr=torch.int8,
+                        grad_loss_ptr=f32, grad_z_ptr=z_dtype, partial_ptr=f32,
+                        grad_w_ptr=w_dtype)
+            for name, fn in (("fwd", _forward_kernel), ("grad_z", _grad_z_kernel),
+                             ("grad_w_partial", _grad_w_partial_kernel)):
+                kernels.append(AotKernel(
+                    name=f"prototype_ce_{name}{tag}", fn=fn,
+                    signature=_aot_signature(fn, ptrs, meta), constexprs=meta,
+                    num_warps=blocks.num_warps, has_dot=True))
+    return kernels
