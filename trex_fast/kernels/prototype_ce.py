@@ -632,7 +632,8 @@ H100_SMS = 132  # H100 / H200 SXM: the split counts aot_kernels reports
 _FLOAT_ARGS = ("inv_tau", "inv_n", "eps")
 
 
-def _aot_kernel(name: str, fn, pointers: dict, ints: dict, constexprs: dict, **options):
+def _aot_kernel(name: str, fn, pointers: dict, ints: dict, constexprs: dict,
+                production: bool, **options):
     """AotKernel for fn: pointer types from `pointers`, fp32 scalars, other ints i32; ints
     equal to 1 become constexprs and multiples of 16 get the divisibility hint, as the JIT
     specialises them."""
@@ -654,11 +655,11 @@ def _aot_kernel(name: str, fn, pointers: dict, ints: dict, constexprs: dict, **o
             if ints[arg] % 16 == 0:
                 divisible.append(arg)
     return AotKernel(name=name, fn=fn, signature=signature, constexprs=constexprs,
-                     divisible_by_16=tuple(divisible), **options)
+                     divisible_by_16=tuple(divisible), production=production, **options)
 
 
 def _aot_variant(n: int, c: int, tag: str, z_dtype: torch.dtype, w_dtype: torch.dtype,
-                 dot_dtype: torch.dtype) -> list:
+                 dot_dtype: torch.dtype, production: bool) -> list:
     """Every kernel that one forward + backward launches for these shapes and dtypes."""
     f32, dim = torch.float32, PRODUCTION_DIM
     blocks = _block_config(dot_dtype, dim, "cuda")
@@ -677,37 +678,38 @@ def _aot_variant(n: int, c: int, tag: str, z_dtype: torch.dtype, w_dtype: torch.
     for what, x_dtype, rows in (("z", z_dtype, n), ("w", w_dtype, c)):
         kernels.append(_aot_kernel(
             f"prototype_ce_row_norm_{what}[{tag}]", _row_norm_kernel,
-            dict(x_ptr=x_dtype, norm_ptr=f32), dict(ints, n_rows=rows), rowwise))
+            dict(x_ptr=x_dtype, norm_ptr=f32), dict(ints, n_rows=rows), rowwise, production))
     kernels.append(_aot_kernel(
         f"prototype_ce_fwd[{tag}]", _forward_kernel, pointers, ints, tiled,
-        num_warps=blocks.num_warps, has_dot=True))
+        production, num_warps=blocks.num_warps, has_dot=True))
     kernels.append(_aot_kernel(
         f"prototype_ce_merge[{tag}]", _merge_kernel, pointers,
-        dict(n_rows=n, n_splits=plan.class_splits), dict(BLOCK_R=1024)))
+        dict(n_rows=n, n_splits=plan.class_splits), dict(BLOCK_R=1024), production))
     kernels.append(_aot_kernel(
         f"prototype_ce_grad_z[{tag}]", _grad_z_partial_kernel, pointers, ints, tiled,
-        num_warps=blocks.grad_num_warps, has_dot=True))
+        production, num_warps=blocks.grad_num_warps, has_dot=True))
     kernels.append(_aot_kernel(
         f"prototype_ce_grad_w[{tag}]", _grad_w_partial_kernel, pointers, ints, tiled,
-        num_warps=blocks.grad_num_warps, has_dot=True))
+        production, num_warps=blocks.grad_num_warps, has_dot=True))
     for what, x_dtype, rows, splits in (("z", z_dtype, n, plan.class_splits),
                                         ("w", w_dtype, c, plan.weight_grad_splits)):
         kernels.append(_aot_kernel(
             f"prototype_ce_grad_finish_{what}[{tag}]", _grad_finish_kernel,
             dict(pointers, x_ptr=x_dtype, x_norm_ptr=f32, grad_ptr=x_dtype),
-            dict(ints, n_rows=rows, n_splits=splits), rowwise))
+            dict(ints, n_rows=rows, n_splits=splits), rowwise, production))
     return kernels
 
 
 def aot_kernels() -> list:
     """The launch configurations the launchers pick at the production shapes (N, C) in
-    PRODUCTION_SHAPES, D = 256, on an H100/H200: the training step's bf16 projector outputs
-    against fp32 prototypes under bf16 autocast (bf16 dots), and precision=fp32 (fp32 dots).
-    The weight-gradient kernels are those of the plain preset's learned classifier."""
+    PRODUCTION_SHAPES, D = 256, on an H100/H200: production is the training step's bf16
+    projector outputs against fp32 prototypes under bf16 autocast (bf16 dots); precision=fp32
+    (exact fp32 dots, no tensor cores) is listed as not production. The weight-gradient
+    kernels are those of the plain preset's learned classifier."""
     kernels = []
     for n, c in PRODUCTION_SHAPES:
         kernels += _aot_variant(n, c, f"N={n},C={c}", torch.bfloat16, torch.float32,
-                                torch.bfloat16)
+                                torch.bfloat16, production=True)
         kernels += _aot_variant(n, c, f"fp32,N={n},C={c}", torch.float32, torch.float32,
-                                torch.float32)
+                                torch.float32, production=False)
     return kernels
