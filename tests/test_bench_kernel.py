@@ -112,8 +112,12 @@ def test_help_documents_every_flag(capsys):
         bench.parse_args(["--help"])
     text = capsys.readouterr().out
     for flag in ("--n", "--c", "--d", "--dtype", "--weight_dtype", "--autocast", "--device",
-                 "--impls", "--iters", "--warmup", "--weight_grad", "--block_n", "--block_c",
-                 "--num_warps", "--grad_num_warps", "--class_splits", "--weight_grad_splits"):
+                 "--impls", "--shapes", "--iters", "--warmup", "--weight_grad", "--block_n",
+                 "--block_c", "--num_warps", "--grad_num_warps", "--class_splits",
+                 "--weight_grad_splits"):
         assert flag in text
     with pytest.raises(SystemExit):
         bench.parse_args(["--impls=torch,jax"])
+    assert bench.parse_args(["--n=1,2", "--c=3,4"]).shapes == [(1, 3), (1, 4), (2, 3), (2, 4)]
+    assert bench.parse_args(["--shapes=2304x1000,16384x21841"]).shapes == [
+        (2304, 1000), (16384, 21841)]

@@ -63,6 +63,10 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _shape_list(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in pair.split("x")) for pair in text.split(",") if pair]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     summary, details = __doc__.split("\n\n", 1)
     parser = argparse.ArgumentParser(description=summary, epilog=details,
@@ -72,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rows (crops per step), comma-separated (default 2304,9216,16384)")
     add("--c", type=_int_list, default=[1000, 21841],
         help="classes, comma-separated (default 1000,21841)")
+    add("--shapes", type=_shape_list, default=None,
+        help="NxC pairs instead of the --n x --c grid, e.g. 2304x1000,16384x21841 (the two "
+             "production shapes)")
     add("--d", type=int, default=256, help="feature dim of the projector output (default 256)")
     add("--dtype", choices=sorted(DTYPES), default="bfloat16",
         help="dtype of z, the projector output (default bfloat16)")
@@ -101,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
     args.impls = [name for name in IMPLS if name in args.impls]  # baselines before triton
+    if args.shapes is None:
+        args.shapes = [(n, c) for n in args.n for c in args.c]
     return args
 
 
@@ -245,24 +254,21 @@ def run(args: argparse.Namespace) -> list[dict]:
     fns = build_impls(args)
     env = _environment(device)
     records = []
-    for n in args.n:
-        for c in args.c:
-            inputs = make_inputs(n, c, args.d, dtype, weight_dtype, device, args.weight_grad)
-            shape_records: list[dict] = []
-            for name, fn in fns.items():
-                rec = _measure_record(name, fn, inputs, args)
-                _add_speedups(rec, shape_records)
-                rec.update(n=n, c=c, d=args.d, dtype=_name(dtype),
-                           weight_dtype=_name(weight_dtype), autocast=args.autocast,
-                           device=device.type, weight_grad=args.weight_grad,
-                           iters=args.iters, warmup=args.warmup, **env)
-                print(_progress_line(rec), file=sys.stderr, flush=True)
-                print(json.dumps(rec), flush=True)
-                shape_records.append(rec)
-            records += shape_records
-            del inputs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for n, c in args.shapes:
+        inputs = make_inputs(n, c, args.d, dtype, weight_dtype, device, args.weight_grad)
+        shape_records: list[dict] = []
+        for name, fn in fns.items():
+            rec = _measure_record(name, fn, inputs, args)
+            _add_speedups(rec, shape_records)
+            rec.update(n=n, c=c, d=args.d, dtype=_name(dtype), weight_dtype=_name(weight_dtype),
+                       autocast=args.autocast, device=device.type,
+                       weight_grad=args.weight_grad, iters=args.iters, warmup=args.warmup,
+                       **env)
+            print(_progress_line(rec), file=sys.stderr, flush=True)
+            print(json.dumps(rec), flush=True)
+            shape_records.append(rec)
+        records += shape_records
+        del inputs
     return records
 
 
