@@ -16,9 +16,9 @@ Work split (issue 14, item 9). The forward tiles the rows of z by BLOCK_N and cu
 into contiguous chunks along a second grid axis, so that the production N = 2304 fills a
 132-SM GPU. Each program keeps, per row and over its chunk, a running max, a sum of
 exponentials (flash-attention style), the target logit and the first argmax; a merge kernel
-combines the chunks: lse = M + log sum_s sum_s * exp(max_s - M) with M = max_s max_s; argmax =
-the lowest index among the chunks that reach M; target = the sum over chunks (0 off the
-label's chunk). The backward recomputes the logit tiles: dL/dz per (row block, class chunk)
+combines chunk s's (m_s, l_s): lse = M + log(sum_s l_s * exp(m_s - M)) with M = max_s m_s;
+argmax = the lowest index among the chunks that reach M; target = the sum over chunks (0 off
+the label's chunk). The backward recomputes the logit tiles: dL/dz per (row block, class chunk)
 and dL/dW per (class block, row-block group) go to fp32 partial sums that one finish kernel
 reduces in a fixed order and chains through the normalisation: deterministic, no atomics.
 Extra memory: O(N + C) statistics and O((N + C) * D * splits) fp32 partial sums; no N x C.
