@@ -41,3 +41,31 @@ def pointer(dtype) -> str:
     """Triton pointer type of a torch dtype (or its name): torch.bfloat16 -> "*bf16"."""
     name = str(dtype).removeprefix("torch.")
     return "*" + TORCH_TO_TRITON[name]
+
+
+def for_launch(name: str, fn, pointers: dict, ints: dict, constexprs: dict, floats=(),
+               **options) -> AotKernel:
+    """AotKernel for a launch of fn as its launcher makes it.
+
+    pointers: {arg: torch dtype} for the tensor arguments; floats: the fp32 scalar arguments;
+    ints: {arg: production value} for every other runtime argument. As the JIT specialises
+    them, an int equal to 1 becomes a constexpr and a multiple of 16 gets the divisibility
+    hint. options: the other AotKernel fields (num_warps, production, has_dot, ...).
+    """
+    constexprs = dict(constexprs)
+    signature, divisible = {}, []
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            continue
+        if arg in pointers:
+            signature[arg] = pointer(pointers[arg])
+        elif arg in floats:
+            signature[arg] = "fp32"
+        elif ints[arg] == 1:
+            constexprs[arg] = 1
+        else:
+            signature[arg] = "i32"
+            if ints[arg] % 16 == 0:
+                divisible.append(arg)
+    return AotKernel(name=name, fn=fn, signature=signature, constexprs=constexprs,
+                     divisible_by_16=tuple(divisible), **options)

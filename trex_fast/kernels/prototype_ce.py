@@ -634,28 +634,10 @@ _FLOAT_ARGS = ("inv_tau", "inv_n", "eps")
 
 def _aot_kernel(name: str, fn, pointers: dict, ints: dict, constexprs: dict,
                 production: bool, **options):
-    """AotKernel for fn: pointer types from `pointers`, fp32 scalars, other ints i32; ints
-    equal to 1 become constexprs and multiples of 16 get the divisibility hint, as the JIT
-    specialises them."""
-    from trex_fast.kernels.aot import AotKernel, pointer
+    from trex_fast.kernels.aot import for_launch
 
-    constexprs = dict(constexprs)
-    signature, divisible = {}, []
-    for arg in fn.arg_names:
-        if arg in constexprs:
-            continue
-        if arg.endswith("_ptr"):
-            signature[arg] = pointer(pointers[arg])
-        elif arg in _FLOAT_ARGS:
-            signature[arg] = "fp32"
-        elif ints[arg] == 1:
-            constexprs[arg] = 1
-        else:
-            signature[arg] = "i32"
-            if ints[arg] % 16 == 0:
-                divisible.append(arg)
-    return AotKernel(name=name, fn=fn, signature=signature, constexprs=constexprs,
-                     divisible_by_16=tuple(divisible), production=production, **options)
+    return for_launch(name, fn, pointers, ints, constexprs, floats=_FLOAT_ARGS,
+                      production=production, **options)
 
 
 def _aot_variant(n: int, c: int, tag: str, z_dtype: torch.dtype, w_dtype: torch.dtype,
