@@ -64,9 +64,10 @@ def torch_prototype_ce_with_top1(
         # F.normalize's denominators, from the unrounded inputs: max(||x||, eps).
         z_scale = 1.0 / (z.float().norm(dim=1, keepdim=True).clamp_min(NORM_EPS) * tau)  # [N, 1]
         w_scale = 1.0 / weight.float().norm(dim=1, keepdim=True).clamp_min(NORM_EPS)  # [C, 1]
-        z_op = z.to(dot_dtype).float() * z_scale  # [N, D]
-        w_op = weight.to(dot_dtype).float() * w_scale  # [C, D]
-        logits = z_op @ w_op.t()  # [N, C] fp32
+        # Scaled after the matmul, as the kernel does: its operands then stay exactly
+        # 16-bit values, whose products TF32 (if enabled for fp32 matmuls) keeps exact too.
+        raw = z.to(dot_dtype).float() @ weight.to(dot_dtype).float().t()  # [N, C] fp32
+        logits = raw * z_scale * w_scale.t()  # [N, C]
         loss = F.cross_entropy(logits, labels)
         correct = logits.argmax(dim=1) == labels
     return loss, correct
