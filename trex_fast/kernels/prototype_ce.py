@@ -44,7 +44,7 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared device helpers
+# Shared device functions
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _load_rows(ptr, rows, row_ok, feats, dim, stride):
