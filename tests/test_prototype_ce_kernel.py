@@ -13,6 +13,10 @@ Bounds (max |kernel - reference| / max |reference|, i.e. relative to the tensor'
     float16    1e-5    4e-3             same, with fp16's 2^-11 rounding
 Measured under the CPU interpreter: fp32 ~3e-7; bf16 ~1e-2 (production shape 1.2e-2, against a
 floor of 3.4e-3 from storing the float64 gradient in bf16); fp16 ~5e-4; losses ~5e-8.
+
+Issue 14: several class splits (the forward's second grid axis and dL/dz's partial sums) give
+what one split gives; the production launch plan has wgmma-shaped tiles and fills an H100;
+and loss_impl='torch' and 'triton' agree under autocast (the same operand rounding).
 """
 from __future__ import annotations
 
@@ -27,12 +31,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
+from trex_fast.kernels import prototype_ce  # noqa: E402
 from trex_fast.kernels.prototype_ce import (  # noqa: E402
     BlockConfig,
     dot_dtype_for,
     fused_prototype_ce,
+    plan_launch,
 )
-from trex_fast.losses import prototype_ce_with_top1, prototype_cross_entropy  # noqa: E402
+from trex_fast.losses import (  # noqa: E402
+    prototype_ce_with_top1,
+    prototype_cross_entropy,
+    torch_prototype_ce_with_top1,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TAU = 0.1  # RECIPE.md
@@ -213,6 +223,112 @@ def test_weight_grad_splits_agree():
     assert rel_err(a["grad_w"], b["grad_w"]) <= 1e-6
 
 
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_class_splits_match_one_split(splits):
+    """The forward's class chunks (grid axis 1) merged by lse, argmax and target, and dL/dz's
+    per-chunk partial sums, give what one chunk gives. 70 classes in 16-class tiles: 2, 3 and
+    5 splits are chunks of 48, 32 and 16 classes, the last one ragged."""
+    z, weight, labels = make_inputs(45, 70, 37, torch.float32, seed=11, zero_classes=(5, 50))
+    one = run_kernel(z, weight, labels, blocks=BlockConfig(16, 16, class_splits=1))
+    blocks = BlockConfig(16, 16, class_splits=splits)
+    assert plan_launch(45, 70, 37, blocks, sms=None).class_splits == splits
+    many = run_kernel(z, weight, labels, blocks=blocks)
+    assert rel_err(many["loss"], one["loss"]) <= 1e-6
+    assert torch.equal(many["correct"], one["correct"])
+    assert rel_err(many["grad_z"], one["grad_z"]) <= 1e-6
+    assert rel_err(many["grad_w"], one["grad_w"]) <= 1e-6
+    assert_matches(many, reference64(z, weight, labels), torch.float32)
+
+
+def test_class_splits_keep_the_first_index_of_a_tie():
+    """Classes 3 and 40 have the same prototype, in different chunks (32-class chunks with 3
+    splits). Rows near that prototype have both as their top logit, so torch's argmax (the
+    first index) is 3: rows labelled 3 are correct, rows labelled 40 are not."""
+    z, weight, labels = make_inputs(32, 70, 37, torch.float32, seed=12)
+    weight[40] = weight[3]
+    z[:16] = weight[3] + 0.01 * z[:16]  # [16, D]: top class 3 == 40
+    labels[:8], labels[8:16] = 3, 40
+    for splits in (1, 3):
+        _, correct = fused_prototype_ce(z, weight, labels, TAU,
+                                        blocks=BlockConfig(16, 16, class_splits=splits))
+        assert correct[:8].all() and not correct[8:16].any(), splits
+    _, expected = torch_prototype_ce_with_top1(z, weight, labels, TAU)
+    assert torch.equal(correct, expected)
+
+
+def test_production_launch_fills_an_h100_with_wgmma_tiles():
+    """Item 9 of issue 14: on CUDA, 16-bit operands get 64-row tiles and 4 or 8 warps (wgmma
+    needs a warpgroup, M >= 64), and the forward and dL/dz grids have at least one program per
+    SM of an H100 (132) at both production shapes, without an empty class chunk."""
+    blocks = prototype_ce._block_config(torch.bfloat16, 256, "cuda")
+    assert blocks.block_n >= 64 and blocks.block_c >= 64
+    assert blocks.num_warps in (4, 8) and blocks.grad_num_warps in (4, 8)
+    for n, c in prototype_ce.PRODUCTION_SHAPES:
+        plan = plan_launch(n, c, 256, blocks, sms=132)
+        assert plan.row_blocks * plan.class_splits >= 132
+        assert plan.class_blocks * plan.weight_grad_splits >= 132
+        assert plan.class_chunk % blocks.block_c == 0
+        last_chunk_start = (plan.class_splits - 1) * plan.class_chunk
+        assert last_chunk_start < c <= last_chunk_start + plan.class_chunk
+    assert plan_launch(2304, 1000, 256, blocks, sms=132).class_splits > 1  # 36 row blocks only
+
+
+def test_prototypes_are_rounded_once_per_call(monkeypatch):
+    """Under bf16 autocast, fp32 prototypes reach the forward kernel as one bf16 copy (a cast
+    per call, not one per program), and the norms come from the fp32 values."""
+    seen = []
+    real = prototype_ce._forward_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((args[0].dtype, args[1].dtype))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(prototype_ce, "_forward_kernel", Spy())
+    z, _, labels = make_inputs(40, 23, 37, torch.bfloat16, seed=13)
+    _, weight, _ = make_inputs(40, 23, 37, torch.float32, seed=13)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        fused_prototype_ce(z, weight, labels, TAU, blocks=SMALL_BLOCKS)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["prototypes", "learned"])
+def test_torch_and_triton_impls_agree_under_autocast(weight_grad):
+    """Item 11 of issue 14: inside the training step's bf16 autocast (here CPU autocast), bf16
+    projector outputs against fp32 prototypes or classifier weights give the same loss, top-1
+    and gradients with loss_impl='torch' and 'triton': the reference rounds the operands as the
+    kernel does and computes the logits in fp32 with autocast off. Normalising first and letting
+    autocast run the matmul in bf16 (the reference before) is off by far more than the bound."""
+    z, _, labels = make_inputs(70, 37, 37, torch.bfloat16, seed=14)
+    _, weight, _ = make_inputs(70, 37, 37, torch.float32, seed=14)
+    out = {}
+    for impl in ("torch", "triton"):
+        z_leaf = z.clone().requires_grad_()
+        w_leaf = weight.clone().requires_grad_(weight_grad)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss, correct = prototype_ce_with_top1(z_leaf, w_leaf, labels, TAU, impl=impl)
+        (loss * GRAD_SCALE).backward()
+        out[impl] = dict(loss=loss.detach(), correct=correct, grad_z=z_leaf.grad,
+                         grad_w=w_leaf.grad)
+    ref, fused = out["torch"], out["triton"]
+    assert ref["loss"].dtype == fused["loss"].dtype == torch.float32
+    assert rel_err(fused["loss"], ref["loss"]) <= 1e-6
+    assert torch.equal(fused["correct"], ref["correct"])
+    assert fused["grad_z"].dtype == ref["grad_z"].dtype == torch.bfloat16
+    # The kernel's backward dots take bf16 dlogits, the reference's fp32 ones (measured on
+    # CPU: 8e-3, 1 to 2 bf16 ulps of the largest element, the gradient being stored in bf16).
+    assert rel_err(fused["grad_z"], ref["grad_z"]) <= BOUNDS[torch.bfloat16][1]
+    if weight_grad:
+        assert rel_err(fused["grad_w"], ref["grad_w"]) <= BOUNDS[torch.bfloat16][1]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        naive = F.normalize(z.float(), dim=1) @ F.normalize(weight, dim=1).t() / TAU
+        assert naive.dtype == torch.bfloat16  # autocast ran this matmul in bf16
+        naive_loss = F.cross_entropy(naive.float(), labels)
+    assert rel_err(naive_loss, ref["loss"]) > 10 * 1e-6  # measured: 1e-4
+
+
 def test_strided_inputs():
     """z as a column slice of a wider tensor (row stride != D) and W as a transposed view."""
     z_wide, _, labels = make_inputs(45, 21, 50, torch.float32, seed=8)
@@ -224,7 +340,7 @@ def test_strided_inputs():
 
 
 def test_losses_module_torch_and_triton_agree():
-    """trex_fast.losses with impl='torch' (fp32 reference) and impl='triton' (this kernel)."""
+    """trex_fast.losses with impl='torch' (reference, fp32 here) and impl='triton'."""
     z, weight, labels = make_inputs(45, 21, 37, torch.float32, seed=9, zero_classes=(2,))
     grads = {}
     for impl in ("torch", "triton"):

@@ -1,13 +1,24 @@
-"""Benchmark the fused prototype cross-entropy (issue 6) against eager and compiled torch.
+"""Benchmark the fused prototype cross-entropy (issues 6, 14) against eager and compiled torch.
 
 For every (N, C) shape and implementation it measures, after --warmup untimed iterations, the
 median over --iters iterations of the forward (loss and top-1), the backward and their total,
-and the peak memory of one forward + backward:
+and the peak memory of one forward + backward. The forward runs under --autocast (default
+bf16, as in the training step; the backward outside it, as there), on z in --dtype against W
+in --weight_dtype (default fp32, as the memory's prototypes):
 
-    torch    trex_fast.losses.torch_prototype_ce_with_top1 (the specification), eager
-    compile  the same function through torch.compile (reported as skipped, with the reason,
-             if compilation fails)
-    triton   trex_fast.kernels.prototype_ce.fused_prototype_ce
+    torch         trex_fast.losses.torch_prototype_ce_with_top1, the specification, eager:
+                  fp32 logits from operands rounded as the kernel rounds them (what
+                  loss_impl=torch trains with)
+    eager_bf16    the same loss written the plain way: normalise, matmul in the autocast dtype
+                  (bf16 tensor cores), fp32 cross-entropy; the fastest eager baseline (what
+                  loss_impl=torch ran before issue 14, item 11)
+    compile       torch.compile of the specification
+    compile_bf16  torch.compile of eager_bf16
+    triton        trex_fast.kernels.prototype_ce.fused_prototype_ce
+(a compile that fails is reported as skipped, with the reason). Each record has
+speedup_vs_<baseline> = baseline total time / this total time for every baseline above
+measured at that shape, itself included (null otherwise); baselines run first, so the triton
+record has them all.
 
 Timing: CUDA events on GPU, time.perf_counter on CPU. Memory (GPU only, null on CPU):
 peak_mem_mb = torch.cuda.max_memory_allocated during one forward + backward; extra_mem_mb =
@@ -15,13 +26,15 @@ that peak minus what was allocated before it (inputs excluded; the gradients of 
 every temporary included). On CPU the script sets TRITON_INTERPRET=1 itself, so only tiny
 sizes are practical there, e.g.
 
-    python tools/bench_kernel.py --device=cpu --n=64 --c=40 --d=37 --iters=2 --warmup=1
+    python tools/bench_kernel.py --device=cpu --n=64 --c=50 --impls=torch,eager_bf16,triton
 
-Progress goes to stderr; stdout ends with one JSON line per (impl, shape) measurement.
+Progress goes to stderr; each JSON record goes to stdout (flushed) as soon as it is measured,
+so a run cut short by a time limit keeps the lines it has printed.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -32,12 +45,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
 
 from trex_fast.losses import torch_prototype_ce_with_top1  # noqa: E402
 
-IMPLS = ("torch", "compile", "triton")
+IMPLS = ("torch", "eager_bf16", "compile", "compile_bf16", "triton")  # baselines first
+BASELINES = IMPLS[:-1]
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 TAU = 0.1  # RECIPE.md: logits are cosine similarities / 0.1
@@ -46,6 +61,10 @@ LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _shape_list(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in pair.split("x")) for pair in text.split(",") if pair]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,9 +76,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rows (crops per step), comma-separated (default 2304,9216,16384)")
     add("--c", type=_int_list, default=[1000, 21841],
         help="classes, comma-separated (default 1000,21841)")
+    add("--shapes", type=_shape_list, default=None,
+        help="NxC pairs instead of the --n x --c grid, e.g. 2304x1000,16384x21841 (the two "
+             "production shapes)")
     add("--d", type=int, default=256, help="feature dim of the projector output (default 256)")
     add("--dtype", choices=sorted(DTYPES), default="bfloat16",
-        help="dtype of z and W (default bfloat16)")
+        help="dtype of z, the projector output (default bfloat16)")
+    add("--weight_dtype", choices=sorted(DTYPES), default="float32",
+        help="dtype of W (default float32: the memory's prototypes, the classifier's weight)")
+    add("--autocast", choices=("bf16", "fp16", "none"), default="bf16",
+        help="autocast of the forward, as the training step's precision (default bf16)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda or cpu (default: cuda when available); cpu runs Triton interpreted")
     add("--impls", type=lambda s: s.split(","), default=list(IMPLS),
@@ -70,51 +96,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="W requires grad (plain preset's learned classifier); default: prototypes, no grad")
     add("--block_n", type=int, default=None, help="triton: rows per tile (default: heuristic)")
     add("--block_c", type=int, default=None, help="triton: classes per tile (default: heuristic)")
-    add("--num_warps", type=int, default=None, help="triton: warps per program")
+    add("--num_warps", type=int, default=None, help="triton: warps per forward program")
+    add("--grad_num_warps", type=int, default=None,
+        help="triton: warps per program of the gradient kernels")
+    add("--class_splits", type=int, default=None,
+        help="triton: class chunks of the forward and dL/dz (default: fill the GPU)")
     add("--weight_grad_splits", type=int, default=None,
         help="triton: row-block groups of the dL/dW reduction (default: fill the GPU)")
     args = parser.parse_args(argv)
     unknown = set(args.impls) - set(IMPLS)
     if unknown:
         parser.error(f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
+    args.impls = [name for name in IMPLS if name in args.impls]  # baselines before triton
+    if args.shapes is None:
+        args.shapes = [(n, c) for n in args.n for c in args.c]
     return args
 
 
-def make_inputs(n: int, c: int, d: int, dtype: torch.dtype, device: torch.device,
-                weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_inputs(n: int, c: int, d: int, dtype: torch.dtype, weight_dtype: torch.dtype,
+                device: torch.device, weight_grad: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z [n, d] (requires grad), W [c, d] with every 20th class absent (zero), labels [n]."""
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
     weight = torch.randn(c, d, generator=gen)
     if not weight_grad:
         weight[::20] = 0.0  # absent classes of the memory bank
-    weight = weight.to(device, dtype).requires_grad_(weight_grad)
+    weight = weight.to(device, weight_dtype).requires_grad_(weight_grad)
     labels = torch.randint(0, c, (n,), generator=gen).to(device)
     return z, weight, labels
 
 
+def autocast_matmul_ce_with_top1(z: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                 tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine CE the plain eager way: fp32 normalisation, the matmul in the caller's autocast
+    dtype (bf16 tensor cores in the training step), the cross-entropy in fp32."""
+    logits = F.normalize(z.float(), dim=1) @ F.normalize(weight.float(), dim=1).t() / tau
+    loss = F.cross_entropy(logits.float(), labels)  # [N, C] bf16 logits -> fp32 loss
+    return loss, logits.argmax(dim=1) == labels
+
+
 def build_impls(args: argparse.Namespace) -> dict[str, LossFn]:
-    """Name -> loss function; the Triton module is imported only when asked for."""
+    """Name -> loss function, each run under --autocast; triton is imported only if asked."""
     fns: dict[str, LossFn] = {}
     for name in args.impls:
         if name == "torch":
-            fns[name] = torch_prototype_ce_with_top1
+            fn = torch_prototype_ce_with_top1
+        elif name == "eager_bf16":
+            fn = autocast_matmul_ce_with_top1
         elif name == "compile":
-            fns[name] = torch.compile(torch_prototype_ce_with_top1, dynamic=False)
+            fn = torch.compile(torch_prototype_ce_with_top1, dynamic=False)
+        elif name == "compile_bf16":
+            fn = torch.compile(autocast_matmul_ce_with_top1, dynamic=False)
         else:
-            fns[name] = _triton_fn(args)
+            fn = _triton_fn(args)
+        fns[name] = _under_autocast(fn, args)
     return fns
+
+
+def _under_autocast(fn: LossFn, args: argparse.Namespace) -> LossFn:
+    if args.autocast == "none":
+        return fn
+    dtype = DTYPES[args.autocast]
+    device_type = torch.device(args.device).type
+
+    def run_autocast(z, weight, labels, tau):
+        with torch.autocast(device_type, dtype=dtype):
+            return fn(z, weight, labels, tau)
+
+    return run_autocast
 
 
 def _triton_fn(args: argparse.Namespace) -> LossFn:
     from trex_fast.kernels import prototype_ce
 
     def fn(z, weight, labels, tau):
-        defaults = prototype_ce.default_block_config(z, weight)
-        blocks = prototype_ce.BlockConfig(
-            block_n=args.block_n or defaults.block_n, block_c=args.block_c or defaults.block_c,
+        defaults = prototype_ce.default_block_config(z, weight)  # in the autocast state
+        blocks = dataclasses.replace(
+            defaults, block_n=args.block_n or defaults.block_n,
+            block_c=args.block_c or defaults.block_c,
             num_warps=args.num_warps or defaults.num_warps,
-            weight_grad_splits=args.weight_grad_splits)
+            grad_num_warps=args.grad_num_warps or defaults.grad_num_warps,
+            class_splits=args.class_splits, weight_grad_splits=args.weight_grad_splits)
         return prototype_ce.fused_prototype_ce(z, weight, labels, tau, blocks=blocks)
 
     return fn
@@ -185,26 +248,32 @@ def _environment(device: torch.device) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    """Measure every (shape, impl); print each record (JSON, stdout) as soon as it exists."""
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype, weight_dtype = DTYPES[args.dtype], DTYPES[args.weight_dtype]
     fns = build_impls(args)
     env = _environment(device)
     records = []
-    for n in args.n:
-        for c in args.c:
-            inputs = make_inputs(n, c, args.d, dtype, device, args.weight_grad)
-            shape_records = [_measure_record(name, fn, inputs, args) for name, fn in fns.items()]
-            _add_speedups(shape_records)
-            for rec in shape_records:
-                rec.update(n=n, c=c, d=args.d, dtype=str(dtype).removeprefix("torch."),
-                           device=device.type, weight_grad=args.weight_grad,
-                           iters=args.iters, warmup=args.warmup, **env)
-                print(_progress_line(rec), file=sys.stderr, flush=True)
-            records += shape_records
-            del inputs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for n, c in args.shapes:
+        inputs = make_inputs(n, c, args.d, dtype, weight_dtype, device, args.weight_grad)
+        shape_records: list[dict] = []
+        for name, fn in fns.items():
+            rec = _measure_record(name, fn, inputs, args)
+            _add_speedups(rec, shape_records)
+            rec.update(n=n, c=c, d=args.d, dtype=_name(dtype), weight_dtype=_name(weight_dtype),
+                       autocast=args.autocast, device=device.type,
+                       weight_grad=args.weight_grad, iters=args.iters, warmup=args.warmup,
+                       **env)
+            print(_progress_line(rec), file=sys.stderr, flush=True)
+            print(json.dumps(rec), flush=True)
+            shape_records.append(rec)
+        records += shape_records
+        del inputs
     return records
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _measure_record(name: str, fn: LossFn, inputs: tuple, args: argparse.Namespace) -> dict:
@@ -214,17 +283,21 @@ def _measure_record(name: str, fn: LossFn, inputs: tuple, args: argparse.Namespa
         return dict(impl=name, status="ok", reason=None,
                     **measure(fn, inputs, args.iters, args.warmup))
     except Exception as exc:  # reported in the JSON line, not swallowed
-        status = "skipped" if name == "compile" else "error"
+        status = "skipped" if name.startswith("compile") else "error"
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         return dict(impl=name, status=status, reason=f"{type(exc).__name__}: {first_line}")
+    finally:
+        if inputs[0].device.type == "cuda":
+            torch.cuda.empty_cache()  # eager's N x C temporaries do not crowd the next impl
 
 
-def _add_speedups(records: list[dict]) -> None:
-    """speedup_vs_torch = eager total time / this total time (null without both)."""
-    eager = next((r for r in records if r["impl"] == "torch" and r["status"] == "ok"), None)
-    for rec in records:
-        ok = eager is not None and rec["status"] == "ok"
-        rec["speedup_vs_torch"] = eager["total_ms"] / rec["total_ms"] if ok else None
+def _add_speedups(rec: dict, earlier: list[dict]) -> None:
+    """speedup_vs_<baseline> = baseline total time / rec's, for every baseline measured ok at
+    this shape before rec, or rec itself (1.0); null otherwise."""
+    done = {r["impl"]: r["total_ms"] for r in [*earlier, rec] if r["status"] == "ok"}
+    for baseline in BASELINES:
+        ok = baseline in done and rec["status"] == "ok"
+        rec[f"speedup_vs_{baseline}"] = done[baseline] / rec["total_ms"] if ok else None
 
 
 def _progress_line(rec: dict) -> str:
@@ -244,8 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         # Inductor compiles in-process. Observed on the 2-core CPU machine: with its compile
         # worker pool alive, steps of the compiled reference took ~110 ms instead of ~0.15 ms.
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    for rec in run(args):
-        print(json.dumps(rec), flush=True)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""tools/aot_check.py: every Triton kernel compiled ahead of time, no GPU needed (issue 14, item 8).
+
+Runs the tool as a subprocess without TRITON_INTERPRET (under it triton.jit gives interpreter
+stand-ins that cannot be compiled). Compiling for both targets takes about a minute on a
+2-core CPU the first time; triton's cache makes later runs a few seconds each.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "aot_check.py"
+FIELDS = {"kernel", "file", "target", "registers", "spill_bytes", "shared_bytes", "mma",
+          "production", "has_dot", "num_warps"}
+MATRIX_KERNELS = ("prototype_ce_fwd", "prototype_ce_grad_z", "prototype_ce_grad_w")
+SHAPES = ("N=2304,C=1000", "N=16384,C=21841")
+
+
+def run_aot_check(*args: str, pythonpath: Path | None = None):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return proc, records
+
+
+@pytest.fixture(scope="module", params=["sm_90a", "sm_80"])
+def compiled(request):
+    proc, records = run_aot_check(f"--target={request.param}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return request.param, records
+
+
+def test_every_kernel_compiles_and_production_configs_do_not_spill(compiled):
+    target, records = compiled
+    names = {r["kernel"] for r in records}
+    for kernel in MATRIX_KERNELS:
+        for shape in SHAPES:
+            assert f"{kernel}[{shape}]" in names
+            assert f"{kernel}[fp32,{shape}]" in names
+    for rec in records:
+        assert FIELDS <= rec.keys(), rec
+        assert "error" not in rec, rec
+        assert rec["target"] == target and (ROOT / rec["file"]).is_file()
+        assert rec["registers"] > 0 and rec["mma"] in ("wgmma", "mma.sync", "none")
+        if rec["production"] or rec["kernel"].startswith("prototype_ce"):
+            assert rec["spill_bytes"] == 0 and rec["spill_load_bytes"] == 0, rec
+
+
+def test_prototype_ce_matrix_products_use_the_targets_tensor_core_instructions(compiled):
+    """sm_90a: wgmma (warpgroup MMA) for every production prototype-CE kernel with a tl.dot;
+    sm_80: mma.sync. The fp32 variant's exact fp32 dots (no TF32) use no tensor cores."""
+    target, records = compiled
+    matrix = [r for r in records if r["kernel"].startswith("prototype_ce") and r["has_dot"]]
+    assert len(matrix) == 2 * len(MATRIX_KERNELS) * len(SHAPES)
+    expected = "wgmma" if target == "sm_90a" else "mma.sync"
+    for rec in matrix:
+        assert rec["mma"] == (expected if rec["production"] else "none"), rec
+    assert sum(r["production"] for r in matrix) == len(MATRIX_KERNELS) * len(SHAPES)
+
+
+BROKEN_KERNELS = '''
+import triton
+import triton.language as tl
+
+from trex_fast.kernels.aot import AotKernel
+
+
+@triton.jit
+def doubled(x_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    ok = offsets < n
+    tl.store(x_ptr + offsets, 2.0 * tl.load(x_ptr + offsets, mask=ok), mask=ok)
+
+
+@triton.jit
+def mismatched_dot(x_ptr, BLOCK: tl.constexpr):
+    a = tl.zeros([BLOCK, 16], tl.float32)
+    b = tl.zeros([32, 16], tl.float32)  # inner dimensions 16 and 32: does not compile
+    tl.store(x_ptr + tl.arange(0, 16), tl.sum(tl.dot(a, b), axis=0))
+
+
+def aot_kernels():
+    return [AotKernel("mismatched_dot", mismatched_dot, {"x_ptr": "*fp32"}, {"BLOCK": 16}),
+            AotKernel("doubled", doubled, {"x_ptr": "*fp32", "n": "i32"}, {"BLOCK": 128})]
+'''
+
+
+def test_failures_are_reported_per_kernel_and_set_the_exit_code(tmp_path):
+    """A kernel that does not compile gets an "error" line and the next one still compiles; a
+    module that is not there is skipped; one that fails to import is an error line."""
+    (tmp_path / "aot_sample_kernels.py").write_text(BROKEN_KERNELS)
+    (tmp_path / "aot_broken_import.py").write_text("raise ImportError('half-written module')\n")
+    proc, records = run_aot_check(
+        "--target=sm_80", "--modules=aot_absent_module,aot_broken_import,aot_sample_kernels",
+        pythonpath=tmp_path)
+    assert proc.returncode == 1
+    assert "skipping aot_absent_module" in proc.stderr
+    broken, bad, good = records
+    assert broken["module"] == "aot_broken_import" and "half-written" in broken["error"]
+    assert bad["kernel"] == "mismatched_dot" and bad["error"]
+    assert good["kernel"] == "doubled" and "error" not in good
+    assert good["registers"] > 0 and good["spill_bytes"] == 0 and good["mma"] == "none"

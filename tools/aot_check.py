@@ -1,0 +1,195 @@
+"""Compile every Triton kernel of the project ahead of time for a named GPU target (issue 14).
+
+No GPU is needed: each kernel module's `aot_kernels()` (trex_fast/kernels/aot.py) lists its
+production launch configurations; each is compiled with triton.compile (an ASTSource for a
+GPUTarget) and its PTX assembled again with the wheel's own ptxas -v, which reports registers
+and spills. One JSON line per kernel and configuration goes to stdout as soon as it is built:
+
+    kernel, file, target, registers, spill_bytes (bytes of spill stores), spill_load_bytes,
+    stack_bytes, shared_bytes (triton's shared memory per program), mma ("wgmma", "mma.sync"
+    or "none", read from the PTX), num_warps, num_stages, production, has_dot, constexprs
+
+A kernel that fails to compile, or needs more shared memory than the target has, gets an
+"error" field instead and makes the exit status 1; the others still run. A module that is not
+there yet is skipped with a note on stderr; one that is there but fails to import is an error.
+--strict also exits 1 when a production configuration spills registers.
+
+    python tools/aot_check.py --target=sm_90a
+    python tools/aot_check.py --target=sm_80 --strict
+"""
+from __future__ import annotations
+
+import os
+
+# Under TRITON_INTERPRET=1 triton.jit builds interpreter stand-ins that cannot be compiled;
+# this must happen before triton or any kernel module is imported.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a bare checkout too
+
+KERNEL_MODULES = ("trex_fast.kernels.prototype_ce", "pipelines.kernels.multicrop")
+# name -> (compute capability, max shared memory per block in bytes with the opt-in)
+TARGETS = {"sm_80": (80, 166912), "sm_86": (86, 101376), "sm_89": (89, 101376),
+           "sm_90a": (90, 232448)}
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    summary, details = __doc__.split("\n\n", 1)
+    parser = argparse.ArgumentParser(description=summary, epilog=details,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90a",
+                        help="GPU architecture to compile for (default sm_90a: H100/H200)")
+    parser.add_argument("--modules", type=lambda s: tuple(s.split(",")), default=KERNEL_MODULES,
+                        help="comma-separated kernel modules (default: every module of the "
+                             "project)")
+    parser.add_argument("--strict", action="store_true",
+                        help="also exit 1 when a production configuration spills registers")
+    return parser.parse_args(argv)
+
+
+def _inside(path: str | None) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(ROOT)
+
+
+def load_kernels(module_name: str) -> list:
+    """The module's aot_kernels(), or [] when the module is not there (yet).
+
+    Not there also covers a module whose top-level package is this checkout's but which would
+    resolve outside it (an editable install of another checkout filling the gap): this tool
+    checks the kernels of its own checkout only.
+    """
+    parts = module_name.split(".")
+    top = importlib.util.find_spec(parts[0])
+    for depth in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        spec = importlib.util.find_spec(prefix)  # imports only the prefix's parent
+        if spec is None or (_inside(top.origin) and not _inside(spec.origin)):
+            where = "not found" if spec is None else f"resolves outside {ROOT}: {spec.origin}"
+            print(f"aot_check: skipping {module_name}: {prefix} {where}", file=sys.stderr,
+                  flush=True)
+            return []
+    return list(importlib.import_module(module_name).aot_kernels())
+
+
+def _source_file(fn) -> str:
+    path = Path(inspect.getsourcefile(getattr(fn, "fn", fn))).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _ast_source(kernel):
+    """triton.compiler.ASTSource with every argument typed and the JIT's 16-divisibility
+    specialisation of pointers and of the integers the kernel lists."""
+    from triton.compiler import ASTSource
+
+    arg_names = list(kernel.fn.arg_names)
+    given = list(kernel.signature) + list(kernel.constexprs)
+    if sorted(given) != sorted(arg_names):
+        raise ValueError(f"signature + constexprs {given} do not match the arguments "
+                         f"{arg_names}")
+    signature = {name: kernel.signature.get(name, "constexpr") for name in arg_names}
+    aligned = [name for name, ty in kernel.signature.items()
+               if ty.startswith("*") or name in kernel.divisible_by_16]
+    attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    return ASTSource(fn=kernel.fn, signature=signature, constexprs=dict(kernel.constexprs),
+                     attrs=attrs)
+
+
+@functools.cache  # the same PTX at several shapes is assembled once
+def _ptxas_report(ptx: str, capability: int) -> dict:
+    """registers / spills / stack from `ptxas -v` on the PTX triton generated."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)  # e.g. sm_90a
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [get_ptxas(capability).path, "-v", "-lineinfo", "--regAllocOptLevel=2",
+               f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "kernel.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    stack, stores, loads = (int(x) for x in _SPILLS.search(log).groups())
+    return dict(registers=int(_REGS.search(log).group(1)), spill_bytes=stores,
+                spill_load_bytes=loads, stack_bytes=stack)
+
+
+def mma_kind(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma.sync"
+    return "none"
+
+
+def check_kernel(kernel, target_name: str) -> dict:
+    """Compile one configuration and describe it; raises on a compile failure."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    capability, max_shared = TARGETS[target_name]
+    target = GPUTarget("cuda", capability, 32)
+    options = triton.compiler.make_backend(target).parse_options(
+        {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
+    start = time.perf_counter()
+    compiled = triton.compile(_ast_source(kernel), target=target, options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    record = dict(**_ptxas_report(ptx, capability), shared_bytes=compiled.metadata.shared,
+                  mma=mma_kind(ptx))
+    record["compile_s"] = round(time.perf_counter() - start, 2)
+    if record["shared_bytes"] > max_shared:
+        record["error"] = (f"needs {record['shared_bytes']} bytes of shared memory, "
+                           f"{target_name} has {max_shared}")
+    return record
+
+
+def describe(kernel, target_name: str) -> dict:
+    return dict(kernel=kernel.name, file=_source_file(kernel.fn), target=target_name,
+                num_warps=kernel.num_warps, num_stages=kernel.num_stages,
+                production=kernel.production, has_dot=kernel.has_dot,
+                constexprs={k: str(v) for k, v in kernel.constexprs.items()})
+
+
+def _error(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' | '.join(lines[:3])[:500]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    failed = False
+    for module_name in args.modules:
+        try:
+            kernels = load_kernels(module_name)
+        except Exception as exc:  # reported as a JSON line, then the next module
+            print(json.dumps(dict(kernel=None, module=module_name, target=args.target,
+                                  error=_error(exc))), flush=True)
+            failed = True
+            continue
+        for kernel in kernels:
+            record = describe(kernel, args.target)
+            try:
+                record.update(check_kernel(kernel, args.target))
+            except Exception as exc:  # one failing kernel must not hide the others
+                record["error"] = _error(exc)
+            failed |= "error" in record
+            failed |= bool(args.strict and kernel.production and record.get("spill_bytes"))
+            print(json.dumps(record), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
