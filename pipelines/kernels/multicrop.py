@@ -51,6 +51,18 @@ _P_TOP, _P_LEFT, _P_HEIGHT, _P_WIDTH = _U["P_TOP"], _U["P_LEFT"], _U["P_HEIGHT"]
 _P_FLIP, _P_JITTER, _P_GRAY = _U["P_FLIP"], _U["P_JITTER"], _U["P_GRAY"]
 _P_BLUR, _P_SOLARIZE, _P_SIGMA = _U["P_BLUR"], _U["P_SOLARIZE"], _U["P_SIGMA"]
 _P_FACTORS, _P_ORDER, _NUM_P, _NUM_U = _U["P_FACTORS"], _U["P_ORDER"], _U["NUM_P"], _U["NUM_U"]
+_U_AREA = tl.constexpr(D.U_AREA)
+_U_BLUR = tl.constexpr(D.U_BLUR)
+_U_FACTORS = tl.constexpr(D.U_FACTORS)
+_U_FLIP = tl.constexpr(D.U_FLIP)
+_U_GRAY = tl.constexpr(D.U_GRAY)
+_U_JITTER = tl.constexpr(D.U_JITTER)
+_U_LEFT = tl.constexpr(D.U_LEFT)
+_U_LOG_RATIO = tl.constexpr(D.U_LOG_RATIO)
+_U_ORDER = tl.constexpr(D.U_ORDER)
+_U_SIGMA = tl.constexpr(D.U_SIGMA)
+_U_SOLARIZE = tl.constexpr(D.U_SOLARIZE)
+_U_TOP = tl.constexpr(D.U_TOP)
 _G_R, _G_G, _G_B = tl.constexpr(GRAY_R), tl.constexpr(GRAY_G), tl.constexpr(GRAY_B)
 
 
@@ -82,10 +94,10 @@ def _params_kernel(u_ptr, sizes_ptr, size_stride, consts_ptr, out_ptr, n, batch,
     zero = tl.zeros([BLOCK], dtype=tl.float64)
     top, left, box_h, box_w = zero, zero, zero, zero
     for t in tl.static_range(TRIES):
-        u_area = tl.load(u_row + _U["U_AREA"] + t, mask=ok, other=0.0).to(tl.float64)
-        u_ratio = tl.load(u_row + _U["U_LOG_RATIO"] + t, mask=ok, other=0.0).to(tl.float64)
-        u_top = tl.load(u_row + _U["U_TOP"] + t, mask=ok, other=0.0).to(tl.float64)
-        u_left = tl.load(u_row + _U["U_LEFT"] + t, mask=ok, other=0.0).to(tl.float64)
+        u_area = tl.load(u_row + _U_AREA + t, mask=ok, other=0.0).to(tl.float64)
+        u_ratio = tl.load(u_row + _U_LOG_RATIO + t, mask=ok, other=0.0).to(tl.float64)
+        u_top = tl.load(u_row + _U_TOP + t, mask=ok, other=0.0).to(tl.float64)
+        u_left = tl.load(u_row + _U_LEFT + t, mask=ok, other=0.0).to(tl.float64)
         area = height * width * (scale_lo + (scale_hi - scale_lo) * u_area)
         aspect = tl.exp(log_lo + (log_hi - log_lo) * u_ratio)
         w = _round_half_even(tl.sqrt(area * aspect))
@@ -104,19 +116,19 @@ def _params_kernel(u_ptr, sizes_ptr, size_stride, consts_ptr, out_ptr, n, batch,
     tl.store(out_row + _P_LEFT, tl.where(found, left, tl.floor((width - fb_w) / 2)), mask=ok)
     tl.store(out_row + _P_HEIGHT, tl.where(found, box_h, fb_h), mask=ok)
     tl.store(out_row + _P_WIDTH, tl.where(found, box_w, fb_w), mask=ok)
-    _coin(u_row + _U["U_FLIP"], out_row + _P_FLIP, consts_ptr + 6, ok)
-    _coin(u_row + _U["U_JITTER"], out_row + _P_JITTER, consts_ptr + 7, ok)
-    _coin(u_row + _U["U_GRAY"], out_row + _P_GRAY, consts_ptr + 8, ok)
-    _coin(u_row + _U["U_BLUR"], out_row + _P_BLUR, consts_ptr + 9, ok)
-    _coin(u_row + _U["U_SOLARIZE"], out_row + _P_SOLARIZE, consts_ptr + 10, ok)
+    _coin(u_row + _U_FLIP, out_row + _P_FLIP, consts_ptr + 6, ok)
+    _coin(u_row + _U_JITTER, out_row + _P_JITTER, consts_ptr + 7, ok)
+    _coin(u_row + _U_GRAY, out_row + _P_GRAY, consts_ptr + 8, ok)
+    _coin(u_row + _U_BLUR, out_row + _P_BLUR, consts_ptr + 9, ok)
+    _coin(u_row + _U_SOLARIZE, out_row + _P_SOLARIZE, consts_ptr + 10, ok)
     for k in tl.static_range(4):
         lo, hi = tl.load(consts_ptr + 11 + 2 * k), tl.load(consts_ptr + 12 + 2 * k)
-        u = tl.load(u_row + _U["U_FACTORS"] + k, mask=ok, other=0.0)
+        u = tl.load(u_row + _U_FACTORS + k, mask=ok, other=0.0)
         tl.store(out_row + _P_FACTORS + k, lo.to(tl.float32) + (hi - lo).to(tl.float32) * u,
                  mask=ok)
-    _store_order(u_row + _U["U_ORDER"], out_row + _P_ORDER, ok)
+    _store_order(u_row + _U_ORDER, out_row + _P_ORDER, ok)
     lo, hi = tl.load(consts_ptr + 19), tl.load(consts_ptr + 20)
-    u = tl.load(u_row + _U["U_SIGMA"], mask=ok, other=0.0)
+    u = tl.load(u_row + _U_SIGMA, mask=ok, other=0.0)
     tl.store(out_row + _P_SIGMA, lo.to(tl.float32) + (hi - lo).to(tl.float32) * u, mask=ok)
 
 
@@ -516,3 +528,50 @@ def multicrop_group(images: DeviceImages, u: torch.Tensor, group: CropSpec, dtyp
     table = params(u, images.sizes, group)
     mid, partial = resize(images, table, group.size)
     return photometric(mid, partial, table, group, dtype, channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile descriptions (tools/aot_check.py)
+# ---------------------------------------------------------------------------------------------
+def aot_kernels() -> list:
+    """The launches of one production batch: B = 256 images in 500 x 500 slots, t-ReX crops
+    (1 x 224 with solarize, 8 x 96 without), fp16 intermediate, bf16 channels-last output, on
+    CUDA (tf32 dots); the resize kernel for each source layout."""
+    from trex_fast.kernels.aot import for_launch
+
+    batch, slot = 256, 500 * 500 * 3
+    kernels = []
+    for name, count, size, solarize in (("global", 1, 224, True), ("local", 8, 96, False)):
+        n, tiles_x = count * batch, triton.cdiv(size, TILE)
+        group = CropSpec(count, size, (0.25, 1.0), blur_p=0.5,
+                         solarize_p=0.2 if solarize else 0.0)
+        kernels.append(for_launch(
+            f"multicrop_params[{name},n={n}]", _params_kernel,
+            {"u_ptr": torch.float32, "sizes_ptr": torch.int64, "consts_ptr": torch.float64,
+             "out_ptr": torch.float32}, {"size_stride": 2, "n": n, "batch": batch},
+            {"TRIES": D.RRC_TRIES, "BLOCK": PARAMS_BLOCK}, num_warps=NUM_WARPS))
+        for layout, layout_name in ((PACKED, "packed"), (PLANES, "planes"), (CANVAS, "canvas")):
+            kernels.append(for_launch(
+                f"multicrop_resize[{name},{layout_name},S={size}]", _resize_kernel,
+                {"src_ptr": torch.uint8, "offsets_ptr": torch.int64, "sizes_ptr": torch.int64,
+                 "params_ptr": torch.float32, "partial_ptr": torch.float32,
+                 "mid_ptr": torch.float16},
+                {"offset_stride": 3 if layout == PLANES else 2, "size_stride": 3 if
+                 layout == PLANES else 2, "image_stride": 0 if layout == PLANES else slot,
+                 "canvas_width": 500, "batch": batch, "out_size": size},
+                {"LAYOUT": layout, "TILES_X": tiles_x, "BO": TILE, "BK": CHUNK,
+                 "DOT_PRECISION": "tf32"}, num_warps=NUM_WARPS, has_dot=True))
+        radius = blur_radius(group)
+        kernels.append(for_launch(
+            f"multicrop_photometric[{name},S={size}]", _photometric_kernel,
+            {"mid_ptr": torch.float16, "params_ptr": torch.float32,
+             "partial_ptr": torch.float32, "out_ptr": torch.bfloat16}, {"out_size": size},
+            {"MEAN_R": IMAGENET_MEAN[0], "MEAN_G": IMAGENET_MEAN[1],
+             "MEAN_B": IMAGENET_MEAN[2], "STD_R": IMAGENET_STD[0], "STD_G": IMAGENET_STD[1],
+             "STD_B": IMAGENET_STD[2], "THRESHOLD": group.solarize_threshold / 255.0,
+             "RADIUS": radius, "HAS_BLUR": True, "HAS_SOLARIZE": solarize,
+             "CHANNELS_LAST": True, "TILES_X": tiles_x,
+             "TILES_PAD": triton.next_power_of_2(tiles_x * tiles_x), "BO": TILE,
+             "BH": triton.next_power_of_2(TILE + 2 * radius), "DOT_PRECISION": "tf32"},
+            num_warps=NUM_WARPS, has_dot=True))
+    return kernels

@@ -33,8 +33,8 @@ class AotKernel:
     divisible_by_16: tuple = ()
 
 
-TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int64": "i64",
-                   "int32": "i32", "int8": "i8"}
+TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
+                   "int64": "i64", "int32": "i32", "int8": "i8", "uint8": "u8"}
 
 
 def pointer(dtype) -> str:
