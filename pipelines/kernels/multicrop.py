@@ -40,6 +40,7 @@ TILE = 32  # output tile side (both kernels)
 CHUNK = 32  # source window chunk of the resize kernel
 BICUBIC_SUPPORT = 2.0
 NUM_WARPS = 4
+RESIZE_WARPS = 8  # six 32x32 fp32 accumulators: 4 warps need 255 registers and spill on sm_80
 GRAY_R, GRAY_G, GRAY_B = 0.2989, 0.587, 0.114  # torchvision's rgb_to_grayscale
 
 _U = {k: tl.constexpr(v) for k, v in vars(D).items() if k.startswith(("U_", "P_", "NUM_"))}
@@ -496,7 +497,7 @@ def resize(images: DeviceImages, table: torch.Tensor, out_size: int,
         images.image_stride,
         images.canvas_hw[1], table, partial, mid, images.batch_size, out_size,
         LAYOUT=images.layout, TILES_X=tiles_x, BO=TILE, BK=CHUNK,
-        DOT_PRECISION=_dot_precision(device), num_warps=NUM_WARPS)
+        DOT_PRECISION=_dot_precision(device), num_warps=RESIZE_WARPS)
     return mid, partial
 
 
@@ -560,7 +561,7 @@ def aot_kernels() -> list:
                  layout == PLANES else 2, "image_stride": 0 if layout == PLANES else slot,
                  "canvas_width": 500, "batch": batch, "out_size": size},
                 {"LAYOUT": layout, "TILES_X": tiles_x, "BO": TILE, "BK": CHUNK,
-                 "DOT_PRECISION": "tf32"}, num_warps=NUM_WARPS, has_dot=True))
+                 "DOT_PRECISION": "tf32"}, num_warps=RESIZE_WARPS, has_dot=True))
         radius = blur_radius(group)
         kernels.append(for_launch(
             f"multicrop_photometric[{name},S={size}]", _photometric_kernel,
