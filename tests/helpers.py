@@ -90,3 +90,22 @@ def torchvision_photometric(image: np.ndarray, jitter=None, keys=(0, 1, 2, 3), g
     if solarize_threshold is not None:
         x = TF.solarize(x, solarize_threshold)
     return x.permute(1, 2, 0).numpy().astype(np.float64)
+
+
+def assert_batch_contract(batch: MultiCropBatch, spec, settings) -> None:
+    """The one batch contract (pipelines/batch.py) every producer must meet: crop-major groups
+    [G*B, 3, Sg, Sg] and [L*B, 3, Sl, Sl] in the compute dtype, channels-last iff asked, on the
+    training device, finite, and int64 labels [B] there too."""
+    b = settings.batch_size
+    assert isinstance(batch, MultiCropBatch) and batch.labels.shape == (b,)
+    assert batch.labels.dtype == torch.int64 and batch.labels.device == settings.device
+    for crops, group in ((batch.global_crops, spec.global_group),
+                         (batch.local_crops, spec.local_group)):
+        if group.count == 0:
+            assert crops.shape[0] == 0
+            continue
+        assert crops.shape == (group.count * b, 3, group.size, group.size), crops.shape
+        assert crops.dtype == settings.dtype and crops.device == settings.device
+        assert crops.is_contiguous(memory_format=torch.channels_last) == settings.channels_last
+        assert crops.is_contiguous() != settings.channels_last  # 3 channels: the two differ
+        assert torch.isfinite(crops.float()).all()

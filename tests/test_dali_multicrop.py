@@ -32,6 +32,7 @@ from pipelines.batch import LoaderSettings
 from pipelines.convert.shards import ShardWriter
 from pipelines.reference import MultiCropDataset, ReferenceValData, load_rgb
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
+from tests.helpers import assert_batch_contract
 from trex_fast import demo_data
 
 pytestmark = pytest.mark.dali
@@ -100,6 +101,7 @@ def test_epoch_yields_the_batch_contract(data_root, photometric, dtype, channels
     batches = list(data.epoch(0))
     assert len(batches) == 6
     b = batches[0]
+    assert_batch_contract(b, SPEC, data.settings)
     assert b.global_crops.shape == (4, 3, 64, 64) and b.local_crops.shape == (8, 3, 32, 32)
     assert b.global_crops.dtype == dtype == b.local_crops.dtype
     assert b.labels.dtype == torch.int64 and b.labels.shape == (4,)

@@ -15,7 +15,7 @@ import torch
 from pipelines.gpu_multicrop import unpack_canvas
 from pipelines.reference import LoaderSettings, ReferenceValData, load_rgb
 from pipelines.spec import CropSpec, MultiCropSpec
-from tests.helpers import run_in_spawned_process
+from tests.helpers import assert_batch_contract, run_in_spawned_process
 from trex_fast import demo_data
 
 pytestmark = pytest.mark.ffcv
@@ -101,6 +101,7 @@ def test_epoch_yields_multicrop_batches_deterministically(beton_root, no_jit):
     b = first[0]
     assert b.global_crops.shape == (4, 3, 64, 64) and b.local_crops.shape == (8, 3, 32, 32)
     assert b.local_crops.is_contiguous(memory_format=torch.channels_last)
+    assert_batch_contract(b, SPEC, _settings(4))
     for x, y in zip(first[2:], again):  # resuming mid-epoch gives the same batches
         assert torch.equal(x.labels, y.labels) and torch.equal(x.global_crops, y.global_crops)
     other = next(iter(data.epoch(2)))

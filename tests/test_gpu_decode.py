@@ -22,7 +22,7 @@ import torch
 from pipelines.gpu_multicrop import unpack_canvas
 from pipelines.reference import LoaderSettings, load_rgb
 from pipelines.spec import CropSpec, MultiCropSpec
-from tests.helpers import run_in_spawned_process
+from tests.helpers import assert_batch_contract, run_in_spawned_process
 
 pytestmark = pytest.mark.ffcv
 
@@ -208,6 +208,7 @@ def test_train_batches_match_cpu_mode(gd_root, no_jit):
         cpu = list(FfcvTrainData(beton, SPEC, _settings(), decode="cpu").epoch(1))
         gpu = list(FfcvTrainData(beton, SPEC, _settings(), decode="gpu").epoch(1))
         assert len(cpu) == len(gpu) == 2
+        assert_batch_contract(gpu[0], SPEC, _settings())
         for x, y in zip(cpu, gpu):
             assert torch.equal(x.labels, y.labels)
             for a, b in ((x.global_crops, y.global_crops), (x.local_crops, y.local_crops)):

@@ -13,9 +13,11 @@ import torch
 
 from pipelines import draws as D
 from pipelines import gpu_multicrop as G
+from pipelines.batch import LoaderSettings
 from pipelines.device_images import from_canvas, from_packed, from_planes
 from pipelines.kernels import multicrop as K
 from pipelines.spec import CropSpec, MultiCropSpec, multicrop_spec
+from tests.helpers import assert_batch_contract
 from trex_fast.config import make_config
 from trex_fast.costcount import count_cost
 
@@ -151,6 +153,9 @@ def test_stage_triton_matches_torch(dtype):
         _assert_close_255(a, b, name, max_tol=2.0, mean_tol=0.3 if dtype == torch.float32
                           else 0.35)
     assert torch.equal(out["triton"].labels, labels)
+    settings = LoaderSettings(5, 0, 7, 0, 1, torch.device("cpu"), dtype, True)
+    for batch in out.values():
+        assert_batch_contract(batch, SPEC, settings)
 
 
 def test_layouts_give_the_same_crops():
@@ -207,7 +212,7 @@ def test_counted_cost_within_budget():
         stage = G.GpuMultiCrop(spec, torch.device("cpu"), torch.bfloat16, True, seed=0,
                                impl=impl)
 
-        def one(step: int):
+        def one(step: int, stage=stage):
             return stage(from_packed(packed, sizes, 500, 500), None, torch.zeros(2), 0, step)
 
         with count_cost(run_kernels=False):

@@ -11,7 +11,7 @@ from pipelines.reference import (
     collate_multicrop,
 )
 from pipelines.spec import IMAGENET_MEAN, multicrop_spec
-from tests.helpers import tiny_config
+from tests.helpers import assert_batch_contract, tiny_config
 from trex_fast.demo_data import write_dataset
 
 
@@ -28,6 +28,7 @@ def test_batch_contract_crop_major_channels_last_normalised(tmp_path):
     data = ReferenceTrainData(str(tmp_path / "train"), multicrop_spec(cfg), _settings())
     batch = next(iter(data.epoch(0)))
     assert isinstance(batch, MultiCropBatch)
+    assert_batch_contract(batch, multicrop_spec(cfg), _settings())
     assert batch.global_crops.shape == (4, 3, 32, 32)  # [G*B, 3, Hg, Wg]
     assert batch.local_crops.shape == (12, 3, 16, 16)  # [L*B, 3, Hl, Wl]
     assert batch.global_crops.is_contiguous(memory_format=torch.channels_last)
