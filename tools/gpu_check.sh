@@ -14,7 +14,8 @@
 #   gpu_check.tar.gz  env.txt, plan.txt, stages.txt, summary.md, logs/<stage>.log and
 #                     <stage>.jsonl (the JSON lines of that log)
 # A failing stage is recorded and the next one still runs; the exit code is 0 only when every
-# stage that ran exited 0.
+# stage that ran exited 0. On SIGTERM, SIGINT or SIGHUP (a window closing) the running stage is
+# stopped and recorded as 143 "interrupted", with its log, before the script exits.
 #   GPU_CHECK_FAIL_STAGE=<stage>   that stage runs `exit 3` instead (tests the failure path)
 #   GPU_CHECK_ONLY=<stage>,...     run only these (a rerun); the others are recorded as skip
 #   PYTHON=<python>                the interpreter (default python3)
@@ -108,8 +109,19 @@ stage() {  # stage NAME LIMIT CMD...: run CMD under its limit, log it, record it
   fi
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
   CURRENT=$name CURRENT_T0=$SECONDS CURRENT_LIMIT=$limit
-  timeout -k 5 "$limit" "$@" 2>&1 | tee "$WORK/logs/$name.log"
-  local rc=${PIPESTATUS[0]}  # the command's own exit code, not tee's
+  rm -f "$WORK.stage.rc" "$WORK.stage.pid"
+  # In the background with `wait`, so that a signal to this script is handled at once (a
+  # foreground pipeline would defer the trap until the stage ends); the command's own exit
+  # code goes through stage.rc, not tee's.
+  (
+    timeout -k 5 "$limit" "$@" 2>&1 &
+    echo $! > "$WORK.stage.pid"
+    wait $!
+    echo $? > "$WORK.stage.rc"
+  ) | tee "$WORK/logs/$name.log" &
+  TEE_PID=$!
+  wait "$TEE_PID"
+  local rc; rc=$(cat "$WORK.stage.rc" 2>/dev/null || echo 255)
   CURRENT=""
   extract_json "$name"
   local note=""
@@ -146,8 +158,11 @@ pack() {  # summary.md, stages.txt and the tar in $OUT, replaced whole (rename) 
     && mv -f "$OUT/gpu_check.tar.gz.part" "$OUT/gpu_check.tar.gz"
 }
 
-on_signal() {  # the window is closing: keep what the running stage wrote
+on_signal() {  # the window is closing: stop the running stage, keep what it wrote
+  trap '' TERM INT HUP
   if [ -n "$CURRENT" ]; then
+    kill -TERM "$(cat "$WORK.stage.pid" 2>/dev/null)" 2>/dev/null  # timeout passes it on
+    wait "$TEE_PID" 2>/dev/null  # the log is complete once tee has its end of file
     extract_json "$CURRENT"
     record "$CURRENT" 143 $((SECONDS - CURRENT_T0)) "$CURRENT_LIMIT" "interrupted"
   fi
@@ -175,7 +190,7 @@ done
 
 # ---- run ---------------------------------------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf "$WORK" "$WORK".stage.*' EXIT
 trap on_signal TERM INT HUP
 mkdir -p "$OUT" "$WORK/logs"
 : > "$WORK/stages.txt"
