@@ -5,17 +5,24 @@ Generalization in Supervised Models", ICLR 2023 (arXiv 2206.15369).
 """
 from setuptools import find_packages, setup
 
-# torch is pinned: these wheels are the ones the project is tested with (CUDA 13 build).
-TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+# The versions the code supports, so that installing trex_fast keeps a user's torch; the exact
+# versions CI is tested with are installed by tools/setup_env.sh. The lower bounds are the GPU
+# acceptance image's (torch 2.11, torchvision 0.26).
+TORCH = ["torch>=2.11,<2.15", "torchvision>=0.26,<0.30"]
 
 EXTRAS = {
     # ffcv compiles against the system's OpenCV and libjpeg-turbo (tools/setup_env.sh).
     "ffcv": ["ffcv==1.0.2", "opencv-python-headless"],
-    # The CUDA 13 build matches torch 2.14's CUDA; CPU pipelines use device_id=None.
+    # DALI wheels are built per CUDA major version and need a driver that supports it; CPU
+    # pipelines (device_id=None) run with either: `dali` for CUDA 13 drivers, `dali-cuda12`
+    # for CUDA 12 drivers.
     "dali": ["nvidia-dali-cuda130"],
+    "dali-cuda12": ["nvidia-dali-cuda120"],
     "dev": ["pytest", "ruff", "scikit-learn"],  # scikit-learn: the probes are tested against it
 }
-EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+# everything with one DALI (CUDA 13); a CUDA 12 machine: '.[ffcv,dali-cuda12,dev]'
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dali-cuda12"
+                        for req in reqs})
 
 setup(
     name="trex_fast",

@@ -1,5 +1,11 @@
-"""GPU checks (skipped without CUDA): the step on the device without host syncs, the fused
-kernel inside it, and the kernel at the production shape. Run by tools/gpu_check.sh."""
+"""GPU checks: the step on the device without host syncs, the fused kernel inside it, and the
+kernel at the production shape. Run by tools/gpu_check.sh (`pytest -m gpu`).
+
+Every test runs on two devices: "cuda" carries the `gpu` marker (skipped without CUDA, at the
+sizes of a GPU run), "cpu" runs the same body at tiny sizes in CI (Triton in its interpreter),
+so that an error of the body itself, such as crops in a dtype the state does not compute in,
+shows on the CPU before a GPU window is spent on it.
+"""
 import pytest
 import torch
 
@@ -8,56 +14,85 @@ from trex_fast.build import build_state
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
 from trex_fast.losses import prototype_ce_with_top1
-from trex_fast.step import train_step
+from trex_fast.step import COMPUTE_DTYPES, resolve_precision, train_step
 
-pytestmark = pytest.mark.gpu
 SINGLE = DistInfo(0, 1, 0, 1)
+DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"]
+SIZES = {  # per device: a small GPU state, and a CPU one that steps in about a second
+    "cuda": dict(arch="resnet18", batch_size=32, global_size=64, local_size=32, local_crops=4,
+                 memory_size=256),
+    "cpu": dict(arch="resnet18", batch_size=4, global_size=32, local_size=16, local_crops=2,
+                memory_size=16, pr_hidden_dim=32, pr_bottleneck_dim=8),
+}
+NUM_CLASSES = {"cuda": 100, "cpu": 5}
 
 
-def _cuda_state(**overrides):
-    flags = dict(arch="resnet18", batch_size=32, global_size=64, local_size=32, local_crops=4,
-                 memory_size=256, warmup_epochs=0, device="cuda", precision="bf16",
-                 channels_last=True)
+def _state(device: str, **overrides):
+    flags = dict(SIZES[device], warmup_epochs=0, device=device, channels_last=True)
     flags.update(overrides)
     cfg = make_config("trex", **flags)
-    return build_state(cfg, 100, 100, torch.device("cuda"), SINGLE)
+    return build_state(cfg, NUM_CLASSES[device], 100, torch.device(device), SINGLE)
 
 
-def _cuda_batch(cfg, seed=0):
-    b = synthetic_batch(cfg, num_classes=100, seed=seed)
-    to = dict(device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
+def _batch(cfg, seed=0):
+    """A seeded synthetic batch on the config's device, in the dtype its state computes in
+    (bf16 for precision=bf16, fp32 for fp32) and its memory format."""
+    device = torch.device(cfg.device)
+    dtype = COMPUTE_DTYPES[resolve_precision(cfg.precision, device)]
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    b = synthetic_batch(cfg, num_classes=NUM_CLASSES[device.type], seed=seed)
+    to = dict(device=device, dtype=dtype, memory_format=fmt)
     b.global_crops, b.local_crops = b.global_crops.to(**to), b.local_crops.to(**to)
-    b.labels = b.labels.cuda()
+    b.labels = b.labels.to(device)
     return b
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_batch_is_in_the_compute_dtype_of_the_state(device, precision):
+    state = _state(device, precision=precision)
+    batch = _batch(state.cfg)
+    assert batch.global_crops.dtype == batch.local_crops.dtype == COMPUTE_DTYPES[precision]
+    assert batch.global_crops.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("loss_impl", ["torch", "triton"])
-def test_train_step_makes_no_host_sync(loss_impl):
-    state = _cuda_state(loss_impl=loss_impl)
-    batch = _cuda_batch(state.cfg)
+def test_train_step_makes_no_host_sync(device, loss_impl):
+    """On CUDA, steps under sync debug mode "error" (any host sync raises); on the CPU, where
+    there is no such mode, the same steps run and must give a finite loss."""
+    state = _state(device, loss_impl=loss_impl)
+    batch = _batch(state.cfg)
     train_step(state, batch)  # warm-up: lazy inits, autotuning, kernel compilation
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
+        for _ in range(3 if device == "cuda" else 1):
             train_step(state, batch)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(state.metrics.loss_sum).item()
 
 
-def test_triton_and_torch_steps_agree_on_cuda():
-    losses = losses_by_impl(lambda **kw: _cuda_state(precision="fp32", **kw), _cuda_batch)
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_and_torch_steps_agree(device):
+    losses = losses_by_impl(lambda **kw: _state(device, precision="fp32", **kw), _batch)
     assert losses["torch"][0] == pytest.approx(losses["triton"][0], rel=1e-4)
     assert losses["torch"] == pytest.approx(losses["triton"], rel=1e-2)
 
 
-def test_kernel_matches_reference_at_production_shape():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    z = torch.randn(2304, 256, device="cuda", generator=g).bfloat16().requires_grad_()
-    w = torch.randn(1000, 256, device="cuda", generator=g)
+@pytest.mark.parametrize("device,n,c,d", [
+    pytest.param("cuda", 2304, 1000, 256, marks=pytest.mark.gpu, id="cuda-production"),
+    pytest.param("cpu", 72, 40, 32, id="cpu-tiny"),
+])
+def test_kernel_matches_reference(device, n, c, d):
+    g = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(n, d, device=device, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(c, d, device=device, generator=g)
     w[::20] = 0  # absent classes
-    y = torch.randint(0, 1000, (2304,), device="cuda", generator=g)
+    y = torch.randint(0, c, (n,), device=device, generator=g)
     out = {}
     for impl in ("torch", "triton"):
         z.grad = None

@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
+# The exact versions CI is tested with; setup.py only requires the supported ranges, so that
+# installing trex_fast elsewhere keeps the torch that is there. They are installed first, and
+# `pip install -e '.[all]'` then finds its requirements met.
+TESTED="torch==2.14.1 torchvision==0.29.1 nvidia-dali-cuda130==2.4.0"
 
 APT_PACKAGES="pkg-config g++ libopencv-dev libturbojpeg0-dev"
 missing=""
@@ -26,15 +30,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup_env] creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-# Reinstall when setup.py changed since the last install (the stamp holds its hash).
+# Reinstall when setup.py or the tested versions changed since the last install (the stamp
+# holds their hash).
 stamp="$VENV/.trex_fast_setup_stamp"
-want=$(sha256sum setup.py | cut -d' ' -f1)
+want=$( { cat setup.py; echo "$TESTED"; } | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
    || ! "$VENV/bin/python" -c "import trex_fast, ffcv, nvidia.dali, pytest" 2>/dev/null; then
   echo "[setup_env] installing trex_fast[all] into $VENV (first time: a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
   # numpy must exist before ffcv's build imports it.
-  "$VENV/bin/python" -m pip install -q numpy
+  "$VENV/bin/python" -m pip install -q numpy $TESTED
   "$VENV/bin/python" -m pip install -q -e '.[all]' 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import trex_fast, ffcv, nvidia.dali, pytest" \
     || { echo "[setup_env] the install is incomplete (see pip's output above)" >&2; exit 1; }

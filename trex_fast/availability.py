@@ -1,14 +1,30 @@
 """The one place that decides which optional back-ends are usable (DESIGN.md).
 
-Nothing here imports ffcv, DALI or Triton at module import: each probe imports lazily and
-caches the answer, so `import trex_fast` costs torch alone.
+Nothing here imports ffcv, DALI, Triton or torchvision at module import: each probe imports
+lazily and caches its answer, so `import trex_fast` costs torch alone. Each probe_* function
+returns a Probe, the answer and the reason for it; `python -m trex_fast.env` prints them, and
+the has_* functions that the loaders and the test markers ask are the same probes' answers.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.metadata
 import importlib.util
+import re
+from dataclasses import dataclass
 
 import torch
+
+# the extra that installs each back-end (setup.py)
+DALI_EXTRAS = {13: "dali", 12: "dali-cuda12"}
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    ok: bool
+    why: str
 
 
 def _importable(module: str) -> bool:
@@ -18,25 +34,167 @@ def _importable(module: str) -> bool:
         return False
 
 
-def _imports(module: str) -> bool:
-    """Installed and importable (a compiled extension can be present yet fail to load)."""
+def _import_error(module: str) -> str | None:
+    """None when `module` imports; else why not (a compiled extension can be installed yet
+    fail to load, so finding it is not enough)."""
     if not _importable(module):
-        return False
+        return f"{module} is not installed"
     try:
         importlib.import_module(module)
-    except Exception:
-        return False
-    return True
+    except Exception as e:  # any failure to load means "not usable"
+        return f"{module} fails to import: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return None
+
+
+def _dist_version(*names: str) -> tuple[str, str] | None:
+    """(distribution name, version) of the first installed distribution among `names`."""
+    for name in names:
+        try:
+            return name, importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 @functools.cache
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the installed NVIDIA driver supports, from libcuda itself
+    (cuDriverGetVersion, 1000 * major + 10 * minor); None without a driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int(0)
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def _driver_text() -> str:
+    driver = driver_cuda_version()
+    return ("no NVIDIA driver (libcuda.so.1 not found)" if driver is None
+            else f"the driver supports CUDA {driver[0]}.{driver[1]}")
+
+
+@functools.cache
+def probe_cuda() -> Probe:
+    build = f"torch {torch.__version__}"
+    if torch.version.cuda is None:
+        return Probe("cuda", False, f"{build} is a CPU-only build")
+    build += f" (built for CUDA {torch.version.cuda})"
+    if not torch.cuda.is_available():
+        return Probe("cuda", False, f"{build} sees no device; {_driver_text()}")
+    props = torch.cuda.get_device_properties(0)
+    return Probe("cuda", True, f"{torch.cuda.device_count()} device(s), cuda:0 = {props.name} "
+                 f"(sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB); "
+                 f"{build}; {_driver_text()}")
+
+
+@functools.cache
+def probe_bf16() -> Probe:
+    if not probe_cuda().ok:
+        return Probe("bf16", False, "no CUDA device: precision=auto is fp32 on the CPU")
+    major, minor = torch.cuda.get_device_capability(0)
+    if major >= 8:
+        return Probe("bf16", True, f"sm_{major}{minor} has bf16 tensor cores: precision=auto "
+                     "is bf16 autocast")
+    return Probe("bf16", False, f"sm_{major}{minor} has no bf16 tensor cores (precision=auto "
+                 "still picks bf16 on CUDA): pass --precision=fp16")
+
+
+@functools.cache
+def probe_ffcv() -> Probe:
+    error = _import_error("ffcv")
+    if error:
+        return Probe("ffcv", False, f"{error}; pip install -e '.[ffcv]' (tools/setup_env.sh "
+                     "installs what it compiles against)")
+    dist = _dist_version("ffcv")
+    return Probe("ffcv", True, f"ffcv {dist[1] if dist else '?'}: --pipeline=ffcv")
+
+
+def _dali_dist() -> tuple[str, str, int | None] | None:
+    """(distribution, version, CUDA major it is built for) of the installed DALI wheel."""
+    dist = _dist_version("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali")
+    if dist is None:
+        return None
+    match = re.search(r"cuda(\d+)0$", dist[0])
+    return dist[0], dist[1], int(match.group(1)) if match else None
+
+
+@functools.cache
+def probe_dali() -> Probe:
+    error = _import_error("nvidia.dali")
+    if error:
+        return Probe("dali", False, f"{error}; pip install -e '.[dali]' (CUDA 13 driver) or "
+                     "'.[dali-cuda12]' (CUDA 12 driver)")
+    dist = _dali_dist()
+    name = f"{dist[0]} {dist[1]}" if dist else "nvidia-dali"
+    return Probe("dali", True, f"{name}: CPU pipelines (device_id=None)")
+
+
+@functools.cache
+def probe_dali_gpu() -> Probe:
+    if not probe_dali().ok:
+        return Probe("dali_gpu", False, "DALI is not usable (see dali)")
+    if not probe_cuda().ok:
+        return Probe("dali_gpu", False, "no CUDA device: DALI runs in CPU mode only")
+    dist, driver = _dali_dist(), driver_cuda_version()
+    if dist and dist[2] and driver and driver[0] < dist[2]:
+        return Probe("dali_gpu", False, f"{dist[0]} needs a CUDA {dist[2]} driver but "
+                     f"{_driver_text()}: pip install -e '.[{DALI_EXTRAS.get(driver[0], 'dali')}]'")
+    return Probe("dali_gpu", True, f"GPU mode ('mixed' nvJPEG decode) on cuda:0; "
+                 f"{_driver_text()}")
+
+
+@functools.cache
+def probe_triton() -> Probe:
+    error = _import_error("triton")
+    if error:
+        return Probe("triton", False, f"{error}: only loss_impl=torch and the torch multi-crop "
+                     "stage (loss_impl=auto still picks triton on CUDA)")
+    import triton
+
+    if not probe_cuda().ok:
+        return Probe("triton", False, f"triton {triton.__version__} is installed but there is no "
+                     "CUDA device: its kernels run only in the interpreter (TRITON_INTERPRET=1, "
+                     "the tests); loss_impl=auto is torch")
+    major, minor = torch.cuda.get_device_capability(0)
+    return Probe("triton", True, f"triton {triton.__version__}: the fused kernels compile for "
+                 f"sm_{major}{minor}; loss_impl=auto is triton")
+
+
+@functools.cache
+def probe_nvjpeg() -> Probe:
+    """torchvision.io.decode_jpeg on CUDA (nvJPEG), tried on a tiny JPEG encoded here."""
+    if not probe_cuda().ok:
+        return Probe("nvjpeg", False, "no CUDA device: FFCV's decode=auto decodes on the CPU")
+    try:
+        import torchvision
+        from torchvision.io import decode_jpeg, encode_jpeg
+
+        jpeg = encode_jpeg(torch.full((3, 16, 24), 128, dtype=torch.uint8))
+        image = decode_jpeg(jpeg, device="cuda")
+        torch.cuda.synchronize()
+    except Exception as e:  # any failure means nvJPEG is not usable here
+        return Probe("nvjpeg", False, f"torchvision decode_jpeg on CUDA failed "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); FFCV's decode=auto "
+                     "still picks gpu on CUDA: pass --decode=cpu")
+    if tuple(image.shape) != (3, 16, 24):
+        return Probe("nvjpeg", False, f"decode_jpeg on CUDA gave shape {tuple(image.shape)}")
+    return Probe("nvjpeg", True, f"torchvision {torchvision.__version__} decode_jpeg on CUDA "
+                 "works: FFCV's decode=auto decodes on the GPU")
+
+
+PROBES = (probe_cuda, probe_bf16, probe_ffcv, probe_dali, probe_dali_gpu, probe_triton,
+          probe_nvjpeg)
+
+
 def has_ffcv() -> bool:
-    return _imports("ffcv")
+    return probe_ffcv().ok
 
 
-@functools.cache
 def has_dali() -> bool:
-    return _imports("nvidia.dali")
+    return probe_dali().ok
 
 
 @functools.cache

@@ -29,6 +29,32 @@ def resolve_device(cfg: Config, dist_info: DistInfo) -> torch.device:
     return device
 
 
+def set_math_policy() -> dict[str, object]:
+    """The fp32 numerics and cuDNN autotuning of CUDA runs, set explicitly (issue #14).
+
+    Process-wide flags, set where the training state is built on a CUDA device:
+    - fp32 matmuls stay IEEE fp32. Under bf16/fp16 autocast the network's matmuls run in the
+      low precision anyway; the fp32 ones left are the reference loss, the specification that
+      the fused kernel (IEEE fp32 dots in fp32 mode) is compared with, and --precision=fp32.
+    - fp32 convolutions use TF32 (10-bit mantissa, fp32 range and accumulation), PyTorch's
+      default made explicit: they are the bulk of a --precision=fp32 step.
+    - cudnn.benchmark: the crop shapes are fixed (G x global_size, L x local_size), so each
+      convolution's algorithm is autotuned once, in the first steps, and reused.
+    The fp32_precision settings are used where this torch has them (2.14 does), the legacy
+    allow_tf32 flags otherwise; both say the same thing. Returns what it set.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None),
+                                                     "fp32_precision"):
+        matmul.fp32_precision = "ieee"
+        cudnn.conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = False
+        cudnn.allow_tf32 = True
+    cudnn.benchmark = True
+    return {"matmul_fp32": "ieee", "conv_fp32": "tf32", "cudnn_benchmark": True}
+
+
 def _use_sync_bn(cfg: Config, device: torch.device, dist_info: DistInfo) -> bool:
     if dist_info.world_size == 1 or cfg.sync_bn == "off":
         return False
@@ -39,6 +65,8 @@ def _use_sync_bn(cfg: Config, device: torch.device, dist_info: DistInfo) -> bool
 
 def build_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: torch.device,
                 dist_info: DistInfo) -> TrainState:
+    if device.type == "cuda":
+        set_math_policy()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     core = build_model(cfg, num_classes)
     if _use_sync_bn(cfg, device, dist_info):
