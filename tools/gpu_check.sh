@@ -59,7 +59,7 @@ else
   STEP_SIZE="--arch=resnet50 --precision=bf16"
   STEPS="--steps=20 --warmup=5" COMPILE_STEPS="--steps=10 --warmup=3"
   COMPILE_ENV=""
-  KERNEL_SIZE="--n=2304,16384 --c=1000,21841 --dtype=bf16"
+  KERNEL_SIZE="--shapes=2304x1000,16384x21841 --impls=torch,eager_bf16,compile_bf16,triton --dtype=bf16"
   CROP_SIZE=""
   TESTS=tests
 fi
