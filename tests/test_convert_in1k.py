@@ -475,3 +475,29 @@ def test_an_unexpected_failure_is_one_issue_not_a_crash(tree, monkeypatch):
     assert encoded is None and [(i.kind, i.action) for i in issues] == [("decode_error",
                                                                           "skipped")]
     assert "conversion not supported" in issues[0].detail
+
+
+class _Crafted:
+    """Unpickling this calls open(marker, "w"): what a crafted chunk file could do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_chunk_files_unpickle_only_their_own_records(tmp_path):
+    import pickle
+
+    from pipelines.convert import work
+
+    marker = tmp_path / "ran"
+    chunk = tmp_path / "chunk_0.pkl"
+    with open(chunk, "wb") as f:
+        pickle.dump(_Crafted(str(marker)), f)
+    with pytest.raises(pickle.UnpicklingError, match="may hold only .* not (io|builtins).open"):
+        work.read_summary(chunk)
+    with pytest.raises(pickle.UnpicklingError):
+        list(work.iter_records([chunk]))
+    assert not marker.exists()

@@ -80,7 +80,7 @@ def test_dry_run_runs_every_stage_and_returns_at_most_8_files(tmp_path):
     print(f"dry run: {time.perf_counter() - start:.0f} s")
     records = _records(tmp_path)
     assert list(records) == ORDER, proc.stdout[-3000:]
-    for name, (rc, seconds, limit, *note) in records.items():
+    for name, (rc, _seconds, _limit, *note) in records.items():
         expected = "skip" if name == "aot_check" and not HAS_AOT_CHECK else "0"
         assert rc == expected, (name, rc, note, proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:]

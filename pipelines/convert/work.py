@@ -126,17 +126,31 @@ def encode_chunk(task: ChunkTask) -> ChunkSummary:
     return summary
 
 
+class _ChunkUnpickler(pickle.Unpickler):
+    """Unpickles chunk files with exactly the classes they hold: a chunk file in a work dir
+    someone else prepared cannot run code (pickle's globals are otherwise any callable)."""
+
+    ALLOWED = {(ChunkSummary.__module__, "ChunkSummary"), (Issue.__module__, "Issue"),
+               (Encoded.__module__, "Encoded")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"a chunk file may hold only ChunkSummary, Issue and "
+                                         f"Encoded records, not {module}.{name}")
+        return super().find_class(module, name)
+
+
 def read_summary(path: Path) -> ChunkSummary:
     with open(path, "rb") as f:
-        return pickle.load(f)
+        return _ChunkUnpickler(f).load()
 
 
 def iter_records(paths: list[Path]) -> Iterator[tuple[int, Encoded]]:
     """(label, Encoded) of every converted image, in source order."""
     for path in paths:
         with open(path, "rb") as f:
-            pickle.load(f)  # the summary
-            yield from pickle.load(f)
+            _ChunkUnpickler(f).load()  # the summary (its own pickle: a fresh memo each)
+            yield from _ChunkUnpickler(f).load()
 
 
 def first_failure(summary: ChunkSummary) -> Issue | None:
