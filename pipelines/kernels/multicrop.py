@@ -33,38 +33,49 @@ import triton.language as tl
 
 from pipelines import draws as D
 from pipelines.device_images import CANVAS, PACKED, PLANES, DeviceImages
-from pipelines.gpu_multicrop import blur_radius
+from pipelines.gpu_multicrop import BICUBIC_A, FILTERS, GRAY_WEIGHTS, blur_radius
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec
 
 TILE = 32  # output tile side (both kernels)
 CHUNK = 32  # source window chunk of the resize kernel
-BICUBIC_SUPPORT = 2.0
 NUM_WARPS = 4
 RESIZE_WARPS = 8  # six 32x32 fp32 accumulators: 4 warps need 255 registers and spill on sm_80
-GRAY_R, GRAY_G, GRAY_B = 0.2989, 0.587, 0.114  # torchvision's rgb_to_grayscale
 
-_U = {k: tl.constexpr(v) for k, v in vars(D).items() if k.startswith(("U_", "P_", "NUM_"))}
-_LAYOUT_CANVAS, _LAYOUT_PACKED, _LAYOUT_PLANES = (tl.constexpr(v) for v in (CANVAS, PACKED,
-                                                                            PLANES))
-_BRIGHTNESS, _CONTRAST, _SATURATION = (tl.constexpr(v) for v in (D.BRIGHTNESS, D.CONTRAST,
-                                                                 D.SATURATION))
-_P_TOP, _P_LEFT, _P_HEIGHT, _P_WIDTH = _U["P_TOP"], _U["P_LEFT"], _U["P_HEIGHT"], _U["P_WIDTH"]
-_P_FLIP, _P_JITTER, _P_GRAY = _U["P_FLIP"], _U["P_JITTER"], _U["P_GRAY"]
-_P_BLUR, _P_SOLARIZE, _P_SIGMA = _U["P_BLUR"], _U["P_SOLARIZE"], _U["P_SIGMA"]
-_P_FACTORS, _P_ORDER, _NUM_P, _NUM_U = _U["P_FACTORS"], _U["P_ORDER"], _U["NUM_P"], _U["NUM_U"]
+# Triton reads module globals only as constexprs: the numbers of their one home, wrapped.
+_P_TOP = tl.constexpr(D.P_TOP)
+_P_LEFT = tl.constexpr(D.P_LEFT)
+_P_HEIGHT = tl.constexpr(D.P_HEIGHT)
+_P_WIDTH = tl.constexpr(D.P_WIDTH)
+_P_FLIP = tl.constexpr(D.P_FLIP)
+_P_JITTER = tl.constexpr(D.P_JITTER)
+_P_GRAY = tl.constexpr(D.P_GRAY)
+_P_BLUR = tl.constexpr(D.P_BLUR)
+_P_SOLARIZE = tl.constexpr(D.P_SOLARIZE)
+_P_SIGMA = tl.constexpr(D.P_SIGMA)
+_P_FACTORS = tl.constexpr(D.P_FACTORS)
+_P_ORDER = tl.constexpr(D.P_ORDER)
+_NUM_P = tl.constexpr(D.NUM_P)
+_NUM_U = tl.constexpr(D.NUM_U)
 _U_AREA = tl.constexpr(D.U_AREA)
-_U_BLUR = tl.constexpr(D.U_BLUR)
-_U_FACTORS = tl.constexpr(D.U_FACTORS)
-_U_FLIP = tl.constexpr(D.U_FLIP)
-_U_GRAY = tl.constexpr(D.U_GRAY)
-_U_JITTER = tl.constexpr(D.U_JITTER)
-_U_LEFT = tl.constexpr(D.U_LEFT)
 _U_LOG_RATIO = tl.constexpr(D.U_LOG_RATIO)
+_U_TOP = tl.constexpr(D.U_TOP)
+_U_LEFT = tl.constexpr(D.U_LEFT)
+_U_FLIP = tl.constexpr(D.U_FLIP)
+_U_JITTER = tl.constexpr(D.U_JITTER)
+_U_GRAY = tl.constexpr(D.U_GRAY)
+_U_BLUR = tl.constexpr(D.U_BLUR)
+_U_SOLARIZE = tl.constexpr(D.U_SOLARIZE)
+_U_FACTORS = tl.constexpr(D.U_FACTORS)
 _U_ORDER = tl.constexpr(D.U_ORDER)
 _U_SIGMA = tl.constexpr(D.U_SIGMA)
-_U_SOLARIZE = tl.constexpr(D.U_SOLARIZE)
-_U_TOP = tl.constexpr(D.U_TOP)
-_G_R, _G_G, _G_B = tl.constexpr(GRAY_R), tl.constexpr(GRAY_G), tl.constexpr(GRAY_B)
+_BRIGHTNESS = tl.constexpr(D.BRIGHTNESS)
+_CONTRAST = tl.constexpr(D.CONTRAST)
+_SATURATION = tl.constexpr(D.SATURATION)
+_LAYOUT_CANVAS, _LAYOUT_PACKED, _LAYOUT_PLANES = (tl.constexpr(v) for v in (CANVAS, PACKED,
+                                                                            PLANES))
+_G_R, _G_G, _G_B = (tl.constexpr(w) for w in GRAY_WEIGHTS)
+_A = tl.constexpr(BICUBIC_A)
+_SUPPORT = tl.constexpr(FILTERS["bicubic"][1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,8 +247,8 @@ def _jitter(r, g, b, prm, mean_grey, BEFORE_CONTRAST: tl.constexpr):
 @triton.jit
 def _bicubic(x):
     x = tl.abs(x)
-    near = ((1.5 * x - 2.5) * x) * x + 1.0  # a = -0.5: (a + 2) x^3 - (a + 3) x^2 + 1
-    far = (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5  # a (x^3 - 5 x^2 + 8 x - 4)
+    near = ((_A + 2) * x - (_A + 3)) * x * x + 1.0  # (a + 2) x^3 - (a + 3) x^2 + 1
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * _A  # a (x^3 - 5 x^2 + 8 x - 4)
     return tl.where(x < 1.0, near, tl.where(x < 2.0, far, 0.0))
 
 
@@ -247,7 +258,7 @@ def _axis(out_pos, out_size, length):
     box pixels resized to out_size: centre, [lo, hi) and the kernel's scale."""
     scale = length / out_size
     filter_scale = tl.maximum(scale, 1.0)
-    reach = 2.0 * filter_scale
+    reach = _SUPPORT * filter_scale
     centre = (out_pos + 0.5) * scale
     lo = tl.maximum(tl.floor(centre - reach + 0.5), 0.0)
     hi = tl.minimum(tl.floor(centre + reach + 0.5), length)
