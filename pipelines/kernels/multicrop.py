@@ -10,10 +10,9 @@ Three kernels per batch and crop group (global, local), launched by `multicrop_g
    pixel), evaluated from the crop box over the tile's support window only: the weight tiles
    are computed on chip and applied as two small matrix products per window chunk
    (rows: [32, BK] x [BK, BK]; columns: [32, BK] x [BK, 32]). The flip mirrors the output
-   columns' centres. It writes the resized crop in fp16 and, where the crop is jittered, the
-   tile's sum of grayscale values after the jitter ops that precede contrast in that crop's
-   order (contrast blends with the crop's mean grey at that point; deterministic partial sums,
-   no atomics).
+   columns' centres. It writes the resized crop in fp16 and the tile's sum of grey after the
+   jitter ops that precede contrast in that crop's order (contrast blends with the crop's mean
+   grey at that point; deterministic per-tile partial sums, no atomics).
 3. `_photometric_kernel`: one program per (crop, tile): colour jitter in the crop's order
    (brightness, contrast, saturation, hue as torchvision's float ops), grayscale, Gaussian
    blur (separable, reflect borders: the tile plus a halo of the blur radius, blurred by two
@@ -193,16 +192,16 @@ def _hue(r, g, b, shift):
     h = tl.where(grey, 0.0, h) / 6.0 + shift
     h = h - tl.floor(h)
     vs = maxc * sat
-    k = 5.0 + 6.0 * h
+    return (_hsv_channel(maxc, vs, h, 5.0), _hsv_channel(maxc, vs, h, 3.0),
+            _hsv_channel(maxc, vs, h, 1.0))
+
+
+@triton.jit
+def _hsv_channel(v, vs, h, offset):
+    """HSV -> RGB, one channel: v - v*s*clamp(min(k, 4 - k), 0, 1), k = (offset + 6h) mod 6."""
+    k = offset + 6.0 * h
     k = k - 6.0 * tl.floor(k / 6.0)
-    out_r = maxc - vs * tl.minimum(tl.maximum(tl.minimum(k, 4.0 - k), 0.0), 1.0)
-    k = 3.0 + 6.0 * h
-    k = k - 6.0 * tl.floor(k / 6.0)
-    out_g = maxc - vs * tl.minimum(tl.maximum(tl.minimum(k, 4.0 - k), 0.0), 1.0)
-    k = 1.0 + 6.0 * h
-    k = k - 6.0 * tl.floor(k / 6.0)
-    out_b = maxc - vs * tl.minimum(tl.maximum(tl.minimum(k, 4.0 - k), 0.0), 1.0)
-    return out_r, out_g, out_b
+    return v - vs * tl.minimum(tl.maximum(tl.minimum(k, 4.0 - k), 0.0), 1.0)
 
 
 @triton.jit
