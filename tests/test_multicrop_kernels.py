@@ -13,7 +13,7 @@ import torch
 
 from pipelines import draws as D
 from pipelines import gpu_multicrop as G
-from pipelines.batch import LoaderSettings
+from pipelines.batch import LoaderSettings, MultiCropBatch
 from pipelines.device_images import from_canvas, from_packed, from_planes
 from pipelines.kernels import multicrop as K
 from pipelines.spec import CropSpec, MultiCropSpec, multicrop_spec
@@ -134,18 +134,25 @@ def test_each_op_alone_matches_spec(op):
 
 
 # ---------------------------------------------------------------- the whole chain
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuda: the compiled kernels
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_stage_triton_matches_torch(dtype):
+def test_stage_triton_matches_torch(dtype, device):
     # canvas smaller than the crop, a 3x2 image, a grayscale source, the canvas maximum
     canvas, sizes = _smooth_canvas([(90, 120), (20, 25), (3, 2), (120, 120), (50, 77)],
                                    seed=1, gray=(3,))
-    labels = torch.arange(5)
+    canvas, sizes, labels = canvas.to(device), sizes.to(device), torch.arange(5, device=device)
     before = (canvas.clone(), sizes.clone(), labels.clone())
     out = {}
     for impl in ("torch", "triton"):
-        stage = G.GpuMultiCrop(SPEC, torch.device("cpu"), dtype, True, seed=7, impl=impl)
+        stage = G.GpuMultiCrop(SPEC, torch.device(device), dtype, True, seed=7, impl=impl)
         out[impl] = stage(canvas, sizes, labels, epoch=1, step=3)
     assert all(torch.equal(a, b) for a, b in zip((canvas, sizes, labels), before))
+    out = {impl: MultiCropBatch(b.global_crops.cpu(), b.local_crops.cpu(), b.labels.cpu())
+           for impl, b in out.items()}
+    labels = labels.cpu()
     for name in ("global_crops", "local_crops"):
         a, b = getattr(out["triton"], name), getattr(out["torch"], name)
         assert a.dtype == dtype and a.is_contiguous(memory_format=torch.channels_last)
@@ -153,7 +160,7 @@ def test_stage_triton_matches_torch(dtype):
         _assert_close_255(a, b, name, max_tol=2.0, mean_tol=0.3 if dtype == torch.float32
                           else 0.35)
     assert torch.equal(out["triton"].labels, labels)
-    settings = LoaderSettings(5, 0, 7, 0, 1, torch.device("cpu"), dtype, True)
+    settings = LoaderSettings(5, 0, 7, 0, 1, torch.device("cpu"), dtype, True)  # moved back
     for batch in out.values():
         assert_batch_contract(batch, SPEC, settings)
 
@@ -188,6 +195,24 @@ def test_ranks_draw_their_own_augmentations():
     assert not torch.equal(out[0][0].local_crops, out[1][0].local_crops)
     u = [D.draw_uniforms(36, D.make_generator(torch.device("cpu"), 3, r, 0, 5)) for r in (0, 1)]
     assert not torch.isclose(u[0], u[1]).any(dim=1).all()  # no row of draws shared
+
+
+@pytest.mark.gpu
+def test_stage_makes_no_host_sync_on_cuda():
+    canvas, sizes = _smooth_canvas([(300, 400), (500, 333)], seed=3)
+    canvas, sizes = canvas.cuda(), sizes.cuda()
+    spec = multicrop_spec(make_config("trex", batch_size=2))
+    stage = G.GpuMultiCrop(spec, torch.device("cuda"), torch.bfloat16, True, seed=0)
+    assert stage.impl == "triton"
+    labels = torch.zeros(2, dtype=torch.long, device="cuda")
+    stage(canvas, sizes, labels, epoch=0, step=0)  # compiles the kernels, makes the constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = stage(canvas, sizes, labels, epoch=0, step=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(batch.local_crops.float()).all()
 
 
 def test_impl_choice():
