@@ -55,7 +55,7 @@ def cars(root, classes=3, train=4, test=2):
                               ("test", test, "cars_test_annos_withlabels.mat")):
         annotations = []
         for c in range(classes):
-            for i in range(count):
+            for _ in range(count):
                 fname = f"{len(annotations) + 1:05d}.jpg"
                 _jpeg(os.path.join(base, f"cars_{split}", fname), c, rng)
                 annotations.append((fname, np.uint8(c + 1)))  # classes are 1-based

@@ -10,6 +10,17 @@ from tests import _transfer_fixture as fixture
 from trex_fast.transfer_data import DatasetNotReady, resolve, resolve_all, seeded_split
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny probe fits run faster on one thread than on a shared machine's several."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
     """Every supported layout, fabricated once under one data root."""
@@ -87,3 +98,134 @@ def test_imagefolder_paths_still_work(tmp_path):
     write_dataset(str(tmp_path / "tex"), train_per_class=3, val_per_class=1)
     data = resolve(str(tmp_path / "tex"), "unused")
     assert (data.name, len(data.train), len(data.test), data.num_classes) == ("tex", 24, 8, 8)
+
+
+# ----------------------------------------------------------------------------- the search
+def _blobs(n_per_class=20, classes=3, dim=8, seed=0):
+    import torch
+
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(5)) * 2.0
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
+
+
+@pytest.mark.parametrize("kind, bounds", [
+    ("lbfgs", {"C": (1e-5, 1e6)}), ("sgd", {"lr": (0.1, 100.0), "wd": (1e-12, 1e-4)})])
+def test_optuna_search_is_seeded_reproducible_and_in_bounds(kind, bounds):
+    from trex_fast.probes import search
+
+    x, y = _blobs()
+    kw = dict(kind=kind, num_classes=3, trials=6, sgd_epochs=3)
+    first, again, other = search(x, y, seed=0, **kw), search(x, y, seed=0, **kw), search(
+        x, y, seed=1, **kw)
+    assert first == again  # same seed: same trials, same scores, same best
+    assert [p for p, _ in first["trials"]] != [p for p, _ in other["trials"]]
+    assert len(first["trials"]) == 6
+    for params, score in first["trials"]:
+        assert set(params) == set(bounds)
+        assert all(lo <= params[k] <= hi for k, (lo, hi) in bounds.items())
+        assert 0.0 <= score <= 100.0
+    assert first["val_top1"] == max(s for _, s in first["trials"])
+    assert first["best"] == next(p for p, s in first["trials"] if s == first["val_top1"])
+
+
+def test_search_ranges_span_the_log_range():
+    """TPE's start-up trials are log-uniform: over 12 trials C spans many decades."""
+    import math
+
+    from trex_fast.probes import search
+
+    x, y = _blobs()
+    cs = [p["C"] for p, _ in search(x, y, "lbfgs", 3, trials=12, seed=3)["trials"]]
+    assert math.log10(max(cs)) - math.log10(min(cs)) > 3
+
+
+def test_probe_refits_on_train_plus_val_and_scores_test():
+    from trex_fast.probes import fit_lbfgs, probe
+
+    x, y = _blobs()
+    test_x, test_y = _blobs(seed=9)
+    result = probe(x, y, test_x, test_y, kind="lbfgs", trials=4, seed=2)
+    refit = fit_lbfgs(x, y, result["C"], 3)  # all of train, the searched C
+    assert result["top1"] == pytest.approx(refit.top1(test_x, test_y))
+    assert result["seed"] == 2 and result["top1"] > 60.0  # chance is 33 %
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_transfer_run_writes_table_json_csv_plot_and_reuses_the_cache(layouts, tmp_path):
+    """Two fabricated datasets (one by name, one ImageFolder root), 2 seeds, a --compare
+    entry; the second run reads every split from the feature cache."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    import torchvision
+
+    from trex_fast.demo_data import write_dataset
+    from trex_fast.probes import log_odds
+    from trex_fast.transfer_report import PUBLISHED
+
+    root, _ = layouts
+    write_dataset(str(tmp_path / "textures"), train_per_class=4, val_per_class=2)
+    weights = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"label": "baseline", "in1k_top1": 76.1,
+                                 "log_odds_mean": 0.5}))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(out):
+        cmd = [sys.executable, "-m", "trex_fast.eval", "transfer", f"--backbone={weights}",
+               f"--datasets=dtd,{tmp_path / 'textures'}", f"--data_root={root}",
+               "--arch=resnet18", "--image_size=32", "--trials=2", "--seeds=2",
+               f"--cache_dir={tmp_path / 'cache'}", f"--output_dir={out}", "--in1k_top1=70.5",
+               f"--compare={other}", "--num_workers=0", "--device=cpu"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = run(tmp_path / "out1")
+    cache_files = sorted(os.listdir(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]))
+    assert len(cache_files) == 4 and all(f.endswith("_32px.pt") for f in cache_files)
+    stamps = {f: os.path.getmtime(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0] / f)
+              for f in cache_files}
+    second = run(tmp_path / "out2")
+    assert not first["features_reused"] and second["features_reused"]
+    assert stamps == {f: os.path.getmtime(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]
+                                          / f) for f in cache_files}
+    assert second["top1"] == first["top1"]  # same features, same seeds: same scores
+
+    out = tmp_path / "out1"
+    for name in ("transfer.md", "transfer.json", "transfer.csv", "trade_off.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "transfer.json").read_text())
+    assert [r["dataset"] for r in report["datasets"]] == ["dtd", "textures"]
+    for r in report["datasets"]:
+        assert len(r["top1_per_seed"]) == 2 and len(r["per_seed"]) == 2
+        assert r["top1_mean"] == pytest.approx(sum(r["top1_per_seed"]) / 2)
+        a, b = r["top1_per_seed"]
+        assert r["top1_std"] == pytest.approx(abs(a - b) / 2 ** 0.5)  # sample std of two
+        assert r["log_odds"] == pytest.approx(log_odds(r["top1_mean"]))
+        assert r["probe"] == "lbfgs" and all("C" in s for s in r["per_seed"])
+    assert report["log_odds_mean"] == pytest.approx(
+        sum(r["log_odds"] for r in report["datasets"]) / 2)
+    assert report["in1k_top1"] == 70.5 and report["seeds"] == 2 and report["trials"] == 2
+    rows = list(csv.DictReader(open(out / "transfer.csv")))
+    assert [r["dataset"] for r in rows] == ["dtd", "textures", "mean_log_odds"]
+    assert float(rows[0]["top1_mean"]) == pytest.approx(report["datasets"][0]["top1_mean"])
+    table = (out / "transfer.md").read_text()
+    assert "| dtd | lbfgs | 3 |" in table and "mean log-odds (2 datasets)" in table
+    assert (out / "trade_off.png").read_bytes()[:4] == b"\x89PNG"
+    assert PUBLISHED == {"t-ReX": (78.0, 1.170), "t-ReX*": (80.2, 0.883)}
+
+
+def test_missing_dataset_fails_before_the_backbone_is_read(tmp_path):
+    """Phase 1 comes first: the error names the dataset even though --backbone is absent."""
+    from trex_fast.eval import transfer
+
+    with pytest.raises(DatasetNotReady, match="'pets'.*OxfordIIITPet"):
+        transfer(str(tmp_path / "no_such_backbone.pth"), "pets", data_root=str(tmp_path))
