@@ -34,9 +34,12 @@ def per_class_split(labels: torch.Tensor, fraction: float = 0.2,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, val indices): `fraction` of each class (at least one) goes to val."""
     rng = np.random.default_rng(seed)
+    y = labels.cpu().numpy()
+    by_class = np.argsort(y, kind="stable")  # each class's indices ascending, classes in order
+    _, starts, counts = np.unique(y[by_class], return_index=True, return_counts=True)
     train_idx, val_idx = [], []
-    for c in torch.unique(labels).tolist():
-        members = np.flatnonzero(labels.numpy() == c)
+    for start, count in zip(starts.tolist(), counts.tolist()):  # O(N log N), not O(N * C)
+        members = by_class[start:start + count].copy()
         rng.shuffle(members)
         n_val = max(1, int(round(fraction * len(members)))) if len(members) > 1 else 0
         val_idx += members[:n_val].tolist()

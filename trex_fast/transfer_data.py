@@ -278,8 +278,10 @@ def resolve(entry: str, data_root: str) -> Labelled:
         if unseen:
             raise RuntimeError(f"test classes {unseen[:5]} have no training image")
     except (OSError, RuntimeError, KeyError, ValueError, IndexError) as e:
+        reason = str(e).split(". You can use download=True")[0]  # we never download
         raise DatasetNotReady(
-            f"dataset {name!r} under {os.path.abspath(where)} is missing or incomplete ({e}); "
+            f"dataset {name!r} under {os.path.abspath(where)} is missing or incomplete "
+            f"({reason}); "
             f"expected layout: {layout}; read by {reads_with} with download=False") from None
     num_classes = max(y for _, y in train + test) + 1
     return Labelled(name, train, test, num_classes, kind)

@@ -79,6 +79,7 @@ def plot_trade_off(path: str, report: dict, compare: list[str]) -> list[str]:
     ax.set_xlabel("ImageNet-1K top-1 (%)")
     ax.set_ylabel(f"mean transfer log-odds ({len(report['datasets'])} datasets here; "
                   "published: 15)")
+    ax.margins(x=0.2, y=0.15)  # room for the labels right of the points
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
