@@ -229,3 +229,74 @@ def test_missing_dataset_fails_before_the_backbone_is_read(tmp_path):
 
     with pytest.raises(DatasetNotReady, match="'pets'.*OxfordIIITPet"):
         transfer(str(tmp_path / "no_such_backbone.pth"), "pets", data_root=str(tmp_path))
+
+
+def _tiny_net():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+
+def test_feature_cache_is_fp16_weights_only_and_follows_the_image_list(layouts, tmp_path):
+    import torch
+
+    from trex_fast.safe_load import load_file
+    from trex_fast.transfer import cached_features, transfer_transform
+    from trex_fast.transfer_data import ImageList
+
+    root, _ = layouts
+    data = resolve("flowers", root)
+    images = ImageList(data.train, transfer_transform(32))
+    cache, cpu = str(tmp_path / "f.pt"), torch.device("cpu")
+    feats, labels, hit = cached_features(_tiny_net(), images, cache, cpu, 5, 0)
+    assert not hit and feats.dtype == torch.float16 and feats.shape == (len(data.train), 16)
+    assert labels.tolist() == [y for _, y in data.train]
+    saved = load_file(cache)  # weights-only
+    assert saved["features"].dtype == torch.float16 and torch.equal(saved["features"], feats)
+    again, _, hit = cached_features(None, images, cache, cpu, 5, 0)  # no net needed
+    assert hit and torch.equal(again, feats)
+    fewer = ImageList(data.train[:-1], transfer_transform(32))  # another listing: re-extracted
+    other, _, hit = cached_features(_tiny_net(), fewer, cache, cpu, 5, 0)
+    assert not hit and other.shape[0] == len(data.train) - 1
+
+
+def test_auto_probe_follows_the_papers_assignment(layouts, tmp_path):
+    """CoG gets the SGD probe (lr, wd searched), a small dataset L-BFGS (C searched)."""
+    import torch
+
+    from trex_fast.transfer import TransferSettings, run_transfer
+
+    root, _ = layouts
+    entries = ["cog_l1", "pets"]
+    settings = TransferSettings(trials=2, seeds=1, sgd_epochs=2, image_size=32, batch_size=8,
+                                num_workers=0, cache_dir=str(tmp_path / "cache"))
+    report = run_transfer(_tiny_net(), "tiny", entries, resolve_all(entries, root), settings,
+                          torch.device("cpu"))
+    cog, pets = report["datasets"]
+    assert cog["probe"] == "sgd" and set(cog["per_seed"][0]) >= {"lr", "wd", "top1"}
+    assert pets["probe"] == "lbfgs" and "C" in pets["per_seed"][0]
+    assert sorted(os.listdir(tmp_path / "cache" / "tiny")) == [
+        "cog_l1_test_32px.pt", "cog_l1_train_32px.pt", "pets_test_32px.pt",
+        "pets_train_32px.pt"]
+
+
+def test_compare_entries_and_points_without_in1k(tmp_path, capsys):
+    import json
+
+    from trex_fast.transfer_report import write_outputs
+
+    run_dir = tmp_path / "run_b"
+    run_dir.mkdir()
+    (run_dir / "transfer.json").write_text(json.dumps({"label": "b", "in1k_top1": 77.0,
+                                                       "log_odds_mean": 1.0}))
+    report = {"label": "a", "in1k_top1": None, "log_odds_mean": 0.7, "seeds": 1, "trials": 1,
+              "image_size": 32, "datasets": [{
+                  "dataset": "d", "probe": "lbfgs", "classes": 2, "train_images": 4,
+                  "test_images": 2, "top1_mean": 66.7, "top1_std": 0.0, "log_odds": 0.7}]}
+    paths = write_outputs(str(tmp_path / "out"), report, [str(run_dir)])
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    assert "not on the plot" in capsys.readouterr().out  # 'a' has no IN1K top-1
+    with pytest.raises(FileNotFoundError, match="--compare"):
+        write_outputs(str(tmp_path / "out"), report, [str(tmp_path / "nope.json")])
