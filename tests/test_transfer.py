@@ -300,3 +300,16 @@ def test_compare_entries_and_points_without_in1k(tmp_path, capsys):
     assert "not on the plot" in capsys.readouterr().out  # 'a' has no IN1K top-1
     with pytest.raises(FileNotFoundError, match="--compare"):
         write_outputs(str(tmp_path / "out"), report, [str(tmp_path / "nope.json")])
+
+
+def test_cli_reports_a_missing_dataset_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "trex_fast.eval", "transfer", "--backbone=x.pth",
+                           "--datasets=sun397", f"--data_root={tmp_path}"], capture_output=True,
+                          text=True, cwd=repo, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "'sun397'" in line and "SUN397/{ClassName.txt" in line and "SUN397" in line

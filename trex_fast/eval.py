@@ -38,7 +38,7 @@ from trex_fast.probes import TRIALS
 from trex_fast.runlog import device_name, git_revision, library_versions
 from trex_fast.safe_load import UnsafeFileError
 from trex_fast.transfer import TransferSettings, backbone_tag, run_transfer
-from trex_fast.transfer_data import resolve_all
+from trex_fast.transfer_data import DatasetNotReady, resolve_all
 from trex_fast.transfer_report import markdown, write_outputs
 
 SINGLE = DistInfo(0, 1, 0, 1)
@@ -254,7 +254,7 @@ def export(checkpoint: str, out: str, arch: str = "", trust_file: bool = False) 
 def main(argv: list[str] | None = None) -> None:
     try:
         run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export}, argv)
-    except UnsafeFileError as e:  # a refused file: one line, no traceback
+    except (UnsafeFileError, DatasetNotReady) as e:  # a refused file, a missing dataset: one line
         print(f"trex_fast.eval: error: {e}", file=sys.stderr)
         sys.exit(2)
 
