@@ -57,7 +57,7 @@ class ImageList(torch.utils.data.Dataset):
         return self.transform(default_loader(path)), label
 
 
-# ----------------------------------------------------------------------------- reading helpers
+# ----------------------------------------------------------------------------- reading the lists
 def _pairs(ds) -> Pairs:
     """The (path, label) list a torchvision dataset object holds (its indexing attributes in
     torchvision 0.26-0.29)."""
