@@ -19,6 +19,8 @@ EXTRAS = {
     "dali": ["nvidia-dali-cuda130"],
     "dali-cuda12": ["nvidia-dali-cuda120"],
     "dev": ["pytest", "ruff", "scikit-learn"],  # scikit-learn: the probes are tested against it
+    # the transfer suite: optuna (the probes' TPE search), scipy (Flowers102, StanfordCars .mat)
+    "eval": ["optuna", "scipy"],
 }
 # everything with one DALI (CUDA 13); a CUDA 12 machine: '.[ffcv,dali-cuda12,dev]'
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dali-cuda12"

@@ -50,7 +50,7 @@ def test_probe_search_and_sgd_beat_chance_and_agree_with_sklearn_on_separable_da
     sklearn = pytest.importorskip("sklearn.linear_model")
     x, y = _blobs(spread=3.0)
     test_x, test_y = _blobs(seed=2, spread=3.0)
-    result = probe(x, y, test_x, test_y, kind="lbfgs", grid_size=6)
+    result = probe(x, y, test_x, test_y, kind="lbfgs", trials=6)
     ref = sklearn.LogisticRegression(C=result["C"], max_iter=10000, tol=1e-12).fit(
         x.double().numpy(), y.numpy())
     assert result["top1"] == pytest.approx(
@@ -83,8 +83,9 @@ def test_transfer_command_end_to_end(tmp_path):
 
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     cmd = [sys.executable, "-m", "trex_fast.eval", "transfer", f"--backbone={weights}",
-           f"--datasets={data}", "--arch=resnet18", "--image_size=32", "--grid_size=3",
-           f"--cache_dir={tmp_path / 'cache'}", "--num_workers=0", "--device=cpu"]
+           f"--datasets={data}", "--arch=resnet18", "--image_size=32", "--trials=3",
+           "--seeds=1", f"--cache_dir={tmp_path / 'cache'}", f"--output_dir={tmp_path / 'out'}",
+           "--num_workers=0", "--device=cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -92,4 +93,5 @@ def test_transfer_command_end_to_end(tmp_path):
     assert 0.0 <= top1 <= 100.0
     assert report["log_odds_mean"] == pytest.approx(log_odds(top1))
     assert "| textures |" in proc.stdout
-    assert len(os.listdir(tmp_path / "cache")) == 2  # train and val features, cached
+    (backbone_cache,) = os.listdir(tmp_path / "cache")  # one folder per backbone
+    assert len(os.listdir(tmp_path / "cache" / backbone_cache)) == 2  # train and val, cached

@@ -19,6 +19,8 @@ from trex_fast.config import ConfigError
 from trex_fast.demo_data import write_dataset
 from trex_fast.safe_load import UnsafeFileError, load_file
 from trex_fast.train import run
+from trex_fast.transfer import cached_features
+from trex_fast.transfer_data import ImageList
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH_FLAGS = ["--preset=demo", "--warmup_epochs=0", "--arch=resnet18", "--batch_size=8",
@@ -228,7 +230,7 @@ def test_eval_export_and_transfer_refuse_crafted_files(trained, crafted, tmp_pat
     torch.save({"features": torch.ones(2, 4), "labels": torch.zeros(2),
                 "payload": WritesMarker(crafted["marker"])}, cache)
     with pytest.raises(UnsafeFileError, match="cache.pt"):
-        eval_cli._cached_features(None, "unused", str(cache), 32, 2, 0, torch.device("cpu"))
+        cached_features(None, ImageList([], None), str(cache), torch.device("cpu"), 2, 0)
     assert not out.exists() and not crafted["marker"].exists()
 
 

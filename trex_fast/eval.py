@@ -4,7 +4,9 @@
             checkpoint (Resize + CenterCrop, scaled to the run's global size); for a linear
             probe on frozen features instead: transfer --probe_kind=sgd --datasets=<IN1K root>
     knn     weighted k-NN top-1 (k=20, T=0.07) on frozen L2-normalised backbone features
-    transfer  the paper's linear probes on ImageFolder datasets, with the mean log-odds
+    transfer  the paper's transfer protocol (Optuna-searched linear probes, seeds averaged) on
+            datasets by name in their official layouts or ImageFolder roots: the per-dataset
+            top-1 and mean log-odds table, JSON, CSV and the trade-off plot (trex_fast.transfer)
     export  a trex_fast checkpoint's backbone as a torchvision state_dict
 
 Backbones load from trex_fast checkpoints, backbone.pth, torchvision state_dicts or released
@@ -20,7 +22,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
@@ -33,16 +34,14 @@ from trex_fast.cli import run_cli
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
 from trex_fast.losses import torch_prototype_ce_with_top1
-from trex_fast.probes import log_odds, probe
-from trex_fast.safe_load import UnsafeFileError, load_file
+from trex_fast.probes import TRIALS
+from trex_fast.runlog import device_name, git_revision, library_versions
+from trex_fast.safe_load import UnsafeFileError
+from trex_fast.transfer import TransferSettings, backbone_tag, run_transfer
+from trex_fast.transfer_data import DatasetNotReady, resolve_all
+from trex_fast.transfer_report import markdown, write_outputs
 
 SINGLE = DistInfo(0, 1, 0, 1)
-
-
-def transfer_transform(image_size: int) -> T.Compose:
-    """RECIPE.md's transfer transform: Resize(224, bicubic) + CenterCrop(224), scaled."""
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), T.PILToTensor()])
 
 
 def _images(root: str, image_size: int, batch_size: int, num_workers: int,
@@ -150,66 +149,91 @@ def in1k(checkpoint: str, val: str, batch_size: int = 128, num_workers: int = 4,
                       "top5": 100.0 * top5 / total, "images": total}))
 
 
-def _cached_features(net, root: str, cache: str, image_size: int, batch_size: int,
-                     num_workers: int, device,
-                     trust_file: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of one split, extracted once: a finished cache file is reused (resumable)."""
-    if os.path.isfile(cache):
-        saved = load_file(cache, trust_file)
-        return saved["features"], saved["labels"]
-    loader = _images(root, image_size, batch_size, num_workers, transfer_transform(image_size))
-    feats, labels = extract_features(net, loader, device)
-    tmp = f"{cache}.tmp"
-    torch.save({"features": feats, "labels": labels}, tmp)
-    os.replace(tmp, cache)
-    return feats, labels
+def _in1k_top1(backbone: str, report: dict) -> float | None:
+    """The model's IN1K top-1 for the trade-off plot: an `in1k` probe in this run, else the
+    last val_top1 of the training run the backbone file sits in (metrics.jsonl)."""
+    for r in report["datasets"]:
+        if r["dataset"] == "in1k":
+            return r["top1_mean"]
+    metrics = os.path.join(os.path.dirname(os.path.abspath(backbone)), "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            vals = [json.loads(line).get("val_top1") for line in f if line.strip()]
+        vals = [v for v in vals if v is not None]
+        return vals[-1] if vals else None
+    return None
 
 
-def transfer(backbone: str, datasets: str, arch: str = "resnet50", probe_kind: str = "lbfgs",
-             grid_size: int = 12, sgd_epochs: int = 100, image_size: int = 224,
-             cache_dir: str = "runs/transfer_cache", batch_size: int = 128,
+def _entries(flag) -> list[str]:
+    """A comma-separated flag (fire may already have split it into a tuple)."""
+    items = flag if isinstance(flag, (list, tuple)) else str(flag or "").split(",")
+    return [str(e).strip() for e in items if str(e).strip()]
+
+
+def transfer(backbone: str, datasets: str, data_root: str = ".", arch: str = "resnet50",
+             trials: int = TRIALS, seeds: int = 3, probe_kind: str = "auto",
+             sgd_epochs: int = 100, image_size: int = 224, output_dir: str = "runs/transfer",
+             cache_dir: str = "runs/transfer_cache", compare: str = "",
+             in1k_top1: float | None = None, label: str = "", batch_size: int = 128,
              num_workers: int = 4, device: str = "auto", trust_file: bool = False) -> None:
-    """Linear probes on frozen 2048-d (pre-projector) features, per dataset, and the mean
-    log-odds. Each dataset is an ImageFolder root with train/ and test/ (or val/).
+    """The paper's transfer protocol: per dataset, frozen 2048-d (pre-projector) features, an
+    Optuna TPE search of the linear probe on a 20 % per-class split, a refit on train + val
+    scored on test, averaged over seeds; the table, JSON, CSV and trade-off plot.
 
     Args:
         backbone: weights file (trex_fast checkpoint, backbone.pth, torchvision or released).
-        datasets: comma-separated dataset roots.
+        datasets: comma-separated names (aircraft, cars, dtd, eurosat, flowers, pets, food101,
+            sun397, inat2018, inat2019, cog_l1..cog_l5, in1k; layouts in docs/TRANSFER.md)
+            and/or ImageFolder roots holding train/ and test/ (or val/).
+        data_root: the folder the named datasets sit in, each in its official layout.
         arch: torchvision architecture of the backbone.
-        probe_kind: lbfgs (raw features, small datasets) or sgd (L2-normalised, large ones).
-        grid_size: hyper-parameter candidates (C values; about its square root per SGD axis).
-        sgd_epochs: epochs of each SGD fit.
+        trials: Optuna trials per dataset and seed (the paper: 30).
+        seeds: seeds averaged (validation split, sampler, SGD order); mean and std reported.
+        probe_kind: auto (the paper's: L-BFGS for the 8 small datasets and ImageFolder roots,
+            SGD for IN1K, CoG, iNat), lbfgs or sgd for all.
+        sgd_epochs: epochs of each SGD fit (the paper: 100).
         image_size: Resize (bicubic) + CenterCrop side.
-        cache_dir: where features are cached (reruns reuse them).
+        output_dir: where transfer.md/.json/.csv and trade_off.png go.
+        cache_dir: features, one folder per backbone (reruns reuse them).
+        compare: comma-separated transfer.json files or run folders to draw with this model.
+        in1k_top1: this model's IN1K top-1 for the plot (default: an in1k probe of this run,
+            else metrics.jsonl next to --backbone).
+        label: this model's name in the outputs (default: the backbone's file name).
         batch_size: images per forward pass.
         num_workers: data-loading workers.
-        device: auto, cpu or cuda.
+        device: auto, cpu or cuda (features and probes).
         trust_file: DANGEROUS: load --backbone and the cached features with full pickle,
             which runs any code a crafted file holds; only for files you trust (default:
             weights-only, which refuses them).
     """
-    roots = [d for d in str(datasets).split(",") if d]
+    entries = _entries(datasets)
+    if probe_kind not in ("auto", "lbfgs", "sgd"):
+        raise ValueError(f"--probe_kind={probe_kind!r}: accepted values are auto, lbfgs, sgd")
+    if not entries:
+        raise ValueError("--datasets: give at least one dataset name or ImageFolder root")
+    # ---- phase 1: every dataset read and checked before any feature is extracted
+    data = resolve_all(entries, data_root)
     dev = resolve_device(make_config("trex", device=device), SINGLE)
     net = load_backbone(backbone, arch, trust_file)
-    os.makedirs(cache_dir, exist_ok=True)
-    tag = f"{os.path.basename(backbone)}_{arch}_{image_size}"
-    results = {}
-    for root in roots:
-        test_split = "test" if os.path.isdir(os.path.join(root, "test")) else "val"
-        name = os.path.basename(os.path.normpath(root))
-        splits = [_cached_features(net, os.path.join(root, split),
-                                   os.path.join(cache_dir, f"{name}_{split}_{tag}.pt"),
-                                   image_size, batch_size, num_workers, dev, trust_file)
-                  for split in ("train", test_split)]
-        results[name] = probe(*splits[0], *splits[1], kind=probe_kind, grid_size=grid_size,
-                              sgd_epochs=sgd_epochs)
-    print("| dataset | top-1 | log-odds | best hyper-parameters |\n|---|---|---|---|")
-    for name, r in results.items():
-        hyper = {k: r[k] for k in ("C", "lr", "wd") if k in r}
-        print(f"| {name} | {r['top1']:.2f} | {log_odds(r['top1']):.3f} | {hyper} |")
-    mean = sum(log_odds(r["top1"]) for r in results.values()) / len(results)
-    print(json.dumps({"eval": "transfer", "top1": {n: r["top1"] for n, r in results.items()},
-                      "log_odds_mean": mean}))
+    settings = TransferSettings(trials=trials, seeds=seeds, sgd_epochs=sgd_epochs,
+                                probe_kind=probe_kind, image_size=image_size,
+                                batch_size=batch_size, num_workers=num_workers,
+                                cache_dir=cache_dir, trust_file=trust_file)
+    # ---- phases 2-4: cached features, searched probes over seeds, outputs
+    report = run_transfer(net, backbone_tag(backbone, arch), entries, data, settings, dev)
+    report["label"] = label or os.path.basename(backbone)
+    report["in1k_top1"] = in1k_top1 if in1k_top1 is not None else _in1k_top1(backbone, report)
+    report["env"] = {"git": git_revision(), "libraries": library_versions(),
+                     "device": device_name(dev), "backbone": os.path.abspath(backbone),
+                     "arch": arch}
+    paths = write_outputs(output_dir, report, _entries(compare))
+    print(markdown(report), end="")
+    print(f"wrote {', '.join(paths)}")
+    print(json.dumps({"eval": "transfer",
+                      "top1": {r["dataset"]: r["top1_mean"] for r in report["datasets"]},
+                      "top1_std": {r["dataset"]: r["top1_std"] for r in report["datasets"]},
+                      "log_odds_mean": report["log_odds_mean"],
+                      "features_reused": report["features_reused"]}))
 
 
 def export(checkpoint: str, out: str, arch: str = "", trust_file: bool = False) -> None:
@@ -230,7 +254,7 @@ def export(checkpoint: str, out: str, arch: str = "", trust_file: bool = False) 
 def main(argv: list[str] | None = None) -> None:
     try:
         run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export}, argv)
-    except UnsafeFileError as e:  # a refused file: one line, no traceback
+    except (UnsafeFileError, DatasetNotReady) as e:  # a refused file, a missing dataset: one line
         print(f"trex_fast.eval: error: {e}", file=sys.stderr)
         sys.exit(2)
 

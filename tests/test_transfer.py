@@ -1,0 +1,315 @@
+"""Transfer evaluation: datasets by name from their official layouts, the Optuna-searched
+probes with seeds, the feature cache, and the reports (issue #16)."""
+import collections
+import os
+import shutil
+
+import pytest
+
+from tests import _transfer_fixture as fixture
+from trex_fast.transfer_data import DatasetNotReady, resolve, resolve_all, seeded_split
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny probe fits run faster on one thread than on a shared machine's several."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """Every supported layout, fabricated once under one data root."""
+    root = str(tmp_path_factory.mktemp("transfer_root"))
+    return root, {name: write(root) for name, write in fixture.WRITERS.items()}
+
+
+@pytest.mark.parametrize("name", list(fixture.WRITERS))
+def test_each_official_layout_reads_with_its_classes_and_split(layouts, name):
+    root, expected = layouts
+    data = resolve(name, root)
+    n_train, n_test, classes = expected[name]
+    assert (len(data.train), len(data.test), data.num_classes) == (n_train, n_test, classes)
+    # every class in both splits, in the right proportion; no image in both
+    assert collections.Counter(y for _, y in data.test) == {c: n_test // classes
+                                                            for c in range(classes)}
+    assert collections.Counter(y for _, y in data.train) == {c: n_train // classes
+                                                             for c in range(classes)}
+    assert not {p for p, _ in data.train} & {p for p, _ in data.test}
+    assert data.probe == ("sgd" if name.startswith(("inat", "cog")) else "lbfgs")
+
+
+def test_labels_follow_the_images_class(layouts):
+    """The label of an image is its class (files of one class share their folder or name)."""
+    root, _ = layouts
+    for name, key in (("food101", lambda p: p.split(os.sep)[-2]),
+                      ("pets", lambda p: os.path.basename(p).rsplit("_", 1)[0]),
+                      ("sun397", lambda p: os.path.dirname(p))):
+        data = resolve(name, root)
+        owner = {}
+        for path, label in data.train + data.test:
+            assert owner.setdefault(key(path), label) == label, name
+        assert len(owner) == data.num_classes
+
+
+def test_seeded_split_ignores_listing_order_and_depends_on_the_seed():
+    pairs = [(f"/x/{c}/{i}.jpg", c) for c in range(3) for i in range(10)]
+    a = seeded_split(pairs, lambda n: 2)
+    assert a == seeded_split(pairs[::-1], lambda n: 2)
+    assert a != seeded_split(pairs, lambda n: 2, seed=1)
+    assert len(a[1]) == 6 and len(a[0]) == 24
+
+
+@pytest.mark.parametrize("name, remove, named", [
+    ("pets", "oxford-iiit-pet/annotations/test.txt", "OxfordIIITPet"),
+    ("flowers", "flowers-102/setid.mat", "Flowers102"),
+    ("aircraft", "fgvc-aircraft-2013b/data/images/1000101.jpg", "FGVCAircraft"),
+    ("cars", "stanford_cars/devkit/cars_meta.mat", "StanfordCars"),
+    ("inat2018", "inaturalist/val2018.json", "INaturalist"),
+    ("cog_l1", "imagenet_cog/L1.txt", "ImageNet-CoG"),
+])
+def test_missing_or_incomplete_dataset_names_dataset_layout_and_class(layouts, tmp_path, name,
+                                                                      remove, named):
+    root, _ = layouts
+    broken = tmp_path / "root"
+    shutil.copytree(root, broken)
+    os.remove(broken / remove)
+    with pytest.raises(DatasetNotReady) as err:
+        resolve_all(["dtd", name], str(broken))
+    message = str(err.value)
+    assert f"dataset {name!r}" in message and named in message
+    assert "expected layout:" in message and "download=False" in message
+
+
+def test_unknown_name_and_absent_dataset_fail_clearly(tmp_path):
+    with pytest.raises(DatasetNotReady, match="neither a dataset name"):
+        resolve_all(["flowerz"], str(tmp_path))
+    with pytest.raises(DatasetNotReady, match="'food101'.*food-101/.*Food101"):
+        resolve_all(["food101"], str(tmp_path))
+
+
+def test_imagefolder_paths_still_work(tmp_path):
+    from trex_fast.demo_data import write_dataset
+
+    write_dataset(str(tmp_path / "tex"), train_per_class=3, val_per_class=1)
+    data = resolve(str(tmp_path / "tex"), "unused")
+    assert (data.name, len(data.train), len(data.test), data.num_classes) == ("tex", 24, 8, 8)
+
+
+# ----------------------------------------------------------------------------- the search
+def _blobs(n_per_class=20, classes=3, dim=8, seed=0):
+    import torch
+
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(5)) * 2.0
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
+
+
+@pytest.mark.parametrize("kind, bounds", [
+    ("lbfgs", {"C": (1e-5, 1e6)}), ("sgd", {"lr": (0.1, 100.0), "wd": (1e-12, 1e-4)})])
+def test_optuna_search_is_seeded_reproducible_and_in_bounds(kind, bounds):
+    from trex_fast.probes import search
+
+    x, y = _blobs()
+    kw = dict(kind=kind, num_classes=3, trials=6, sgd_epochs=3)
+    first, again, other = search(x, y, seed=0, **kw), search(x, y, seed=0, **kw), search(
+        x, y, seed=1, **kw)
+    assert first == again  # same seed: same trials, same scores, same best
+    assert [p for p, _ in first["trials"]] != [p for p, _ in other["trials"]]
+    assert len(first["trials"]) == 6
+    for params, score in first["trials"]:
+        assert set(params) == set(bounds)
+        assert all(lo <= params[k] <= hi for k, (lo, hi) in bounds.items())
+        assert 0.0 <= score <= 100.0
+    assert first["val_top1"] == max(s for _, s in first["trials"])
+    assert first["best"] == next(p for p, s in first["trials"] if s == first["val_top1"])
+
+
+def test_search_ranges_span_the_log_range():
+    """TPE's start-up trials are log-uniform: over 12 trials C spans many decades."""
+    import math
+
+    from trex_fast.probes import search
+
+    x, y = _blobs()
+    cs = [p["C"] for p, _ in search(x, y, "lbfgs", 3, trials=12, seed=3)["trials"]]
+    assert math.log10(max(cs)) - math.log10(min(cs)) > 3
+
+
+def test_probe_refits_on_train_plus_val_and_scores_test():
+    from trex_fast.probes import fit_lbfgs, probe
+
+    x, y = _blobs()
+    test_x, test_y = _blobs(seed=9)
+    result = probe(x, y, test_x, test_y, kind="lbfgs", trials=4, seed=2)
+    refit = fit_lbfgs(x, y, result["C"], 3)  # all of train, the searched C
+    assert result["top1"] == pytest.approx(refit.top1(test_x, test_y))
+    assert result["seed"] == 2 and result["top1"] > 60.0  # chance is 33 %
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_transfer_run_writes_table_json_csv_plot_and_reuses_the_cache(layouts, tmp_path):
+    """Two fabricated datasets (one by name, one ImageFolder root), 2 seeds, a --compare
+    entry; the second run reads every split from the feature cache."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    import torchvision
+
+    from trex_fast.demo_data import write_dataset
+    from trex_fast.probes import log_odds
+    from trex_fast.transfer_report import PUBLISHED
+
+    root, _ = layouts
+    write_dataset(str(tmp_path / "textures"), train_per_class=4, val_per_class=2)
+    weights = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"label": "baseline", "in1k_top1": 76.1,
+                                 "log_odds_mean": 0.5}))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(out):
+        cmd = [sys.executable, "-m", "trex_fast.eval", "transfer", f"--backbone={weights}",
+               f"--datasets=dtd,{tmp_path / 'textures'}", f"--data_root={root}",
+               "--arch=resnet18", "--image_size=32", "--trials=2", "--seeds=2",
+               f"--cache_dir={tmp_path / 'cache'}", f"--output_dir={out}", "--in1k_top1=70.5",
+               f"--compare={other}", "--num_workers=0", "--device=cpu"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = run(tmp_path / "out1")
+    cache_files = sorted(os.listdir(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]))
+    assert len(cache_files) == 4 and all(f.endswith("_32px.pt") for f in cache_files)
+    stamps = {f: os.path.getmtime(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0] / f)
+              for f in cache_files}
+    second = run(tmp_path / "out2")
+    assert not first["features_reused"] and second["features_reused"]
+    assert stamps == {f: os.path.getmtime(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]
+                                          / f) for f in cache_files}
+    assert second["top1"] == first["top1"]  # same features, same seeds: same scores
+
+    out = tmp_path / "out1"
+    for name in ("transfer.md", "transfer.json", "transfer.csv", "trade_off.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "transfer.json").read_text())
+    assert [r["dataset"] for r in report["datasets"]] == ["dtd", "textures"]
+    for r in report["datasets"]:
+        assert len(r["top1_per_seed"]) == 2 and len(r["per_seed"]) == 2
+        assert r["top1_mean"] == pytest.approx(sum(r["top1_per_seed"]) / 2)
+        a, b = r["top1_per_seed"]
+        assert r["top1_std"] == pytest.approx(abs(a - b) / 2 ** 0.5)  # sample std of two
+        assert r["log_odds"] == pytest.approx(log_odds(r["top1_mean"]))
+        assert r["probe"] == "lbfgs" and all("C" in s for s in r["per_seed"])
+    assert report["log_odds_mean"] == pytest.approx(
+        sum(r["log_odds"] for r in report["datasets"]) / 2)
+    assert report["in1k_top1"] == 70.5 and report["seeds"] == 2 and report["trials"] == 2
+    rows = list(csv.DictReader(open(out / "transfer.csv")))
+    assert [r["dataset"] for r in rows] == ["dtd", "textures", "mean_log_odds"]
+    assert float(rows[0]["top1_mean"]) == pytest.approx(report["datasets"][0]["top1_mean"])
+    table = (out / "transfer.md").read_text()
+    assert "| dtd | lbfgs | 3 |" in table and "mean log-odds (2 datasets)" in table
+    assert (out / "trade_off.png").read_bytes()[:4] == b"\x89PNG"
+    assert PUBLISHED == {"t-ReX": (78.0, 1.170), "t-ReX*": (80.2, 0.883)}
+
+
+def test_missing_dataset_fails_before_the_backbone_is_read(tmp_path):
+    """Phase 1 comes first: the error names the dataset even though --backbone is absent."""
+    from trex_fast.eval import transfer
+
+    with pytest.raises(DatasetNotReady, match="'pets'.*OxfordIIITPet"):
+        transfer(str(tmp_path / "no_such_backbone.pth"), "pets", data_root=str(tmp_path))
+
+
+def _tiny_net():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+
+def test_feature_cache_is_fp16_weights_only_and_follows_the_image_list(layouts, tmp_path):
+    import torch
+
+    from trex_fast.safe_load import load_file
+    from trex_fast.transfer import cached_features, transfer_transform
+    from trex_fast.transfer_data import ImageList
+
+    root, _ = layouts
+    data = resolve("flowers", root)
+    images = ImageList(data.train, transfer_transform(32))
+    cache, cpu = str(tmp_path / "f.pt"), torch.device("cpu")
+    feats, labels, hit = cached_features(_tiny_net(), images, cache, cpu, 5, 0)
+    assert not hit and feats.dtype == torch.float16 and feats.shape == (len(data.train), 16)
+    assert labels.tolist() == [y for _, y in data.train]
+    saved = load_file(cache)  # weights-only
+    assert saved["features"].dtype == torch.float16 and torch.equal(saved["features"], feats)
+    again, _, hit = cached_features(None, images, cache, cpu, 5, 0)  # no net needed
+    assert hit and torch.equal(again, feats)
+    fewer = ImageList(data.train[:-1], transfer_transform(32))  # another listing: re-extracted
+    other, _, hit = cached_features(_tiny_net(), fewer, cache, cpu, 5, 0)
+    assert not hit and other.shape[0] == len(data.train) - 1
+
+
+def test_auto_probe_follows_the_papers_assignment(layouts, tmp_path):
+    """CoG gets the SGD probe (lr, wd searched), a small dataset L-BFGS (C searched)."""
+    import torch
+
+    from trex_fast.transfer import TransferSettings, run_transfer
+
+    root, _ = layouts
+    entries = ["cog_l1", "pets"]
+    settings = TransferSettings(trials=2, seeds=1, sgd_epochs=2, image_size=32, batch_size=8,
+                                num_workers=0, cache_dir=str(tmp_path / "cache"))
+    report = run_transfer(_tiny_net(), "tiny", entries, resolve_all(entries, root), settings,
+                          torch.device("cpu"))
+    cog, pets = report["datasets"]
+    assert cog["probe"] == "sgd" and set(cog["per_seed"][0]) >= {"lr", "wd", "top1"}
+    assert pets["probe"] == "lbfgs" and "C" in pets["per_seed"][0]
+    assert sorted(os.listdir(tmp_path / "cache" / "tiny")) == [
+        "cog_l1_test_32px.pt", "cog_l1_train_32px.pt", "pets_test_32px.pt",
+        "pets_train_32px.pt"]
+
+
+def test_compare_entries_and_points_without_in1k(tmp_path, capsys):
+    import json
+
+    from trex_fast.transfer_report import write_outputs
+
+    run_dir = tmp_path / "run_b"
+    run_dir.mkdir()
+    (run_dir / "transfer.json").write_text(json.dumps({"label": "b", "in1k_top1": 77.0,
+                                                       "log_odds_mean": 1.0}))
+    report = {"label": "a", "in1k_top1": None, "log_odds_mean": 0.7, "seeds": 1, "trials": 1,
+              "image_size": 32, "datasets": [{
+                  "dataset": "d", "probe": "lbfgs", "classes": 2, "train_images": 4,
+                  "test_images": 2, "top1_mean": 66.7, "top1_std": 0.0, "log_odds": 0.7}]}
+    paths = write_outputs(str(tmp_path / "out"), report, [str(run_dir)])
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    assert "not on the plot" in capsys.readouterr().out  # 'a' has no IN1K top-1
+    with pytest.raises(FileNotFoundError, match="--compare"):
+        write_outputs(str(tmp_path / "out"), report, [str(tmp_path / "nope.json")])
+
+
+def test_cli_reports_a_missing_dataset_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "trex_fast.eval", "transfer", "--backbone=x.pth",
+                           "--datasets=sun397", f"--data_root={tmp_path}"], capture_output=True,
+                          text=True, cwd=repo, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "'sun397'" in line and "SUN397/{ClassName.txt" in line and "SUN397" in line

@@ -1,0 +1,296 @@
+"""The transfer datasets by name, each read from its official on-disk layout and split.
+
+Every dataset resolves to two labelled image lists, train and test, through the torchvision
+class that reads its official layout (download=False), so that its split is the one the
+dataset's authors published. Three have none that torchvision reads (EuroSAT, SUN397,
+ImageNet-CoG): their split is drawn per class with a fixed seed (SPLIT_SEED), the same on every
+machine. docs/TRANSFER.md lists the split of every dataset.
+
+`resolve_all` reads and checks every requested dataset before any feature is extracted: a
+missing folder, split file or image fails at once, naming the dataset, the layout it expects and
+the class that reads it. A name that is a directory is an ImageFolder root (train/ and test/ or
+val/), as before.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.datasets as tvd
+from torchvision.datasets.folder import default_loader
+
+SPLIT_SEED = 0  # the seeded splits of EuroSAT, SUN397 and ImageNet-CoG (docs/TRANSFER.md)
+SEEDED_TEST_FRACTION = 0.2  # EuroSAT, SUN397: a fifth of each class is the test split
+COG_TEST_PER_CONCEPT = 50  # ImageNet-CoG: 50 test images per concept (a fifth when fewer)
+
+Pairs = list[tuple[str, int]]  # (image path, label)
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One dataset resolved: its train and test lists and the probe the paper assigns it."""
+    name: str
+    train: Pairs
+    test: Pairs
+    num_classes: int
+    probe: str  # "lbfgs" (small datasets, raw features) or "sgd" (large, L2-normalised)
+
+
+class DatasetNotReady(ValueError):
+    """A requested dataset is missing or incomplete; the message says what to put where."""
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(path, label) pairs as a Dataset of (transformed image, label)."""
+
+    def __init__(self, pairs: Pairs, transform: Callable):
+        self.pairs, self.transform = pairs, transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        path, label = self.pairs[i]
+        return self.transform(default_loader(path)), label
+
+
+# ----------------------------------------------------------------------------- reading the lists
+def _pairs(ds) -> Pairs:
+    """The (path, label) list a torchvision dataset object holds (its indexing attributes in
+    torchvision 0.26-0.29)."""
+    for files, labels in (("_image_files", "_labels"), ("_images", "_labels")):
+        if hasattr(ds, files):
+            return [(str(p), int(y)) for p, y in zip(getattr(ds, files), getattr(ds, labels))]
+    if hasattr(ds, "_samples"):  # StanfordCars
+        return [(str(p), int(y)) for p, y in ds._samples]
+    if hasattr(ds, "samples"):  # ImageFolder and its subclasses (EuroSAT)
+        return [(str(p), int(y)) for p, y in ds.samples]
+    raise TypeError(f"{type(ds).__name__}: no image list to read")
+
+
+def seeded_split(pairs: Pairs, test_count: Callable[[int], int],
+                 seed: int = SPLIT_SEED) -> tuple[Pairs, Pairs]:
+    """Per class, the paths sorted then shuffled with `seed`; the first test_count(n) are test.
+    Independent of the order the files were listed in."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[str]] = {}
+    for path, label in pairs:
+        by_class.setdefault(label, []).append(path)
+    train, test = [], []
+    for label in sorted(by_class):
+        paths = sorted(by_class[label])
+        order = rng.permutation(len(paths))
+        n_test = test_count(len(paths))
+        test += [(paths[i], label) for i in order[:n_test]]
+        train += [(paths[i], label) for i in order[n_test:]]
+    return train, test
+
+
+def _fifth(n: int) -> int:
+    return max(1, int(round(SEEDED_TEST_FRACTION * n))) if n > 1 else 0
+
+
+def _cog_test(n: int) -> int:
+    return min(COG_TEST_PER_CONCEPT, _fifth(n))
+
+
+# ----------------------------------------------------------------------------- the datasets
+def _aircraft(root):
+    kw = dict(annotation_level="variant", download=False)
+    return (_pairs(tvd.FGVCAircraft(root, split="trainval", **kw)),
+            _pairs(tvd.FGVCAircraft(root, split="test", **kw)))
+
+
+def _cars(root):
+    return (_pairs(tvd.StanfordCars(root, split="train", download=False)),
+            _pairs(tvd.StanfordCars(root, split="test", download=False)))
+
+
+def _dtd(root):
+    splits = {s: tvd.DTD(root, split=s, partition=1, download=False)
+              for s in ("train", "val", "test")}
+    if not splits["train"].classes == splits["val"].classes == splits["test"].classes:
+        raise RuntimeError("train1.txt, val1.txt and test1.txt do not name the same classes")
+    return _pairs(splits["train"]) + _pairs(splits["val"]), _pairs(splits["test"])
+
+
+def _eurosat(root):
+    return seeded_split(_pairs(tvd.EuroSAT(root, download=False)), _fifth)
+
+
+class _Flowers102(tvd.Flowers102):
+    """Flowers102 with presence checks instead of md5 checks of the two label files, so that a
+    re-saved copy of imagelabels.mat / setid.mat (same content, other bytes) reads too."""
+
+    def _check_integrity(self):
+        return self._images_folder.is_dir() and all(
+            (self._base_folder / self._file_dict[k][0]).is_file() for k in ("label", "setid"))
+
+
+def _flowers(root):
+    return (_pairs(_Flowers102(root, split="train")) + _pairs(_Flowers102(root, split="val")),
+            _pairs(_Flowers102(root, split="test")))
+
+
+def _pets(root):
+    return (_pairs(tvd.OxfordIIITPet(root, split="trainval", download=False)),
+            _pairs(tvd.OxfordIIITPet(root, split="test", download=False)))
+
+
+def _food(root):
+    return (_pairs(tvd.Food101(root, split="train", download=False)),
+            _pairs(tvd.Food101(root, split="test", download=False)))
+
+
+def _sun(root):
+    return seeded_split(_pairs(tvd.SUN397(root, download=False)), _fifth)
+
+
+def _inat(version: str):
+    """iNaturalist 2018/2019: images and classes through torchvision's INaturalist (class =
+    numeric category folder); train and test = the official train<year>.json and
+    val<year>.json (the test labels were never released)."""
+    import json
+
+    def read(root):
+        base = os.path.join(root, "inaturalist")
+        ds = tvd.INaturalist(base, version=version, download=False)
+        by_file = {os.path.join(ds.all_categories[c], f): c for c, f in ds.index}
+        out = []
+        for split in ("train", "val"):
+            with open(os.path.join(base, f"{split}{version}.json")) as f:
+                names = [im["file_name"] for im in json.load(f)["images"]]
+            # "train_val2018/Plantae/7477/x.jpg": torchvision renames train_val2018 to 2018
+            rel = [os.path.join(*n.split("/")[1:]) for n in names]
+            missing = [n for n in rel if n not in by_file]
+            if missing:
+                raise FileNotFoundError(f"{len(missing)} images of {split}{version}.json are "
+                                        f"not in {ds.root}, e.g. {missing[0]}")
+            out.append([(os.path.join(ds.root, n), by_file[n]) for n in rel])
+        return tuple(out)
+    return read
+
+
+def _cog(level: int):
+    """ImageNet-CoG level L: the user's concept list imagenet_cog/L<level>.txt (one IN-21K
+    wnid per line, first token), images from imagenet21k/<wnid>/; seeded split per concept."""
+    def read(root):
+        listing = os.path.join(root, "imagenet_cog", f"L{level}.txt")
+        with open(listing) as f:
+            wnids = [line.split()[0] for line in f if line.strip()]
+        pairs = []
+        for label, wnid in enumerate(wnids):
+            folder = os.path.join(root, "imagenet21k", wnid)
+            files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+            if not files:
+                raise FileNotFoundError(f"concept {wnid} of {listing}: no images in {folder}")
+            pairs += [(os.path.join(folder, n), label) for n in files]
+        return seeded_split(pairs, _cog_test)
+    return read
+
+
+def _in1k(root):
+    base = os.path.join(root, "imagenet")
+    return (_pairs(tvd.ImageFolder(os.path.join(base, "train"))),
+            _pairs(tvd.ImageFolder(os.path.join(base, "val"))))
+
+
+@dataclass(frozen=True)
+class Spec:
+    reader: Callable[[str], tuple[Pairs, Pairs]]
+    reads_with: str  # the class that reads the layout (named in errors)
+    layout: str  # what must exist under --data_root
+    probe: str
+
+
+_INAT_LAYOUT = ("inaturalist/{y}/<supercategory>/<category id>/*.jpg (train_val{y}.tar.gz, "
+                "its folder renamed {y}) + inaturalist/train{y}.json + inaturalist/val{y}.json")
+_COG_LAYOUT = ("imagenet_cog/L{l}.txt (the level's IN-21K wnids, one per line) + "
+               "imagenet21k/<wnid>/*.JPEG for each of them")
+SPECS: dict[str, Spec] = {
+    "aircraft": Spec(_aircraft, "torchvision.datasets.FGVCAircraft", "fgvc-aircraft-2013b/data/"
+                     "{images/*.jpg, variants.txt, images_variant_trainval.txt, "
+                     "images_variant_test.txt}", "lbfgs"),
+    "cars": Spec(_cars, "torchvision.datasets.StanfordCars", "stanford_cars/{cars_train/, "
+                 "cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
+                 "cars_test_annos_withlabels.mat}", "lbfgs"),
+    "dtd": Spec(_dtd, "torchvision.datasets.DTD (partition 1)", "dtd/dtd/{images/<class>/*.jpg, "
+                "labels/train1.txt, labels/val1.txt, labels/test1.txt}", "lbfgs"),
+    "eurosat": Spec(_eurosat, "torchvision.datasets.EuroSAT", "eurosat/2750/<class>/*.jpg",
+                    "lbfgs"),
+    "flowers": Spec(_flowers, "torchvision.datasets.Flowers102",
+                    "flowers-102/{jpg/image_%05d.jpg, imagelabels.mat, setid.mat}", "lbfgs"),
+    "pets": Spec(_pets, "torchvision.datasets.OxfordIIITPet", "oxford-iiit-pet/{images/*.jpg, "
+                 "annotations/trainval.txt, annotations/test.txt}", "lbfgs"),
+    "food101": Spec(_food, "torchvision.datasets.Food101", "food-101/{images/<class>/*.jpg, "
+                    "meta/train.json, meta/test.json}", "lbfgs"),
+    "sun397": Spec(_sun, "torchvision.datasets.SUN397", "SUN397/{ClassName.txt, "
+                   "<letter>/<class>/sun_*.jpg}", "lbfgs"),
+    "inat2018": Spec(_inat("2018"), "torchvision.datasets.INaturalist (version 2018)",
+                     _INAT_LAYOUT.format(y=2018), "sgd"),
+    "inat2019": Spec(_inat("2019"), "torchvision.datasets.INaturalist (version 2019)",
+                     _INAT_LAYOUT.format(y=2019), "sgd"),
+    "in1k": Spec(_in1k, "torchvision.datasets.ImageFolder",
+                 "imagenet/{train,val}/<wnid>/*.JPEG", "sgd"),
+    **{f"cog_l{lv}": Spec(_cog(lv), "trex_fast.transfer_data (ImageNet-CoG concept lists)",
+                          _COG_LAYOUT.format(l=lv), "sgd") for lv in range(1, 6)},
+}
+PAPER_DATASETS = ("cog_l1", "cog_l2", "cog_l3", "cog_l4", "cog_l5", "aircraft", "cars", "dtd",
+                  "eurosat", "flowers", "pets", "food101", "sun397")
+
+
+def _image_folder(path: str) -> tuple[Pairs, Pairs]:
+    test = "test" if os.path.isdir(os.path.join(path, "test")) else "val"
+    train_ds = tvd.ImageFolder(os.path.join(path, "train"))
+    test_ds = tvd.ImageFolder(os.path.join(path, test))
+    if test_ds.classes != train_ds.classes:
+        raise RuntimeError(f"train/ and {test}/ hold different class folders")
+    return _pairs(train_ds), _pairs(test_ds)
+
+
+def is_path(entry: str) -> bool:
+    return os.sep in entry or os.path.isdir(entry) or entry not in SPECS
+
+
+def resolve(entry: str, data_root: str) -> Labelled:
+    """One --datasets entry (a name in SPECS, or an ImageFolder root) read and checked."""
+    if is_path(entry):
+        name = os.path.basename(os.path.normpath(entry))
+        reader, where = _image_folder, entry
+        reads_with, layout, kind = ("torchvision.datasets.ImageFolder",
+                                    "train/<class>/* and test/<class>/* (or val/)", "lbfgs")
+    else:
+        spec = SPECS[entry]
+        name, reader, where = entry, spec.reader, data_root
+        reads_with, layout, kind = spec.reads_with, spec.layout, spec.probe
+    try:
+        train, test = reader(where)
+        missing = [p for p, _ in train + test if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} listed images are missing, e.g. "
+                                    f"{missing[0]}")
+        if not train or not test:
+            raise RuntimeError("the train or the test split is empty")
+        unseen = sorted({y for _, y in test} - {y for _, y in train})
+        if unseen:
+            raise RuntimeError(f"test classes {unseen[:5]} have no training image")
+    except (OSError, RuntimeError, KeyError, ValueError, IndexError) as e:
+        reason = str(e).split(". You can use download=True")[0]  # we never download
+        raise DatasetNotReady(
+            f"dataset {name!r} under {os.path.abspath(where)} is missing or incomplete "
+            f"({reason}); "
+            f"expected layout: {layout}; read by {reads_with} with download=False") from None
+    num_classes = max(y for _, y in train + test) + 1
+    return Labelled(name, train, test, num_classes, kind)
+
+
+def resolve_all(entries: list[str], data_root: str) -> list[Labelled]:
+    """Every entry read and checked (nothing extracted yet); unknown names list the known."""
+    for entry in entries:
+        if is_path(entry) and not os.path.isdir(entry) and os.sep not in entry:
+            raise DatasetNotReady(f"--datasets: {entry!r} is neither a dataset name "
+                                  f"({', '.join(SPECS)}) nor a directory")
+    return [resolve(entry, data_root) for entry in entries]

@@ -1,0 +1,103 @@
+"""What a transfer run writes in --output_dir: transfer.md, transfer.json, transfer.csv, and
+trade_off.png, the paper's plot (IN1K top-1 against mean transfer log-odds, one point per
+model, with the published t-ReX and t-ReX* points as references)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+# The paper's Table/Figure 1 (ResNet-50, 100 epochs): (IN1K top-1 %, mean log-odds over the
+# 15 datasets of the authors' model zoo). One home for these numbers.
+PUBLISHED = {"t-ReX": (78.0, 1.170), "t-ReX*": (80.2, 0.883)}
+NAMES = ("transfer.md", "transfer.json", "transfer.csv", "trade_off.png")
+
+
+def markdown(report: dict) -> str:
+    rows = ["| dataset | probe | classes | top-1 mean | top-1 std | log-odds |",
+            "|---|---|---|---|---|---|"]
+    for r in report["datasets"]:
+        rows.append(f"| {r['dataset']} | {r['probe']} | {r['classes']} | {r['top1_mean']:.2f} "
+                    f"| {r['top1_std']:.2f} | {r['log_odds']:.3f} |")
+    n = len(report["datasets"])
+    rows.append(f"| **mean log-odds ({n} datasets)** | | | | | "
+                f"**{report['log_odds_mean']:.3f}** |")
+    head = (f"# Transfer: {report['label']}\n\n{report['seeds']} seeds x {report['trials']} "
+            f"Optuna trials per dataset, images {report['image_size']} px; top-1 in %, std over "
+            f"seeds (sample); log-odds ln(p/(1-p)) of the mean top-1.")
+    if report.get("in1k_top1") is not None:
+        head += f" IN1K top-1: {report['in1k_top1']:.2f}."
+    return head + "\n\n" + "\n".join(rows) + "\n"
+
+
+def write_csv(path: str, report: dict) -> None:
+    fields = ("dataset", "probe", "classes", "train_images", "test_images", "top1_mean",
+              "top1_std", "log_odds")
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(fields)
+        for r in report["datasets"]:
+            out.writerow([r[k] for k in fields])
+        out.writerow(["mean_log_odds", "", "", "", "", "", "", report["log_odds_mean"]])
+
+
+def _point(entry: str) -> tuple[str, float | None, float]:
+    """(label, IN1K top-1, mean log-odds) of a --compare entry: a transfer.json (or any JSON
+    with log_odds_mean and in1k_top1) or a run folder holding transfer.json."""
+    path = os.path.join(entry, "transfer.json") if os.path.isdir(entry) else entry
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--compare: {entry!r} is neither a transfer JSON nor a run "
+                                "folder holding transfer.json")
+    with open(path) as f:
+        report = json.load(f)
+    if "log_odds_mean" not in report:
+        raise ValueError(f"--compare: {path} has no log_odds_mean")
+    label = report.get("label") or os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return label, report.get("in1k_top1"), report["log_odds_mean"]
+
+
+def plot_trade_off(path: str, report: dict, compare: list[str]) -> list[str]:
+    """The trade-off plot; returns the labels of models left out for want of an IN1K top-1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(report["label"], report.get("in1k_top1"), report["log_odds_mean"])]
+    points += [_point(entry) for entry in compare]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, (x, y) in PUBLISHED.items():
+        ax.scatter([x], [y], marker="*", s=160, color="grey", zorder=3)
+        ax.annotate(f"{name} (published)", (x, y), textcoords="offset points", xytext=(6, 4))
+    skipped = []
+    for label, x, y in points:
+        if x is None:
+            skipped.append(label)
+            continue
+        ax.scatter([x], [y], s=50, zorder=4)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, -10))
+    ax.set_xlabel("ImageNet-1K top-1 (%)")
+    ax.set_ylabel(f"mean transfer log-odds ({len(report['datasets'])} datasets here; "
+                  "published: 15)")
+    ax.margins(x=0.2, y=0.15)  # room for the labels right of the points
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return skipped
+
+
+def write_outputs(out_dir: str, report: dict, compare: list[str]) -> list[str]:
+    """All four outputs; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, name) for name in NAMES]
+    with open(paths[0], "w") as f:
+        f.write(markdown(report))
+    with open(paths[1], "w") as f:
+        json.dump(report, f, indent=2)
+    write_csv(paths[2], report)
+    skipped = plot_trade_off(paths[3], report, compare)
+    if skipped:
+        print(f"[transfer] not on the plot (no IN1K top-1; give --in1k_top1 or a JSON with "
+              f"in1k_top1): {', '.join(skipped)}", flush=True)
+    return paths
