@@ -259,3 +259,22 @@ def test_slurm_point_job_checkpoint_stops_the_trainer_and_requeues_itself(tmp_pa
     assert (tmp_path / "saved").read_text() == "saved"
     clone = pickle.loads(pickle.dumps(delayed.function))  # what submitit requeues
     assert clone.argv == job.argv and clone.run_dir == job.run_dir
+
+
+def test_tensorboard_events_per_run_hold_the_epoch_metrics(tiny_imagefolder, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trex_fast.train import run
+
+    out = tmp_path / "tb_run"
+    points = build_points(parse_base(tiny_base(tiny_imagefolder)), {}, [], str(tmp_path))
+    assert not points[0].cfg.tensorboard  # off by default
+    run(make_config(**{**points[0].flags, "output_dir": str(out)}, tensorboard=True))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    (val,) = events.Scalars("val_top1")
+    assert val.step == record["step"] == 2
+    assert val.value == pytest.approx(record["val_top1"])
+    assert "train_loss" in events.Tags()["scalars"]

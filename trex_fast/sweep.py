@@ -194,7 +194,7 @@ def sweep(grid="", base="", file: str = "", output_dir: str = "", launcher: str 
           parallel: int = 1, gpus: str = "", nproc_per_node: int = 1, nodes: int = 1,
           gpus_per_node: int = 1, partition: str = "", time_min: int = 4320, account: str = "",
           cluster: str = "slurm", wait: bool = True, knn: bool = False, transfer: str = "",
-          collect_only: bool = False, dry_run: bool = False) -> dict:
+          tensorboard: bool = False, collect_only: bool = False, dry_run: bool = False) -> dict:
     """Run a sweep of trex_fast.train over the recipe's knobs, then collect it.
 
     Args:
@@ -216,6 +216,8 @@ def sweep(grid="", base="", file: str = "", output_dir: str = "", launcher: str 
         wait: slurm: wait for the jobs, then collect (else rerun with --collect_only later).
         knn: also collect k-NN top-1 on the point's data (trex_fast.eval knn).
         transfer: comma-separated transfer datasets: also collect mean log-odds (trex_fast.eval).
+        tensorboard: every point also writes TensorBoard events (<point>/tensorboard), so
+            that `tensorboard --logdir=<output_dir>` compares the points while they train.
         collect_only: launch nothing; collect the finished points.
         dry_run: validate and print the points and their commands; write and run nothing.
     """
@@ -225,6 +227,8 @@ def sweep(grid="", base="", file: str = "", output_dir: str = "", launcher: str 
         raise SweepError("--output_dir is required (the sweep's directory)")
     spec = load_file(file) if file else {}
     base_flags = {**parse_base(spec.get("base", "")), **parse_base(base)}
+    if tensorboard:
+        base_flags["tensorboard"] = True  # a train flag: validated with the others
     grid_values = {**parse_grid(spec.get("grid", {})), **parse_grid(grid)}
     settings = sweep_launch.LaunchSettings(
         launcher, parallel, gpus, nproc_per_node, nodes, gpus_per_node, partition, time_min,
