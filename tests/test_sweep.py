@@ -175,6 +175,17 @@ def test_slurm_launcher_through_submitits_local_executor_is_collected(tiny_image
     assert rows[0]["in1k_top1"] is not None and (out / "tradeoff.png").is_file()
 
 
+def test_torchrun_launcher_trains_a_point_with_two_processes(tiny_imagefolder, tmp_path):
+    out = tmp_path / "torchrun"
+    base = f"{tiny_base(tiny_imagefolder)} --batch_size=4 --memory_size=16"
+    proc = _sweep("--grid=clf_tau=0.2", f"--base={base}", f"--output_dir={out}",
+                  "--launcher=torchrun", "--nproc_per_node=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resolved = json.loads((out / "clf_tau-0.2" / "config.json").read_text())["resolved"]
+    assert resolved["world_size"] == 2 and resolved["global_batch"] == 8
+    assert json.loads((out / "summary.json").read_text())[0]["status"] == "finished"
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers, with stand-in commands (no training)
 # ---------------------------------------------------------------------------------------------

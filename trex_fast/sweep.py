@@ -136,7 +136,8 @@ def expand(grid: dict[str, list], named: list[dict]) -> list[tuple[str, dict]]:
         points.append(("base", {}))  # a sweep of one point: the base itself
     names = [name for name, _ in points]
     if len(set(names)) != len(names):
-        raise SweepError(f"two points share a name: {sorted({n for n in names if names.count(n) > 1})}")
+        shared = sorted({n for n in names if names.count(n) > 1})
+        raise SweepError(f"two points share a name: {shared}")
     return points
 
 
