@@ -289,3 +289,35 @@ def test_tensorboard_events_per_run_hold_the_epoch_metrics(tiny_imagefolder, tmp
     assert val.step == record["step"] == 2
     assert val.value == pytest.approx(record["val_top1"])
     assert "train_loss" in events.Tags()["scalars"]
+
+
+def test_transfer_rows_are_cached_and_the_figure_uses_log_odds_with_the_papers_points(
+        tmp_path, monkeypatch):
+    import trex_fast.eval
+    from trex_fast import sweep_report
+
+    calls = []
+
+    def fake_transfer(**flags):  # trex_fast.eval.transfer's contract: a JSON line on stdout
+        calls.append(flags)
+        print("| dataset | top-1 |\n" + json.dumps({"eval": "transfer", "log_odds_mean": 0.5}))
+
+    monkeypatch.setattr(trex_fast.eval, "transfer", fake_transfer)
+    points = build_points({"epochs": 1, "warmup_epochs": 0}, parse_grid("clf_tau=0.1,0.2"), [],
+                          str(tmp_path))
+    for point in points:  # finished runs, as training leaves them
+        os.makedirs(point.run_dir)
+        (tmp_path / point.name / "metrics.jsonl").write_text(
+            json.dumps({"epoch": 1, "step": 2, "val_top1": 70.0}) + "\n")
+        (tmp_path / point.name / "backbone.pth").write_bytes(b"")
+    rows = sweep_report.collect(points, str(tmp_path), transfer="/data/dtd")["rows"]
+    assert [r["transfer_log_odds"] for r in rows] == [0.5, 0.5]
+    assert calls[0]["cache_dir"] == os.path.join(points[0].run_dir, "transfer_cache")
+    sweep_report.collect(points, str(tmp_path), transfer="/data/dtd")
+    assert len(calls) == 2  # the rerun read eval_transfer.json
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    monkeypatch.setattr(plt.Axes, "annotate", lambda self, text, *a, **k: drawn.append(text))
+    sweep_report.plot_tradeoff(rows, [p.knobs for p in points], str(tmp_path / "f.png"))
+    assert drawn == ["clf_tau=0.1", "clf_tau=0.2", "t-ReX (paper)", "t-ReX* (paper)"]

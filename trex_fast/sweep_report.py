@@ -8,15 +8,15 @@ IN1K numbers then appear as reference lines); with neither, IN1K top-1 per point
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
-import subprocess
 import sys
 
 from trex_fast import runlog
 from trex_fast.sweep import Point, point_status
-from trex_fast.sweep_launch import child_env
 
 # RECIPE.md "Published results": ResNet-50, 100 epochs, global batch 256.
 PAPER_POINTS = {"t-ReX (paper)": (78.0, 1.170), "t-ReX* (paper)": (80.2, 0.883)}
@@ -26,19 +26,25 @@ def knob_label(knobs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in knobs.items()) or "base"
 
 
-def _eval_json(point: Point, kind: str, args: list[str]) -> dict | None:
-    """`python -m trex_fast.eval <kind> ...`'s JSON line, cached in the run directory (a rerun
-    of the sweep evaluates each finished point once)."""
+def _eval_json(point: Point, kind: str, flags: dict) -> dict | None:
+    """The JSON line `python -m trex_fast.eval <kind>` prints, computed in this process and
+    cached in the run directory (a rerun of the sweep evaluates each finished point once)."""
+    from trex_fast import eval as eval_lib
+
     cache = os.path.join(point.run_dir, f"eval_{kind}.json")
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
-    cmd = [sys.executable, "-m", "trex_fast.eval", kind, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        print(f"[trex_fast.sweep] {point.name}: eval {kind} failed (exit {proc.returncode}): "
-              f"{proc.stderr.strip()[-500:]}", file=sys.stderr, flush=True)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            getattr(eval_lib, kind)(**flags)
+    except Exception as e:  # one point's failed evaluation leaves the others' rows intact
+        print(f"[trex_fast.sweep] {point.name}: eval {kind} failed: {e!r}", file=sys.stderr,
+              flush=True)
+        return None
+    lines = [ln for ln in printed.getvalue().splitlines() if ln.startswith("{")]
+    if not lines:
         return None
     result = json.loads(lines[-1])
     runlog.write_json(cache, result)
@@ -59,20 +65,19 @@ def point_row(point: Point, knn: bool, transfer: str) -> dict:
            "in1k_top1": last.get("val_top1"), "run_dir": point.run_dir}
     if status != "finished":
         return row
-    backbone = os.path.join(point.run_dir, "backbone.pth")
-    common = [f"--backbone={backbone}", f"--arch={point.cfg.arch}",
-              f"--device={point.cfg.device}"]
+    common = dict(backbone=os.path.join(point.run_dir, "backbone.pth"), arch=point.cfg.arch,
+                  device=point.cfg.device)
+    if point.cfg.num_workers >= 0:  # else eval's own default
+        common["num_workers"] = point.cfg.num_workers
     if knn:
         root = _data_root(point)
-        result = _eval_json(point, "knn", [*common, f"--train={os.path.join(root, 'train')}",
-                                           f"--val={os.path.join(root, 'val')}",
-                                           f"--image_size={point.cfg.global_size}",
-                                           "--num_workers=0"])
+        result = _eval_json(point, "knn", dict(common, train=os.path.join(root, "train"),
+                                               val=os.path.join(root, "val"),
+                                               image_size=point.cfg.global_size))
         row["knn_top1"] = result["top1"] if result else None
     if transfer:  # a feature cache per point: every point's backbone file is backbone.pth
-        result = _eval_json(point, "transfer", [
-            *common, f"--datasets={transfer}", "--num_workers=0",
-            f"--cache_dir={os.path.join(point.run_dir, 'transfer_cache')}"])
+        result = _eval_json(point, "transfer", dict(
+            common, datasets=transfer, cache_dir=os.path.join(point.run_dir, "transfer_cache")))
         row["transfer_log_odds"] = result["log_odds_mean"] if result else None
     return row
 
