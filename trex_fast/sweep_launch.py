@@ -116,7 +116,10 @@ def run_jobs(jobs: list[Job], slots: list[dict], poll_s: float = 0.2) -> dict[st
         received.append(signum)
         for proc, _ in running.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:  # it ended between the poll and the signal
+                    pass
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
