@@ -265,7 +265,7 @@ def test_slurm_point_job_checkpoint_stops_the_trainer_and_requeues_itself(tmp_pa
     while not (tmp_path / "up").exists() and time.time() < deadline:
         time.sleep(0.05)
     delayed = job.checkpoint()
-    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert isinstance(delayed, submitit.core.utils.DelayedSubmission)
     assert delayed.function is job and job._proc is None
     assert (tmp_path / "saved").read_text() == "saved"
     clone = pickle.loads(pickle.dumps(delayed.function))  # what submitit requeues

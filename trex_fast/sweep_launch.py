@@ -190,7 +190,7 @@ class PointJob:
         return code
 
     def checkpoint(self):
-        from submitit.helpers import DelayedSubmission
+        from submitit.core.utils import DelayedSubmission
 
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)  # the trainer saves after this step
