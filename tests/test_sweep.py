@@ -321,3 +321,16 @@ def test_transfer_rows_are_cached_and_the_figure_uses_log_odds_with_the_papers_p
     monkeypatch.setattr(plt.Axes, "annotate", lambda self, text, *a, **k: drawn.append(text))
     sweep_report.plot_tradeoff(rows, [p.knobs for p in points], str(tmp_path / "f.png"))
     assert drawn == ["clf_tau=0.1", "clf_tau=0.2", "t-ReX (paper)", "t-ReX* (paper)"]
+
+
+def test_dry_run_prints_each_points_command_and_writes_nothing(tmp_path, capsys):
+    from trex_fast.sweep import sweep
+
+    out = tmp_path / "dry"
+    result = sweep(grid="global_scale=(0.25,1.0),(0.4,1.0)", base="--epochs=2 --warmup_epochs=0",
+                   output_dir=str(out), launcher="torchrun", nproc_per_node=2, dry_run=True)
+    assert result["status"] == {"global_scale-0.25-1.0": "pending",
+                                "global_scale-0.4-1.0": "pending"}
+    printed = capsys.readouterr().out
+    assert printed.count("torch.distributed.run --standalone --nproc_per_node=2") == 2
+    assert "'--global_scale=(0.4, 1.0)'" in printed and not out.exists()

@@ -234,17 +234,17 @@ def sweep(grid="", base="", file: str = "", output_dir: str = "", launcher: str 
     settings = sweep_launch.LaunchSettings(
         launcher, parallel, gpus, nproc_per_node, nodes, gpus_per_node, partition, time_min,
         account, cluster, wait)
-    points = build_points(base_flags, grid_values, spec.get("points", []), output_dir,
-                          settings.world_size())
+    named = spec.get("points") or []
+    points = build_points(base_flags, grid_values, named, output_dir, settings.world_size())
     statuses = {p.name: point_status(p) for p in points}
     for p in points:
         print(f"[trex_fast.sweep] {p.name}: {statuses[p.name]}", flush=True)
     if dry_run:
         for p in points:
-            print(" ".join(sweep_launch.train_command(p, settings)))
+            print(shlex.join(sweep_launch.train_command(p, settings)))
         return {"points": [p.name for p in points], "status": statuses}
     write_point_records(points, output_dir, {"base": base_flags, "grid": grid_values,
-                                             "points": spec.get("points", []),
+                                             "points": named,
                                              "launcher": sweep_launch.settings_dict(settings)})
     todo = [p for p in points if statuses[p.name] != "finished"]
     if todo and not collect_only:
