@@ -21,6 +21,9 @@ EXTRAS = {
     "dev": ["pytest", "ruff", "scikit-learn"],  # scikit-learn: the probes are tested against it
     # the transfer suite: optuna (the probes' TPE search), scipy (Flowers102, StanfordCars .mat)
     "eval": ["optuna", "scipy"],
+    # `python -m trex_fast.sweep`: submitit for --launcher=slurm, pyyaml for YAML sweep files
+    "sweep": ["submitit", "pyyaml"],
+    "tensorboard": ["tensorboard"],  # `--tensorboard` event files per run
 }
 # everything with one DALI (CUDA 13); a CUDA 12 machine: '.[ffcv,dali-cuda12,dev]'
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dali-cuda12"

@@ -57,3 +57,24 @@ def test_backbone_state_dict_loads_into_bare_torchvision_model_with_only_fc_miss
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
     assert result.unexpected_keys == []
     assert isinstance(net, MultiCropNet) and net.classifier is None
+
+
+def test_plain_cosine_classifier_starts_from_nn_linear_default_init_projector_trunc_normal():
+    torch.manual_seed(0)
+    net = build_model(make_config("plain", arch="resnet18", pr_hidden_dim=64), num_classes=1000)
+    weight = net.classifier.weight.detach()  # [1000, 256]
+    assert weight.shape == (1000, 256)
+    # nn.Linear's default: kaiming-uniform a=sqrt(5), i.e. U(-1/sqrt(256), 1/sqrt(256))
+    bound = 1 / 256 ** 0.5
+    assert weight.abs().max().item() <= bound
+    assert weight.abs().max().item() > 0.99 * bound  # uniform up to the bound, not a normal
+    row_norms = weight.norm(dim=1)
+    assert abs(row_norms.mean().item() - (1 / 3) ** 0.5) < 0.01  # ~0.577; trunc-normal: 0.32
+    reference = nn.Linear(256, 1000, bias=False).weight.detach().norm(dim=1)
+    assert abs(row_norms.mean().item() - reference.mean().item()) < 0.01
+    assert abs(row_norms.std().item() - reference.std().item()) < 0.01
+    # the projector keeps trunc-normal std 0.02: rows of its last Linear [256, 64] have norm
+    # ~ 0.02 * sqrt(64) = 0.16 (nn.Linear's default would give 0.58 here too)
+    last = net.projector.mlp[-1].weight.detach()
+    assert 0.015 < last.std().item() < 0.025
+    assert abs(last.norm(dim=1).mean().item() - 0.16) < 0.02

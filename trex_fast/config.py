@@ -82,6 +82,8 @@ class Config:
                              "runs/<preset>. Rerunning with the same directory resumes")
     log_every: int = _f(50, "steps between reads of the on-device metrics (the only host sync)")
     eval_every: int = _f(1, "epochs between validations (0 = only after the last epoch)")
+    tensorboard: bool = _f(False, "also write each epoch's metrics as TensorBoard events in "
+                                  "output_dir/tensorboard (needs the tensorboard extra)")
     resume: str = _f("", "checkpoint to resume from; empty = output_dir/checkpoint.pt if any")
     trust_file: bool = _f(False, "DANGEROUS: load the checkpoint to resume from with full "
                                  "pickle, which runs any code a crafted file holds; only for a "

@@ -7,6 +7,8 @@ all crops of the step at once.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,12 +63,19 @@ class Projector(nn.Module):
 class CosineClassifier(nn.Module):
     """The plain preset's learned classifier: its weight [C, D] is the loss's class weight
     (both sides L2-normalised, divided by tau, in trex_fast.losses); it gets gradients and
-    weight decay."""
+    weight decay.
+
+    It starts from torch.nn.Linear's default init (kaiming-uniform, a = sqrt(5): entries
+    U(-1/sqrt(D), 1/sqrt(D)), rows of norm ~ sqrt(1/3) = 0.58 for any D), as the authors' code
+    does (RECIPE.md, issue #17). Not the projector's trunc-normal 0.02 (rows of norm 0.32 at
+    D = 256): behind the L2-normalisation the weight norm sets the effective learning rate
+    early on, ~3x higher with the smaller rows.
+    """
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # = nn.Linear.reset_parameters
 
     def extra_repr(self) -> str:
         return f"dim={self.weight.shape[1]}, num_classes={self.weight.shape[0]}"

@@ -17,6 +17,7 @@ import torch
 from trex_fast.config import Config, to_dict
 
 METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 _LIBRARIES = ("torch", "torchvision", "numpy", "pillow", "numba", "fire", "ffcv",
               "nvidia-dali-cuda130", "triton")
 
@@ -58,6 +59,8 @@ def write_json(path: str, obj) -> None:
 
 
 def write_run_info(out_dir: str, cfg: Config, device: torch.device, extra: dict) -> None:
+    if cfg.tensorboard:  # a missing tensorboard fails here, before the first epoch
+        _tensorboard_writer(out_dir)
     write_json(os.path.join(out_dir, "config.json"), {**to_dict(cfg), **extra})
     write_json(os.path.join(out_dir, "env.json"), {
         "git_revision": git_revision(), "libraries": library_versions(),
@@ -91,6 +94,30 @@ def append_metrics(out_dir: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+_TB_WRITERS: dict = {}  # one event file per run directory and process
+
+
+def _tensorboard_writer(out_dir: str):
+    path = os.path.join(out_dir, TENSORBOARD_DIR)
+    if path not in _TB_WRITERS:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError("--tensorboard=True needs the tensorboard package: pip install "
+                              "'trex_fast[tensorboard]'") from e
+        _TB_WRITERS[path] = SummaryWriter(path)
+    return _TB_WRITERS[path]
+
+
+def write_tensorboard(out_dir: str, record: dict) -> None:
+    """One metrics.jsonl record as TensorBoard scalars at its global step (flushed)."""
+    writer = _tensorboard_writer(out_dir)
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            writer.add_scalar(key, value, global_step=record["step"])
+    writer.flush()
 
 
 def plot_metrics(out_dir: str) -> list[str]:

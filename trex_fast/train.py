@@ -171,6 +171,8 @@ def _end_of_epoch(cfg: Config, state: TrainState, val_data, epoch: int, outcome,
         record.update(evaluate(state, val_data))
     if is_main:
         runlog.append_metrics(out_dir, record)
+        if cfg.tensorboard:
+            runlog.write_tensorboard(out_dir, record)
         runlog.plot_metrics(out_dir)
         shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}
         tqdm.write(f"[trex_fast] {shown}")

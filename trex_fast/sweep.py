@@ -1,0 +1,282 @@
+"""`python -m trex_fast.sweep`: the recipe's ablations as one command (issue #17).
+
+    python -m trex_fast.sweep --grid="pr_hidden_layers=1,3 memory_size=0,8192" \
+        --base="--data=DIR --preset=trex --epochs=100" --output_dir=sweeps/NAME
+
+A sweep is a base (train flags shared by every point), a grid (the product of each knob's
+values) and/or named points (a file, JSON or YAML; docs/SWEEPS.md). Every point's flags go
+through trex_fast.config.make_config, the train CLI's own validation, before anything runs.
+Each point trains in its own run directory, <output_dir>/<point>, through
+`python -m trex_fast.train`; a rerun skips finished points and relaunches the others, which
+continue from their checkpoint through training's own resume. Then every finished point is
+collected into summary.csv/json/md and tradeoff.png (trex_fast.sweep_report).
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import itertools
+import json
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+
+from trex_fast import runlog
+from trex_fast.cli import parse_flags, run_cli
+from trex_fast.config import Config, ConfigError, check_world, make_config, to_dict
+
+POINT_NAME = "point.json"  # the sweep's record of a point: its knobs, flags, resolved config
+SWEEP_NAME = "sweep.json"
+_OWNED = ("output_dir", "resume")  # the sweep sets these per point
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run as given; the message names the point and the key."""
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    knobs: dict  # what varies across the sweep: the grid's values or the named point's flags
+    flags: dict  # base + knobs + output_dir: the train CLI's flags
+    cfg: Config
+
+    @property
+    def run_dir(self) -> str:
+        return self.cfg.output_dir
+
+    def train_argv(self) -> list[str]:
+        """The flags as `python -m trex_fast.train` reads them: repr is a Python literal for
+        fire and the stand-in parser alike (strings quoted, tuples in parentheses)."""
+        return [f"--{key}={value!r}" for key, value in self.flags.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the spec: base, grid, named points
+# ---------------------------------------------------------------------------------------------
+def parse_base(base) -> dict:
+    """'--data=DIR --preset=trex' (train CLI flags) or a mapping -> {name: value}."""
+    if isinstance(base, dict):
+        return dict(base)
+    try:
+        return parse_flags(shlex.split(str(base or "")))
+    except SystemExit as e:  # parse_flags reports a non-flag word this way
+        raise SweepError(f"--base: {e}") from None
+
+
+def _values(key: str, text: str) -> list:
+    """'1,3' -> [1, 3]; '(0.25,1.0),(0.4,1.0)' -> two tuples; 'trex,plain' -> two strings."""
+    try:
+        values = ast.literal_eval(f"[{text}]")
+    except (ValueError, SyntaxError):
+        values = [v for v in (part.strip() for part in text.split(",")) if v]
+    if not values:
+        raise SweepError(f"--grid: {key} has no values")
+    return values
+
+
+def parse_grid(grid) -> dict[str, list]:
+    """'k1=a,b k2=c,d' or a mapping {k1: [a, b], ...} -> {knob: [values]}, in order."""
+    if isinstance(grid, dict):
+        return {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in grid.items()}
+    parsed: dict[str, list] = {}
+    for item in str(grid or "").split():
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise SweepError(f"--grid: {item!r} is not knob=value1,value2,...")
+        parsed[key.replace("-", "_")] = _values(key, text)
+    return parsed
+
+
+def load_file(path: str) -> dict:
+    """A sweep file: {base: {...} or '--flags', grid: {knob: [values]}, points: [{name, ...}]}."""
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # optional dependency: the `sweep` extra
+
+        spec = yaml.safe_load(text) or {}
+    else:
+        spec = json.loads(text)
+    unknown = set(spec) - {"base", "grid", "points"}
+    if not isinstance(spec, dict) or unknown:
+        raise SweepError(f"{path}: a sweep file holds base, grid and points; not {sorted(unknown)}")
+    return spec
+
+
+def _format(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "-".join(_format(v) for v in value)
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", str(value))
+
+
+def grid_name(knobs: dict) -> str:
+    """{'pr_hidden_layers': 1, 'memory_size': 0} -> 'pr_hidden_layers-1__memory_size-0'."""
+    return "__".join(f"{key}-{_format(value)}" for key, value in knobs.items()) or "base"
+
+
+def expand(grid: dict[str, list], named: list[dict]) -> list[tuple[str, dict]]:
+    """(name, knobs) of every point: the grid's product, then the named points."""
+    points = []
+    if grid:
+        for combo in itertools.product(*grid.values()):
+            knobs = dict(zip(grid, combo))
+            points.append((grid_name(knobs), knobs))
+    for i, entry in enumerate(named):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise SweepError(f"points[{i}]: each named point is a mapping with a 'name'")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", entry["name"]):
+            raise SweepError(f"points[{i}]: name {entry['name']!r} must be letters, digits and "
+                             "._+- (it names the run directory)")
+        points.append((entry["name"], {k: v for k, v in entry.items() if k != "name"}))
+    if not points:
+        points.append(("base", {}))  # a sweep of one point: the base itself
+    names = [name for name, _ in points]
+    if len(set(names)) != len(names):
+        shared = sorted({n for n in names if names.count(n) > 1})
+        raise SweepError(f"two points share a name: {shared}")
+    return points
+
+
+def build_points(base: dict, grid: dict[str, list], named: list[dict], output_dir: str,
+                 world_size: int = 1) -> list[Point]:
+    """Validate every point with the train CLI's own code (make_config, check_world); the
+    first error names the point and the flag, before any run directory exists."""
+    points = []
+    for name, knobs in expand(grid, named):
+        flags = {**base, **knobs}
+        for key in _OWNED:
+            if key in flags:
+                raise SweepError(f"point {name}: --{key} is set by the sweep (one run directory "
+                                 "per point under --output_dir); remove it")
+        flags["output_dir"] = os.path.join(os.path.abspath(output_dir), name)
+        try:
+            cfg = make_config(**flags)
+            check_world(cfg, world_size)
+        except ConfigError as e:
+            raise SweepError(f"point {name}: {e}") from None
+        points.append(Point(name, knobs, flags, cfg))
+    return points
+
+
+# ---------------------------------------------------------------------------------------------
+# where each point stands
+# ---------------------------------------------------------------------------------------------
+def point_status(point: Point) -> str:
+    """'finished' (its last epoch validated, backbone written), 'interrupted' (a checkpoint to
+    continue from) or 'pending' (nothing yet)."""
+    records = runlog.read_metrics(point.run_dir)
+    last = records[-1] if records else {}
+    if (last.get("epoch", 0) >= point.cfg.epochs and "val_top1" in last
+            and os.path.isfile(os.path.join(point.run_dir, "backbone.pth"))):
+        return "finished"
+    if os.path.isfile(os.path.join(point.run_dir, "checkpoint.pt")):
+        return "interrupted"
+    return "pending"
+
+
+def write_point_records(points: list[Point], output_dir: str, spec: dict) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    runlog.write_json(os.path.join(output_dir, SWEEP_NAME), spec)
+    for point in points:
+        os.makedirs(point.run_dir, exist_ok=True)
+        runlog.write_json(os.path.join(point.run_dir, POINT_NAME), {
+            "name": point.name, "knobs": point.knobs, "flags": point.flags,
+            "train_argv": point.train_argv(), "config": to_dict(point.cfg)})
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI (fire)
+# ---------------------------------------------------------------------------------------------
+def sweep(grid="", base="", file: str = "", output_dir: str = "", launcher: str = "local",
+          parallel: int = 1, gpus: str = "", nproc_per_node: int = 1, nodes: int = 1,
+          gpus_per_node: int = 1, partition: str = "", time_min: int = 4320, account: str = "",
+          cluster: str = "slurm", wait: bool = True, knn: bool = False, transfer: str = "",
+          tensorboard: bool = False, collect_only: bool = False, dry_run: bool = False) -> dict:
+    """Run a sweep of trex_fast.train over the recipe's knobs, then collect it.
+
+    Args:
+        grid: 'knob=v1,v2 knob2=v3,v4': every combination is a point (tuples: (0.25,1.0),(0.4,1.0)).
+        base: train flags shared by every point, e.g. '--data=DIR --preset=trex --epochs=100'.
+        file: a JSON or YAML sweep file with base, grid and/or named points (docs/SWEEPS.md);
+            --base and --grid add to (and override) it.
+        output_dir: the sweep's directory: one run directory per point, the summary, the figure.
+        launcher: local (points in turn, or --parallel at a time), torchrun or slurm.
+        parallel: local/torchrun: points at a time, each on its own GPUs (CUDA_VISIBLE_DEVICES).
+        gpus: local/torchrun: comma-separated GPU ids to share out; default 0..N-1.
+        nproc_per_node: torchrun: processes (GPUs) per point.
+        nodes: slurm: nodes per point.
+        gpus_per_node: slurm: GPUs per node (one training process each).
+        partition: slurm partition.
+        time_min: slurm time limit per job, minutes; a timed-out job is requeued and resumes.
+        account: slurm account.
+        cluster: slurm (default), or submitit's local / debug executor (no Slurm needed).
+        wait: slurm: wait for the jobs, then collect (else rerun with --collect_only later).
+        knn: also collect k-NN top-1 on the point's data (trex_fast.eval knn).
+        transfer: comma-separated transfer datasets: also collect mean log-odds (trex_fast.eval).
+        tensorboard: every point also writes TensorBoard events (<point>/tensorboard), so
+            that `tensorboard --logdir=<output_dir>` compares the points while they train.
+        collect_only: launch nothing; collect the finished points.
+        dry_run: validate and print the points and their commands; write and run nothing.
+    """
+    from trex_fast import sweep_launch, sweep_report
+
+    if not output_dir:
+        raise SweepError("--output_dir is required (the sweep's directory)")
+    spec = load_file(file) if file else {}
+    base_flags = {**parse_base(spec.get("base", "")), **parse_base(base)}
+    if tensorboard:
+        base_flags["tensorboard"] = True  # a train flag: validated with the others
+    grid_values = {**parse_grid(spec.get("grid", {})), **parse_grid(grid)}
+    settings = sweep_launch.LaunchSettings(
+        launcher, parallel, gpus, nproc_per_node, nodes, gpus_per_node, partition, time_min,
+        account, cluster, wait)
+    named = spec.get("points") or []
+    points = build_points(base_flags, grid_values, named, output_dir, settings.world_size())
+    statuses = {p.name: point_status(p) for p in points}
+    for p in points:
+        print(f"[trex_fast.sweep] {p.name}: {statuses[p.name]}", flush=True)
+    if dry_run:
+        for p in points:
+            print(shlex.join(sweep_launch.train_command(p, settings)))
+        return {"points": [p.name for p in points], "status": statuses}
+    write_point_records(points, output_dir, {"base": base_flags, "grid": grid_values,
+                                             "points": named,
+                                             "launcher": sweep_launch.settings_dict(settings)})
+    todo = [p for p in points if statuses[p.name] != "finished"]
+    if todo and not collect_only:
+        failed = sweep_launch.launch(todo, settings, output_dir)
+    else:
+        failed = []
+    summary = sweep_report.collect(points, output_dir, knn=knn, transfer=transfer)
+    for name in failed:
+        print(f"[trex_fast.sweep] {name} failed: see {os.path.join(output_dir, name, 'train.log')}",
+              file=sys.stderr)
+    return {**summary, "failed": failed}
+
+
+def main(**flags) -> None:
+    accepted = list(inspect.signature(sweep).parameters)
+    try:
+        for name in flags:
+            if name not in accepted:
+                close = difflib.get_close_matches(name, accepted, n=3)
+                hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
+                raise SweepError(f"unknown sweep flag --{name}.{hint} Train flags go in --base "
+                                 "or --grid; run with --help for the sweep's flags.")
+        result = sweep(**flags)
+    except SweepError as e:
+        print(f"trex_fast.sweep: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if result.get("failed"):
+        sys.exit(1)
+
+
+main.__doc__ = sweep.__doc__
+
+
+if __name__ == "__main__":
+    run_cli(sweep if "--help" in sys.argv or "-h" in sys.argv else main)
