@@ -201,3 +201,13 @@ def test_missing_data_exits_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "trex_fast.train: error: --data='/nonexistent': no such directory"], result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_without_cuda_exits_with_one_line(data, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "trex_fast.train", f"--data={data}",
+                             "--device=cuda", f"--output_dir={tmp_path}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "trex_fast.train: error: --device='cuda' but no CUDA device is available"], result.stderr

@@ -1,4 +1,5 @@
-"""The one place that decides which optional back-ends are usable (DESIGN.md).
+"""The one place that decides which optional back-ends are usable (DESIGN.md), and the only
+decider of every "auto" flag (resolve_*; trex_fast.plan asks them once per run).
 
 Nothing here imports ffcv, DALI, Triton or torchvision at module import: each probe imports
 lazily and caches its answer, so `import trex_fast` costs torch alone. Each probe_* function
@@ -207,10 +208,14 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+class UnavailableError(RuntimeError):
+    """What the flags ask for is not usable here (a back-end, CUDA); the message says why."""
+
+
 def require(name: str, available: bool, extra: str) -> None:
     """Raise a clear error naming the missing back-end and how to install it."""
     if not available:
-        raise RuntimeError(
+        raise UnavailableError(
             f"{name} is not installed or failed to import; install it with "
             f"`pip install -e '.[{extra}]'` (tools/setup_env.sh installs everything)"
         )
@@ -226,7 +231,7 @@ def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     device = torch.device(flag)
     if device.type == "cuda":
         if not has_cuda():
-            raise RuntimeError(f"--device={flag!r} but no CUDA device is available")
+            raise UnavailableError(f"--device={flag!r} but no CUDA device is available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
@@ -279,5 +284,6 @@ def resolve_sync_bn(flag: str, device: torch.device, world_size: int) -> bool:
     if world_size == 1 or flag == "off":
         return False
     if flag == "on" and torch.device(device).type != "cuda":
-        raise ValueError("--sync_bn=on needs CUDA: torch's SyncBatchNorm has no CPU kernel")
+        raise UnavailableError("--sync_bn=on needs CUDA: torch's SyncBatchNorm has no CPU "
+                               "kernel")
     return torch.device(device).type == "cuda"

@@ -2,8 +2,8 @@
 
 A checkpoint holds the online network, the EMA network, the memory bank and its pointer, the
 optimiser, the grad scaler, the schedule position (global step, epoch, step inside the epoch),
-the RNG states and the config. It is written to a temporary file, flushed, then renamed, so a
-crash leaves the previous checkpoint intact.
+the RNG states, the config and the run plan. trex_fast.atomic writes it (temporary file,
+fsync, rename, directory fsync), so a crash leaves the previous checkpoint intact.
 
 Everything in it is a tensor, list, tuple, dict, number, string or None (the numpy and Python RNG
 states are converted), so it loads weights-only (trex_fast.safe_load, issue #18): reading a
@@ -18,6 +18,7 @@ import re
 import numpy as np
 import torch
 
+from trex_fast import atomic
 from trex_fast.config import Config, to_dict
 from trex_fast.optim import LRSchedule
 from trex_fast.safe_load import RELEASE_GLOBALS, UnsafeFileError, load_file
@@ -61,25 +62,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(python)
 
 
-def fsync_dir(path: str) -> None:
-    """Make a rename inside `path` durable (the directory entry, not just the file data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def make_checkpoint(state: TrainState, epoch: int, step_in_epoch: int,
                     epoch_sums: dict | None = None) -> dict:
     """epoch/step_in_epoch: where training continues (step_in_epoch 0 = a fresh epoch);
@@ -111,7 +93,7 @@ def load_checkpoint(path: str, trust_file: bool = False, flag: str = "--resume")
     ckpt = load_file(path, trust_file=trust_file, allowed=RELEASE_GLOBALS)
     if not isinstance(ckpt, dict) or not {"core", "config", "rng"} <= ckpt.keys():
         found = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{flag}={path!r} is not a trex_fast checkpoint (found {found}); "
+        raise NotACheckpointError(f"{flag}={path!r} is not a trex_fast checkpoint (found {found}); "
                          "released or torchvision weights go to the eval commands' --backbone")
     return ckpt
 
@@ -165,16 +147,15 @@ class CheckpointDir:
         only the newest `keep` survive. Each step is an atomic rename, so a kill at any moment
         leaves every checkpoint under its final name complete."""
         os.makedirs(self.out_dir, exist_ok=True)
-        tmp = os.path.join(self.out_dir, f".{CHECKPOINT_NAME}.{os.getpid()}.tmp")
-        save_atomic(ckpt, tmp)
+        staged = os.path.join(self.out_dir, f".{CHECKPOINT_NAME}.staged")
+        atomic.save_torch(ckpt, staged)
         if os.path.isfile(self.newest):
             previous_step = (self._newest_step if self._newest_step is not None
                              else _step_of(self.newest))
             if previous_step is not None and previous_step != ckpt["step"]:
                 os.replace(self.newest, os.path.join(
                     self.out_dir, f"checkpoint-step{previous_step:09d}.pt"))
-        os.replace(tmp, self.newest)
-        fsync_dir(self.out_dir)
+        atomic.replace_durably(staged, self.newest)
         self._newest_step = ckpt["step"]
         for _, path in self._older()[max(self.keep - 1, 0):]:
             os.remove(path)
@@ -201,6 +182,10 @@ CROP_KEYS = ("global_crops", "local_crops", "global_size", "local_size", "global
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "lr", "min_lr")
 PLAN_KEYS = ("global_batch", "world_size", "precision", "num_classes", "steps_per_epoch",
              "pipeline")
+
+
+class NotACheckpointError(ValueError):
+    """The file loads but is not a trex_fast checkpoint."""
 
 
 class ResumeError(ValueError):

@@ -26,13 +26,16 @@ from torchvision.datasets import ImageFolder
 
 from pipelines.batch import normalize_uint8
 from pipelines.reference import val_transform
+from trex_fast import atomic
+from trex_fast.availability import UnavailableError, resolve_device
 from trex_fast.backbone_io import export_backbone, load_backbone
-from trex_fast.build import build_state, resolve_device
-from trex_fast.checkpoint import load_checkpoint, restore
+from trex_fast.build import build_state
+from trex_fast.checkpoint import NotACheckpointError, load_checkpoint, restore
 from trex_fast.cli import run_cli
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
 from trex_fast.losses import torch_prototype_ce_with_top1
+from trex_fast.plan import make_plan
 from trex_fast.probes import log_odds, probe
 from trex_fast.safe_load import UnsafeFileError, load_file
 
@@ -104,7 +107,7 @@ def knn(backbone: str, train: str, val: str, arch: str = "resnet50", k: int = 20
         trust_file: DANGEROUS: load --backbone with full pickle, which runs any code a crafted
             file holds; only for a file you trust (default: weights-only, which refuses it).
     """
-    dev = resolve_device(make_config("trex", device=device), SINGLE)
+    dev = resolve_device(device)
     net = load_backbone(backbone, arch, trust_file)
     train_feats, train_labels = extract_features(
         net, _images(train, image_size, batch_size, num_workers), dev)
@@ -131,8 +134,9 @@ def in1k(checkpoint: str, val: str, batch_size: int = 128, num_workers: int = 4,
     ckpt = load_checkpoint(checkpoint, trust_file, flag="--checkpoint")
     flags = {k: v for k, v in ckpt["config"].items() if k not in ("preset", "device")}
     cfg = make_config(ckpt["config"]["preset"], **flags, device=device)
-    dev = resolve_device(cfg, SINGLE)
-    state = build_state(cfg, ckpt["num_classes"], 1, dev, SINGLE)
+    plan = make_plan(cfg, SINGLE, ckpt["num_classes"], steps_per_epoch=1)
+    dev = plan.torch_device
+    state = build_state(cfg, plan)
     restore(state, ckpt)
     state.core.eval()
     weight = state.class_weight()  # [C, D]
@@ -159,9 +163,7 @@ def _cached_features(net, root: str, cache: str, image_size: int, batch_size: in
         return saved["features"], saved["labels"]
     loader = _images(root, image_size, batch_size, num_workers, transfer_transform(image_size))
     feats, labels = extract_features(net, loader, device)
-    tmp = f"{cache}.tmp"
-    torch.save({"features": feats, "labels": labels}, tmp)
-    os.replace(tmp, cache)
+    atomic.save_torch({"features": feats, "labels": labels}, cache)
     return feats, labels
 
 
@@ -189,7 +191,7 @@ def transfer(backbone: str, datasets: str, arch: str = "resnet50", probe_kind: s
             weights-only, which refuses them).
     """
     roots = [d for d in str(datasets).split(",") if d]
-    dev = resolve_device(make_config("trex", device=device), SINGLE)
+    dev = resolve_device(device)
     net = load_backbone(backbone, arch, trust_file)
     os.makedirs(cache_dir, exist_ok=True)
     tag = f"{os.path.basename(backbone)}_{arch}_{image_size}"
@@ -230,7 +232,8 @@ def export(checkpoint: str, out: str, arch: str = "", trust_file: bool = False) 
 def main(argv: list[str] | None = None) -> None:
     try:
         run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export}, argv)
-    except UnsafeFileError as e:  # a refused file: one line, no traceback
+    except (UnsafeFileError, FileNotFoundError, NotACheckpointError, UnavailableError) as e:
+        # a user's error (a refused, missing or foreign file, an unusable device): one line
         print(f"trex_fast.eval: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from trex_fast import availability, bottleneck, distributed, runlog
+from trex_fast import atomic, availability, bottleneck, distributed, runlog
 from trex_fast import checkpoint as ckpt_lib
 from trex_fast.build import build_state
 from trex_fast.cli import run_cli
@@ -197,7 +197,7 @@ def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict)
     out_dir = plan.output_dir
     if plan.is_main:
         backbone_path = os.path.join(out_dir, "backbone.pth")
-        ckpt_lib.save_atomic(backbone_state_dict(state.core), backbone_path)
+        atomic.save_torch(backbone_state_dict(state.core), backbone_path)
         _log(f"done: val top-1 {last['val_top1']:.2f}% after {last['epoch']} epochs "
              f"({state.step} steps)")
         _log(f"outputs in {os.path.abspath(out_dir)}: config.json env.json metrics.jsonl "
@@ -209,6 +209,11 @@ def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict)
 # ---------------------------------------------------------------------------------------------
 # CLI (fire)
 # ---------------------------------------------------------------------------------------------
+# A user's errors: one line `trex_fast.train: error: ...`, no traceback (issue #15).
+USER_ERRORS = (UnsafeFileError, ckpt_lib.ResumeError, ckpt_lib.NotACheckpointError,
+               FileNotFoundError, availability.UnavailableError)
+
+
 def main(**flags) -> None:
     try:
         cfg = make_config(**flags)
@@ -217,8 +222,7 @@ def main(**flags) -> None:
         sys.exit(2)
     try:
         result = run(cfg)
-    except (UnsafeFileError, ckpt_lib.ResumeError, FileNotFoundError) as e:
-        # a user's error (a refused or changed checkpoint, missing data): one line, no traceback
+    except (*USER_ERRORS, ConfigError) as e:  # ConfigError: the checks that need the world size
         print(f"trex_fast.train: error: {e}", file=sys.stderr)
         sys.exit(2)
     if result.get("signal"):  # preempted: saved, but tell the scheduler the job did not finish
