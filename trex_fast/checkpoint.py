@@ -147,6 +147,9 @@ class CheckpointDir:
         only the newest `keep` survive. Each step is an atomic rename, so a kill at any moment
         leaves every checkpoint under its final name complete."""
         os.makedirs(self.out_dir, exist_ok=True)
+        for name in os.listdir(self.out_dir):  # what a killed save left (one writer: rank 0)
+            if name.startswith(f".{CHECKPOINT_NAME}."):
+                os.remove(os.path.join(self.out_dir, name))
         staged = os.path.join(self.out_dir, f".{CHECKPOINT_NAME}.staged")
         atomic.save_torch(ckpt, staged)
         if os.path.isfile(self.newest):
