@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.helpers import tiny_config
 from tests.test_resume import _assert_same_tensors, _metrics
@@ -171,7 +172,10 @@ def _cli(flags: dict) -> list[str]:
 def kill_9_at_first_checkpoint(flags: dict, out) -> dict:
     """Start `python -m trex_fast.train` with flags, kill -9 its process group as soon as a
     checkpoint exists; returns that checkpoint."""
-    proc = subprocess.Popen(_cli({**flags, "output_dir": str(out)}), cwd=REPO,
+    # the same CPU thread count as this process (importing ffcv sets it to 1 here), so that
+    # fp32 sums are ordered alike in the killed run and in its in-process rerun
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(_cli({**flags, "output_dir": str(out)}), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 300
