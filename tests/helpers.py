@@ -11,6 +11,7 @@ from pipelines.photometric_numba import order_of
 from trex_fast.build import build_state
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
+from trex_fast.plan import make_plan
 
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
 
@@ -36,7 +37,7 @@ def tiny_config(**overrides):
 
 def tiny_state(num_classes=5, steps_per_epoch=10, dist_info=SINGLE, **overrides):
     cfg = tiny_config(**overrides)
-    return build_state(cfg, num_classes, steps_per_epoch, torch.device("cpu"), dist_info)
+    return build_state(cfg, make_plan(cfg, dist_info, num_classes, steps_per_epoch))
 
 
 def losses_by_impl(make_state, make_batch, steps: int = 3) -> dict[str, list[float]]:

@@ -176,8 +176,13 @@ def test_photometric_choice_defaults_by_device_and_rejects_ops():
 def test_build_data_routes_dali(data_root):
     from trex_fast.config import make_config
     from trex_fast.data import build_data
-    cfg = make_config("demo", pipeline="dali", global_size=64, local_size=32)
-    train, val = build_data(cfg, str(data_root), _settings(4))
+    from trex_fast.distributed import DistInfo
+    from trex_fast.plan import make_plan
+    cfg = make_config("demo", pipeline="dali", global_size=64, local_size=32, batch_size=4,
+                      num_workers=1, device="cpu")
+    plan = make_plan(cfg, DistInfo(0, 1, 0, 1), num_classes=0, steps_per_epoch=0,
+                     data_root=str(data_root), pipeline="dali")
+    train, val = build_data(cfg, plan)
     assert type(train).__name__ == "DaliTrainData" and type(val).__name__ == "DaliValData"
     assert train.photometric == "numba"  # CPU device
 

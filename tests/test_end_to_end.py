@@ -8,9 +8,13 @@ import sys
 import pytest
 
 from tests.helpers import tiny_config
+from tests.test_survive import FLAGS as SURVIVE_FLAGS
+from tests.test_survive import assert_same_run, kill_9_at_first_checkpoint
 from trex_fast.demo_data import write_dataset
 from trex_fast.train import run
 
+# 4 steps of 8 images, metric reads every 2 (a clock checkpoint lands on step 2), 1 epoch
+FLAGS = dict(SURVIVE_FLAGS, num_workers=1, epochs=1, warmup_epochs=0, log_every=2)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,3 +40,18 @@ def test_convert_then_train(converted, tmp_path, pipeline):
     config = json.loads((out / "config.json").read_text())
     assert config["pipeline"] == pipeline and config["resolved"]["num_classes"] == 8
     assert (out / "backbone.pth").is_file()
+
+
+@pytest.mark.parametrize("pipeline", [
+    pytest.param("ffcv", marks=pytest.mark.ffcv), pytest.param("dali", marks=pytest.mark.dali)])
+def test_kill_9_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(converted, tmp_path,
+                                                                    pipeline):
+    """Data order and augmentation draws of the fast pipelines are restored mid-epoch."""
+    flags = dict(FLAGS, pipeline=pipeline, data=converted, checkpoint_every_min=1e-9)
+    whole = tmp_path / "whole"
+    run(tiny_config(output_dir=str(whole), **flags))
+    out = tmp_path / "killed"
+    first = kill_9_at_first_checkpoint(flags, out)
+    assert first["step"] < 4 and first["step_in_epoch"] == first["step"]  # mid-epoch
+    run(tiny_config(output_dir=str(out), **flags))
+    assert_same_run(out, whole, epochs=1)

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from tests.helpers import losses_by_impl, synthetic_batch
+from trex_fast.availability import resolve_precision
 from trex_fast.build import build_state
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
 from trex_fast.losses import prototype_ce_with_top1
-from trex_fast.step import COMPUTE_DTYPES, resolve_precision, train_step
+from trex_fast.plan import make_plan
+from trex_fast.step import COMPUTE_DTYPES, train_step
 
 SINGLE = DistInfo(0, 1, 0, 1)
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"]
@@ -31,14 +33,14 @@ def _state(device: str, **overrides):
     flags = dict(SIZES[device], warmup_epochs=0, device=device, channels_last=True)
     flags.update(overrides)
     cfg = make_config("trex", **flags)
-    return build_state(cfg, NUM_CLASSES[device], 100, torch.device(device), SINGLE)
+    return build_state(cfg, make_plan(cfg, SINGLE, NUM_CLASSES[device], 100))
 
 
 def _batch(cfg, seed=0):
     """A seeded synthetic batch on the config's device, in the dtype its state computes in
     (bf16 for precision=bf16, fp32 for fp32) and its memory format."""
     device = torch.device(cfg.device)
-    dtype = COMPUTE_DTYPES[resolve_precision(cfg.precision, device)]
+    dtype = COMPUTE_DTYPES[resolve_precision(cfg.precision, device)]  # as the plan does
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     b = synthetic_batch(cfg, num_classes=NUM_CLASSES[device.type], seed=seed)
     to = dict(device=device, dtype=dtype, memory_format=fmt)

@@ -5,6 +5,7 @@ import torch
 
 from tests.helpers import SINGLE, tiny_config, tiny_state
 from trex_fast import build
+from trex_fast.plan import make_plan
 
 
 @pytest.fixture
@@ -47,4 +48,5 @@ def test_building_a_cuda_state_applies_the_policy_first(monkeypatch):
 
     monkeypatch.setattr(build, "set_math_policy", policy)
     with pytest.raises(Stop):
-        build.build_state(tiny_config(), 5, 10, torch.device("cuda"), SINGLE)
+        cfg = tiny_config()
+        build.build_state(cfg, make_plan(cfg, SINGLE, 5, 10, device="cuda"))

@@ -4,8 +4,10 @@ import math
 import pytest
 
 from trex_fast.config import make_config
+from trex_fast.distributed import DistInfo
 from trex_fast.model import build_model
 from trex_fast.optim import LRSchedule, build_optimizer
+from trex_fast.plan import make_plan
 
 
 def test_weight_decay_only_on_tensors_with_ndim_at_least_2():
@@ -21,8 +23,11 @@ def test_weight_decay_only_on_tensors_with_ndim_at_least_2():
 
 
 def test_schedule_warmup_end_and_last_step():
-    cfg = make_config("trex", epochs=100, warmup_epochs=10, lr=0.1, min_lr=1e-6)
-    sched = LRSchedule.from_config(cfg, global_batch=512, steps_per_epoch=50)
+    cfg = make_config("trex", epochs=100, warmup_epochs=10, lr=0.1, min_lr=1e-6, batch_size=256,
+                      device="cpu")
+    plan = make_plan(cfg, DistInfo(0, 2, 0, 2), num_classes=10, steps_per_epoch=50)
+    assert plan.global_batch == 512 and plan.total_steps == 5000 and plan.warmup_steps == 500
+    sched = LRSchedule.from_plan(cfg, plan)
     peak = 0.1 * 512 / 256
     assert sched.peak_lr == pytest.approx(peak)
     assert sched(0) == 0.0  # linear warm-up from 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import tiny_config
-from trex_fast.checkpoint import load_checkpoint
+from trex_fast.checkpoint import ResumeError, load_checkpoint
 from trex_fast.demo_data import write_dataset
 from trex_fast.loop import NonFiniteLossError
 from trex_fast.train import run
@@ -67,9 +67,10 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny_imagefolder, tmp_path)
         assert last_full[key] == pytest.approx(last_split[key], abs=1e-6), key
 
 
-def test_finished_run_outputs_and_raising_epochs_continues(tiny_imagefolder, tmp_path):
+def test_finished_run_outputs_and_raising_epochs_needs_reschedule(tiny_imagefolder, tmp_path,
+                                                                  capsys):
     out = tmp_path / "run"
-    run(_config(tiny_imagefolder, out, epochs=1))
+    run(_config(tiny_imagefolder, out, epochs=1, warmup_epochs=0))
     for name in ("config.json", "env.json", "metrics.jsonl", "loss.png", "accuracy.png",
                  "checkpoint.pt", "backbone.pth"):
         assert (out / name).is_file(), name
@@ -79,7 +80,13 @@ def test_finished_run_outputs_and_raising_epochs_continues(tiny_imagefolder, tmp
         assert key in record, key
     env = json.loads((out / "env.json").read_text())
     assert env["libraries"]["torch"] and env["device_name"] and env["git_revision"]
-    run(_config(tiny_imagefolder, out, epochs=2))
+    with pytest.raises(ResumeError, match=r"epochs: 1 -> 2: a schedule change, the LR at global "
+                                          r"step 4 goes from 1e-06 to 0\.0\d+ .*--reschedule"):
+        run(_config(tiny_imagefolder, out, epochs=2, warmup_epochs=0))
+    capsys.readouterr()
+    run(_config(tiny_imagefolder, out, epochs=2, warmup_epochs=0, reschedule=True))
+    assert "--reschedule: epochs: 1 -> 2; the LR at global step 4 goes from 1e-06 to" in (
+        capsys.readouterr().out)
     records = _metrics(out)
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 8
 
@@ -87,7 +94,7 @@ def test_finished_run_outputs_and_raising_epochs_continues(tiny_imagefolder, tmp
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
         tiny_imagefolder, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    run(_config(tiny_imagefolder, out, epochs=1))
+    run(_config(tiny_imagefolder, out, stop_at_step=2))
     good = (out / "checkpoint.pt").read_bytes()
 
     import pipelines.batch
@@ -97,7 +104,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
 
     monkeypatch.setattr(pipelines.batch, "normalize_uint8", poisoned)
     with pytest.raises(NonFiniteLossError, match="non-finite .* last good checkpoint"):
-        run(_config(tiny_imagefolder, out, epochs=2))
+        run(_config(tiny_imagefolder, out))
     assert (out / "checkpoint.pt").read_bytes() == good
 
 

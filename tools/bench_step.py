@@ -22,13 +22,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trex_fast.availability import resolve_device, resolve_precision  # noqa: E402
 from trex_fast.bottleneck import synthetic_batch  # noqa: E402
-from trex_fast.build import build_state, resolve_device  # noqa: E402
+from trex_fast.build import build_state  # noqa: E402
 from trex_fast.cli import run_cli  # noqa: E402
 from trex_fast.config import make_config  # noqa: E402
 from trex_fast.distributed import DistInfo  # noqa: E402
+from trex_fast.plan import make_plan  # noqa: E402
 from trex_fast.profiling import PhaseTimer, timed  # noqa: E402
-from trex_fast.step import COMPUTE_DTYPES, resolve_precision, train_step  # noqa: E402
+from trex_fast.step import COMPUTE_DTYPES, train_step  # noqa: E402
 
 SINGLE = DistInfo(0, 1, 0, 1)
 
@@ -45,8 +47,9 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def bench_config(cfg, num_classes: int, steps: int, warmup: int, peak_tflops: float) -> dict:
-    device = resolve_device(cfg, SINGLE)
-    state = build_state(cfg, num_classes, steps_per_epoch=1000, device=device, dist_info=SINGLE)
+    plan = make_plan(cfg, SINGLE, num_classes, steps_per_epoch=1000)
+    state = build_state(cfg, plan)
+    device = plan.torch_device
     batch = synthetic_batch(cfg, num_classes, device, COMPUTE_DTYPES[state.precision])
     with FlopCounterMode(display=False) as counter:  # one step, EMA forward included
         train_step(state, batch)
@@ -114,7 +117,7 @@ def main(preset: str = "trex", arch: str = "resnet50", batch_size: int = 64,
     for variant in variants:
         cfg = make_config(preset, **base, **variant)
         try:
-            dev = resolve_device(cfg, SINGLE)
+            dev = resolve_device(cfg.device)
             dtype_name = resolve_precision(cfg.precision, dev)
             if dtype_name not in peak:
                 peak[dtype_name] = matmul_tflops(dev, COMPUTE_DTYPES[dtype_name])

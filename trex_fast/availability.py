@@ -1,4 +1,5 @@
-"""The one place that decides which optional back-ends are usable (DESIGN.md).
+"""The one place that decides which optional back-ends are usable (DESIGN.md), and the only
+decider of every "auto" flag (resolve_*; trex_fast.plan asks them once per run).
 
 Nothing here imports ffcv, DALI, Triton or torchvision at module import: each probe imports
 lazily and caches its answer, so `import trex_fast` costs torch alone. Each probe_* function
@@ -11,6 +12,7 @@ import ctypes
 import functools
 import importlib.metadata
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 
@@ -206,10 +208,82 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+class UnavailableError(RuntimeError):
+    """What the flags ask for is not usable here (a back-end, CUDA); the message says why."""
+
+
 def require(name: str, available: bool, extra: str) -> None:
     """Raise a clear error naming the missing back-end and how to install it."""
     if not available:
-        raise RuntimeError(
+        raise UnavailableError(
             f"{name} is not installed or failed to import; install it with "
             f"`pip install -e '.[{extra}]'` (tools/setup_env.sh installs everything)"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# the deciders of every "auto" flag (trex_fast.plan asks them once per run)
+# ---------------------------------------------------------------------------------------------
+def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
+    """--device: auto = this process's GPU (cuda:LOCAL_RANK) when CUDA works, else the CPU."""
+    if flag == "auto":
+        return torch.device("cuda", local_rank) if has_cuda() else torch.device("cpu")
+    device = torch.device(flag)
+    if device.type == "cuda":
+        if not has_cuda():
+            raise UnavailableError(f"--device={flag!r} but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def resolve_precision(flag: str, device: torch.device) -> str:
+    """--precision: auto = bf16 autocast on CUDA, fp32 on the CPU."""
+    if flag == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return flag
+
+
+def resolve_loss_impl(flag: str, device: torch.device | str) -> str:
+    """--loss_impl: auto = the fused Triton kernel on CUDA, the torch reference elsewhere."""
+    if flag not in ("auto", "torch", "triton"):
+        raise ValueError(f"loss_impl={flag!r} is not one of ('auto', 'torch', 'triton')")
+    if flag == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "torch"
+    return flag
+
+
+def resolve_pipeline(flag: str, root: str) -> str:
+    """--pipeline: auto = ffcv if the data holds train.beton, dali if it holds dali/, else the
+    reference pipeline on an ImageFolder."""
+    if flag != "auto":
+        return flag
+    if os.path.isfile(os.path.join(root, "train.beton")):
+        return "ffcv"
+    if os.path.isdir(os.path.join(root, "dali")):
+        return "dali"
+    return "reference"
+
+
+def resolve_decode(flag: str, device: torch.device) -> str:
+    """--decode (FFCV): auto = nvJPEG on the device when it is a GPU, else in the loader."""
+    if flag != "auto":
+        return flag
+    return "gpu" if torch.device(device).type == "cuda" else "cpu"
+
+
+def resolve_workers(flag: int, local_world_size: int) -> int:
+    """--num_workers: -1 = this machine's CPU cores shared by its processes (1 to 16)."""
+    if flag >= 0:
+        return flag
+    return max(1, min(16, (os.cpu_count() or 1) // local_world_size))
+
+
+def resolve_sync_bn(flag: str, device: torch.device, world_size: int) -> bool:
+    """--sync_bn: auto = on under DDP with CUDA (as the reference), off on the CPU (gloo)."""
+    if world_size == 1 or flag == "off":
+        return False
+    if flag == "on" and torch.device(device).type != "cuda":
+        raise UnavailableError("--sync_bn=on needs CUDA: torch's SyncBatchNorm has no CPU "
+                               "kernel")
+    return torch.device(device).type == "cuda"

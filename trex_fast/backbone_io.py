@@ -11,6 +11,7 @@ import os
 import torch
 import torch.nn as nn
 
+from trex_fast import atomic
 from trex_fast.model import build_backbone
 from trex_fast.safe_load import RELEASE_GLOBALS, load_file
 
@@ -72,7 +73,5 @@ def load_backbone(path: str, arch: str, trust_file: bool = False) -> nn.Module:
 def export_backbone(checkpoint: str, out: str, arch: str, trust_file: bool = False) -> str:
     """Write a checkpoint's backbone as a torchvision state_dict (loads with only fc missing)."""
     state = backbone_state(checkpoint, arch, trust_file)
-    tmp = f"{out}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    atomic.save_torch(state, out)
     return out

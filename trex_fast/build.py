@@ -1,4 +1,5 @@
-"""Assemble a TrainState from a Config: model, EMA, memory, optimiser, schedule, DDP."""
+"""Assemble a TrainState from a Config and its RunPlan: model, EMA, memory, optimiser,
+schedule, DDP."""
 from __future__ import annotations
 
 import warnings
@@ -7,26 +8,11 @@ import torch
 import torch.nn as nn
 
 from trex_fast.config import Config
-from trex_fast.distributed import DistInfo
-from trex_fast.losses import resolve_loss_impl
 from trex_fast.memory import MemoryBank, make_ema
 from trex_fast.model import build_model
 from trex_fast.optim import LRSchedule, build_optimizer
-from trex_fast.step import TrainState, resolve_precision
-
-
-def resolve_device(cfg: Config, dist_info: DistInfo) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_info.local_rank)
-        return torch.device("cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device={cfg.device!r} but no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", dist_info.local_rank)
-    return device
+from trex_fast.plan import RunPlan
+from trex_fast.step import TrainState
 
 
 def set_math_policy() -> dict[str, object]:
@@ -55,21 +41,14 @@ def set_math_policy() -> dict[str, object]:
     return {"matmul_fp32": "ieee", "conv_fp32": "tf32", "cudnn_benchmark": True}
 
 
-def _use_sync_bn(cfg: Config, device: torch.device, dist_info: DistInfo) -> bool:
-    if dist_info.world_size == 1 or cfg.sync_bn == "off":
-        return False
-    if cfg.sync_bn == "on" and device.type != "cuda":
-        raise ValueError("--sync_bn=on needs CUDA: torch's SyncBatchNorm has no CPU kernel")
-    return device.type == "cuda"
-
-
-def build_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: torch.device,
-                dist_info: DistInfo) -> TrainState:
+def build_state(cfg: Config, plan: RunPlan) -> TrainState:
+    """The training state of the run `plan` describes (trex_fast.plan), freshly initialised."""
+    device, num_classes = plan.torch_device, plan.num_classes
     if device.type == "cuda":
         set_math_policy()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     core = build_model(cfg, num_classes)
-    if _use_sync_bn(cfg, device, dist_info):
+    if plan.sync_bn:
         core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     core = core.to(device, memory_format=memory_format)
@@ -82,7 +61,7 @@ def build_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: tor
                             generator=generator).to(device)
 
     net: nn.Module = core
-    if dist_info.world_size > 1:
+    if plan.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         with warnings.catch_warnings():  # torch 2.14 deprecates the name; 2.11 lacks the new one
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
@@ -93,13 +72,10 @@ def build_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: tor
     if cfg.compile:
         net = torch.compile(net)
 
-    precision = resolve_precision(cfg.precision, device)
-    global_batch = cfg.batch_size * dist_info.world_size
     return TrainState(
-        cfg=cfg, core=core, net=net, ema=ema, memory=memory,
+        cfg=cfg, plan=plan, core=core, net=net, ema=ema, memory=memory,
         optimizer=build_optimizer(core, cfg),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        schedule=LRSchedule.from_config(cfg, global_batch, steps_per_epoch),
-        device=device, precision=precision,
-        loss_impl=resolve_loss_impl(cfg.loss_impl, device),
+        scaler=torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16"),
+        schedule=LRSchedule.from_plan(cfg, plan),
+        device=device, precision=plan.precision, loss_impl=plan.loss_impl,
     )

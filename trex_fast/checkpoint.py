@@ -2,8 +2,8 @@
 
 A checkpoint holds the online network, the EMA network, the memory bank and its pointer, the
 optimiser, the grad scaler, the schedule position (global step, epoch, step inside the epoch),
-the RNG states and the config. It is written to a temporary file, flushed, then renamed, so a
-crash leaves the previous checkpoint intact.
+the RNG states, the config and the run plan. trex_fast.atomic writes it (temporary file,
+fsync, rename, directory fsync), so a crash leaves the previous checkpoint intact.
 
 Everything in it is a tensor, list, tuple, dict, number, string or None (the numpy and Python RNG
 states are converted), so it loads weights-only (trex_fast.safe_load, issue #18): reading a
@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import numpy as np
 import torch
 
+from trex_fast import atomic
 from trex_fast.config import Config, to_dict
-from trex_fast.safe_load import RELEASE_GLOBALS, load_file
+from trex_fast.optim import LRSchedule
+from trex_fast.safe_load import RELEASE_GLOBALS, UnsafeFileError, load_file
 from trex_fast.step import TrainState
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -59,17 +62,10 @@ def set_rng_state(state: dict) -> None:
     random.setstate(python)
 
 
-def save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def make_checkpoint(state: TrainState, epoch: int, step_in_epoch: int, num_classes: int) -> dict:
-    """epoch/step_in_epoch: where training continues (step_in_epoch 0 = a fresh epoch)."""
+def make_checkpoint(state: TrainState, epoch: int, step_in_epoch: int,
+                    epoch_sums: dict | None = None) -> dict:
+    """epoch/step_in_epoch: where training continues (step_in_epoch 0 = a fresh epoch);
+    epoch_sums: the metric sums of the steps of this epoch already done (mid-epoch only)."""
     return {
         "core": state.core.state_dict(),
         "ema": state.ema.state_dict() if state.ema is not None else None,
@@ -79,9 +75,11 @@ def make_checkpoint(state: TrainState, epoch: int, step_in_epoch: int, num_class
         "step": state.step,
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
-        "num_classes": num_classes,
+        "epoch_sums": epoch_sums,
+        "num_classes": state.plan.num_classes,
         "rng": rng_state(),
         "config": to_dict(state.cfg),
+        "plan": state.plan.to_dict(),
     }
 
 
@@ -95,25 +93,165 @@ def load_checkpoint(path: str, trust_file: bool = False, flag: str = "--resume")
     ckpt = load_file(path, trust_file=trust_file, allowed=RELEASE_GLOBALS)
     if not isinstance(ckpt, dict) or not {"core", "config", "rng"} <= ckpt.keys():
         found = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{flag}={path!r} is not a trex_fast checkpoint (found {found}); "
+        raise NotACheckpointError(f"{flag}={path!r} is not a trex_fast checkpoint (found {found}); "
                          "released or torchvision weights go to the eval commands' --backbone")
     return ckpt
 
 
-_ARCHITECTURE_KEYS = ("arch", "pr_hidden_layers", "pr_hidden_dim", "pr_bottleneck_dim",
-                      "pr_input_l2_norm", "memory_size")
+# ---------------------------------------------------------------------------------------------
+# the checkpoints of one output directory: the newest is checkpoint.pt, older ones are named
+# by their global step; at most `keep` are kept.
+# ---------------------------------------------------------------------------------------------
+_OLDER = re.compile(r"^checkpoint-step(\d+)\.pt$")
 
 
-def check_compatible(ckpt: dict, cfg: Config, num_classes: int) -> None:
-    """Resuming with another architecture or dataset is an error, not a silent reset."""
-    old = ckpt["config"]
-    for key in _ARCHITECTURE_KEYS:
-        if old[key] != getattr(cfg, key):
-            raise ValueError(f"cannot resume: the checkpoint has {key}={old[key]!r}, this run "
-                             f"--{key}={getattr(cfg, key)!r}; use another --output_dir")
-    if ckpt["num_classes"] != num_classes:
-        raise ValueError(f"cannot resume: the checkpoint has {ckpt['num_classes']} classes, "
-                         f"the data has {num_classes}")
+class CheckpointDir:
+    def __init__(self, out_dir: str, keep: int):
+        self.out_dir, self.keep = out_dir, keep
+        self.newest = os.path.join(out_dir, CHECKPOINT_NAME)
+        self._newest_step: int | None = None  # known once loaded or written here
+
+    def _older(self) -> list[tuple[int, str]]:
+        """(step, path) of the step-named checkpoints, newest first."""
+        if not os.path.isdir(self.out_dir):
+            return []
+        found = [(int(m.group(1)), os.path.join(self.out_dir, name))
+                 for name in os.listdir(self.out_dir) if (m := _OLDER.match(name))]
+        return sorted(found, reverse=True)
+
+    def candidates(self) -> list[str]:
+        """Every checkpoint of the directory, newest first."""
+        newest = [self.newest] if os.path.isfile(self.newest) else []
+        return newest + [path for _, path in self._older()]
+
+    def load_latest(self, trust_file: bool = False, log=print) -> tuple[str, dict] | None:
+        """The newest checkpoint that loads; one that does not (e.g. truncated by a full disk)
+        is reported by name and the one before it is tried. None if there is none."""
+        for path in self.candidates():
+            try:
+                ckpt = load_checkpoint(path, trust_file)
+            except UnsafeFileError:
+                raise  # a crafted file is the user's to decide about, not to skip silently
+            except Exception as e:  # any unreadable file: fall back to the previous one
+                log(f"{path}: cannot be loaded ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
+                    "trying the previous checkpoint")
+                continue
+            if path == self.newest:
+                self._newest_step = ckpt["step"]
+            return path, ckpt
+        return None
+
+    def save(self, ckpt: dict) -> str:
+        """Write ckpt as checkpoint.pt; the previous one becomes checkpoint-step<N>.pt, and
+        only the newest `keep` survive. Each step is an atomic rename, so a kill at any moment
+        leaves every checkpoint under its final name complete."""
+        os.makedirs(self.out_dir, exist_ok=True)
+        for name in os.listdir(self.out_dir):  # what a killed save left (one writer: rank 0)
+            if name.startswith(f".{CHECKPOINT_NAME}."):
+                os.remove(os.path.join(self.out_dir, name))
+        staged = os.path.join(self.out_dir, f".{CHECKPOINT_NAME}.staged")
+        atomic.save_torch(ckpt, staged)
+        if os.path.isfile(self.newest):
+            previous_step = (self._newest_step if self._newest_step is not None
+                             else _step_of(self.newest))
+            if previous_step is not None and previous_step != ckpt["step"]:
+                os.replace(self.newest, os.path.join(
+                    self.out_dir, f"checkpoint-step{previous_step:09d}.pt"))
+        atomic.replace_durably(staged, self.newest)
+        self._newest_step = ckpt["step"]
+        for _, path in self._older()[max(self.keep - 1, 0):]:
+            os.remove(path)
+        return self.newest
+
+
+def _step_of(path: str) -> int | None:
+    """The global step of a checkpoint file, or None if it cannot be read."""
+    try:
+        return int(load_file(path, allowed=RELEASE_GLOBALS)["step"])
+    except Exception:  # unreadable: it is dropped rather than kept under a guessed name
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# resume compares plans (issue #15): a change that would make the run differ from an
+# uninterrupted one is refused, naming every changed key with its old and new value.
+# ---------------------------------------------------------------------------------------------
+MODEL_KEYS = ("arch", "pr_hidden_layers", "pr_hidden_dim", "pr_bottleneck_dim",
+              "pr_input_l2_norm", "memory_size", "clf_tau", "ema_momentum", "weight_decay",
+              "momentum", "seed")
+CROP_KEYS = ("global_crops", "local_crops", "global_size", "local_size", "global_scale",
+             "local_scale")
+SCHEDULE_KEYS = ("epochs", "warmup_epochs", "lr", "min_lr")
+PLAN_KEYS = ("global_batch", "world_size", "precision", "num_classes", "steps_per_epoch",
+             "pipeline")
+
+
+class NotACheckpointError(ValueError):
+    """The file loads but is not a trex_fast checkpoint."""
+
+
+class ResumeError(ValueError):
+    """Resuming would not continue the checkpoint's run exactly; the message says why."""
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _changes(old: dict, new: dict, keys: tuple[str, ...]) -> list[tuple[str, object, object]]:
+    return [(k, old[k], new[k]) for k in keys if k in old and not _same(old[k], new[k])]
+
+
+def _schedule(config: dict, plan: dict) -> LRSchedule:
+    spe = plan["steps_per_epoch"]
+    return LRSchedule(peak_lr=config["lr"] * plan["global_batch"] / 256,
+                      min_lr=config["min_lr"],
+                      warmup_steps=int(round(config["warmup_epochs"] * spe)),
+                      total_steps=config["epochs"] * spe)
+
+
+def lr_before_after(ckpt: dict, cfg: Config, plan) -> tuple[float, float]:
+    """The LR of the checkpoint's next step under its own schedule (the last step's, for a
+    finished run) and under the new one."""
+    new_plan = plan.to_dict()
+    old_plan = ckpt.get("plan") or new_plan  # checkpoints before #15 stored no plan
+    old, step = _schedule(ckpt["config"], old_plan), ckpt["step"]
+    return old(min(step, old.total_steps - 1)), _schedule(to_dict(cfg), new_plan)(step)
+
+
+def check_resumable(ckpt: dict, cfg: Config, plan, reschedule: bool = False) -> list[str]:
+    """Raise ResumeError naming every change that resuming cannot continue exactly; returns
+    the lines to print about accepted changes (--reschedule)."""
+    old_cfg, new_cfg = ckpt["config"], to_dict(cfg)
+    old_plan = ckpt.get("plan") or {"num_classes": ckpt["num_classes"]}
+    new_plan = plan.to_dict()
+    refused = [f"{k}: {a!r} -> {b!r}" for k, a, b in
+               _changes(old_cfg, new_cfg, MODEL_KEYS + CROP_KEYS)
+               + _changes(old_plan, new_plan, PLAN_KEYS)]
+    if any(k == "world_size" for k, _, _ in _changes(old_plan, new_plan, PLAN_KEYS)):
+        refused.append(
+            "world_size: at the same global batch the data order re-shards exactly (every "
+            "global step holds the same images), but BatchNorm statistics are per process and "
+            "the memory bank is filled in rank order, so the run would still differ")
+    schedule = _changes(old_cfg, new_cfg, SCHEDULE_KEYS)
+    accepted = []
+    if schedule:
+        before, after = lr_before_after(ckpt, cfg, plan)
+        named = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in schedule)
+        jump = f"the LR at global step {ckpt['step']} goes from {before:.6g} to {after:.6g}"
+        if reschedule:
+            accepted.append(f"--reschedule: {named}; {jump}")
+        else:
+            refused.append(f"{named}: a schedule change, {jump} (pass --reschedule=True to "
+                           "accept it)")
+    if refused:
+        raise ResumeError("cannot resume: the checkpoint's run differs from this one in "
+                          + "; ".join(refused)
+                          + ". Use the checkpoint's flags, or another --output_dir for a new run")
+    return accepted
 
 
 def restore(state: TrainState, ckpt: dict) -> None:

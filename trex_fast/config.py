@@ -84,7 +84,16 @@ class Config:
     eval_every: int = _f(1, "epochs between validations (0 = only after the last epoch)")
     tensorboard: bool = _f(False, "also write each epoch's metrics as TensorBoard events in "
                                   "output_dir/tensorboard (needs the tensorboard extra)")
-    resume: str = _f("", "checkpoint to resume from; empty = output_dir/checkpoint.pt if any")
+    resume: str = _f("", "checkpoint to resume from; empty = the newest checkpoint of "
+                         "output_dir that loads, if any")
+    reschedule: bool = _f(False, "on resume, accept a change of epochs, warmup_epochs, lr or "
+                                 "min_lr (the LR schedule is recomputed: the run then differs "
+                                 "from an uninterrupted one; the LR before and after is printed)")
+    checkpoint_every_min: float = _f(20.0, "also checkpoint mid-epoch, at the first metric read "
+                                           "after this many minutes (no extra host sync); 0 = "
+                                           "only at epoch ends")
+    keep_checkpoints: int = _f(3, "checkpoints kept in output_dir, newest first (checkpoint.pt, "
+                                  "then checkpoint-step<N>.pt)")
     trust_file: bool = _f(False, "DANGEROUS: load the checkpoint to resume from with full "
                                  "pickle, which runs any code a crafted file holds; only for a "
                                  "file you trust that weights-only loading refuses (e.g. one "
@@ -169,6 +178,9 @@ def validate(cfg: Config) -> Config:
                  "memory_size", "profile_steps"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), ">= 0")
     _check(cfg.batch_size >= 2, "batch_size", cfg.batch_size, ">= 2 (BatchNorm needs 2 images)")
+    _check(cfg.checkpoint_every_min >= 0, "checkpoint_every_min", cfg.checkpoint_every_min,
+           ">= 0")
+    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, ">= 1")
     _check(cfg.num_workers >= -1, "num_workers", cfg.num_workers, ">= 0, or -1 for auto")
     _check(cfg.lr > 0, "lr", cfg.lr, "> 0")
     _check(0 <= cfg.min_lr <= cfg.lr, "min_lr", cfg.min_lr, f"in [0, lr={cfg.lr}]")

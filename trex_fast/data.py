@@ -1,4 +1,4 @@
-"""Which pipeline reads the data, decided once, and the loaders it builds.
+"""The loaders of the pipeline the run plan names (trex_fast.plan decides which).
 
 `--data` is an ImageFolder root (train/ and val/), a directory converted by
 tools/convert_in1k.py (train.beton, dali/), or empty for the built-in demo dataset.
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-from pipelines.batch import LoaderSettings
 from pipelines.reference import ReferenceTrainData, ReferenceValData
 from pipelines.spec import multicrop_spec
 from trex_fast import demo_data
@@ -23,16 +22,6 @@ def resolve_data_root(cfg: Config) -> str:
     return root
 
 
-def resolve_pipeline(cfg: Config, root: str) -> str:
-    if cfg.pipeline != "auto":
-        return cfg.pipeline
-    if os.path.isfile(os.path.join(root, "train.beton")):
-        return "ffcv"
-    if os.path.isdir(os.path.join(root, "dali")):
-        return "dali"
-    return "reference"
-
-
 def _check_imagefolder(root: str) -> None:
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
@@ -41,22 +30,20 @@ def _check_imagefolder(root: str) -> None:
                 "ImageFolder root with train/<class>/*.JPEG and val/<class>/*.JPEG")
 
 
-def build_data(cfg: Config, root: str, settings: LoaderSettings):
-    """(train data, val data): train yields MultiCropBatch per step via .epoch(epoch, start)."""
-    pipeline = resolve_pipeline(cfg, root)
+def build_data(cfg: Config, plan):
+    """(train data, val data) as the plan (trex_fast.plan) says: train yields a
+    MultiCropBatch per step via .epoch(epoch, start)."""
+    root, pipeline, settings = plan.data_root, plan.pipeline, plan.loader_settings()
     if pipeline == "ffcv":
         from trex_fast import availability
 
         availability.require("ffcv", availability.has_ffcv(), "ffcv")
         from pipelines.ffcv_multicrop import FfcvTrainData, FfcvValData  # imports ffcv
 
-        # decode on the device when it is a GPU (nvJPEG), else in the loader's workers
-        decode = cfg.decode if cfg.decode != "auto" else (
-            "gpu" if settings.device.type == "cuda" else "cpu")
         train = FfcvTrainData(os.path.join(root, "train.beton"), multicrop_spec(cfg), settings,
-                              decode=decode)
+                              decode=plan.decode)
         val = FfcvValData(os.path.join(root, "val.beton"), cfg.global_size, settings,
-                          decode=decode)
+                          decode=plan.decode)
         return train, val
     if pipeline == "dali":
         from trex_fast import availability

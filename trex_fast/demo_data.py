@@ -14,6 +14,8 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from trex_fast import atomic
+
 VERSION = 1
 PATTERNS = ("h_stripes", "v_stripes", "checkers", "crosshatch", "dots", "rings", "blobs",
             "speckle")
@@ -90,7 +92,8 @@ def ensure_demo_dataset(cache_dir: str | None = None) -> str:
     try:
         print(f"[trex_fast] writing the demo dataset once to {root}")
         write_dataset(tmp)
-        os.replace(tmp, root)
+        atomic.fsync_tree(tmp)  # every image on disk before the tree gets its final name
+        atomic.replace_durably(tmp, root)
     except OSError:
         if not os.path.isdir(os.path.join(root, "val")):  # not a lost race with another rank
             raise

@@ -65,8 +65,3 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x)
     return x
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()

@@ -25,16 +25,12 @@ def versions() -> str:
 
 def auto_choices() -> str:
     """device, precision and loss_impl as a run with the default flags resolves them."""
-    from trex_fast.build import resolve_device
     from trex_fast.config import make_config
-    from trex_fast.distributed import DistInfo
-    from trex_fast.losses import resolve_loss_impl
-    from trex_fast.step import resolve_precision
 
     cfg = make_config()
-    device = resolve_device(cfg, DistInfo(0, 1, 0, 1))
-    return (f"device={device} precision={resolve_precision(cfg.precision, device)} "
-            f"loss_impl={resolve_loss_impl(cfg.loss_impl, device)}")
+    device = availability.resolve_device(cfg.device)
+    return (f"device={device} precision={availability.resolve_precision(cfg.precision, device)} "
+            f"loss_impl={availability.resolve_loss_impl(cfg.loss_impl, device)}")
 
 
 def report() -> list[str]:

@@ -16,6 +16,7 @@ weights-only: one that would run code is refused with a one-line error naming it
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -26,20 +27,22 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from pipelines.batch import normalize_uint8
-from pipelines.reference import val_transform
+from pipelines.reference import ReferenceValData, val_transform
+from trex_fast.availability import UnavailableError, resolve_device
 from trex_fast.backbone_io import export_backbone, load_backbone
-from trex_fast.build import build_state, resolve_device
-from trex_fast.checkpoint import load_checkpoint, restore
+from trex_fast.build import build_state
+from trex_fast.checkpoint import NotACheckpointError, load_checkpoint, restore
 from trex_fast.cli import run_cli
-from trex_fast.config import make_config
+from trex_fast.config import FIELDS, make_config
 from trex_fast.distributed import DistInfo
-from trex_fast.losses import torch_prototype_ce_with_top1
+from trex_fast.plan import make_plan
 from trex_fast.probes import TRIALS
 from trex_fast.runlog import device_name, git_revision, library_versions
 from trex_fast.safe_load import UnsafeFileError
 from trex_fast.transfer import TransferSettings, backbone_tag, run_transfer
 from trex_fast.transfer_data import DatasetNotReady, resolve_all
 from trex_fast.transfer_report import markdown, write_outputs
+from trex_fast.validation import evaluate
 
 SINGLE = DistInfo(0, 1, 0, 1)
 
@@ -103,7 +106,7 @@ def knn(backbone: str, train: str, val: str, arch: str = "resnet50", k: int = 20
         trust_file: DANGEROUS: load --backbone with full pickle, which runs any code a crafted
             file holds; only for a file you trust (default: weights-only, which refuses it).
     """
-    dev = resolve_device(make_config("trex", device=device), SINGLE)
+    dev = resolve_device(device)
     net = load_backbone(backbone, arch, trust_file)
     train_feats, train_labels = extract_features(
         net, _images(train, image_size, batch_size, num_workers), dev)
@@ -128,25 +131,20 @@ def in1k(checkpoint: str, val: str, batch_size: int = 128, num_workers: int = 4,
             file holds; only for a file you trust (default: weights-only, which refuses it).
     """
     ckpt = load_checkpoint(checkpoint, trust_file, flag="--checkpoint")
-    flags = {k: v for k, v in ckpt["config"].items() if k not in ("preset", "device")}
-    cfg = make_config(ckpt["config"]["preset"], **flags, device=device)
-    dev = resolve_device(cfg, SINGLE)
-    state = build_state(cfg, ckpt["num_classes"], 1, dev, SINGLE)
+    flags = {k: v for k, v in ckpt["config"].items() if k in FIELDS and k not in
+             ("preset", "device")}
+    # evaluated in fp32 whatever the training precision was
+    cfg = make_config(ckpt["config"]["preset"], **{**flags, "precision": "fp32"}, device=device)
+    plan = make_plan(cfg, SINGLE, ckpt["num_classes"], steps_per_epoch=1)
+    state = build_state(cfg, plan)
     restore(state, ckpt)
-    state.core.eval()
-    weight = state.class_weight()  # [C, D]
-    top1 = top5 = total = 0
-    for images, labels in _images(val, cfg.global_size, batch_size, num_workers):
-        x = normalize_uint8(images, dev, torch.float32, cfg.channels_last)
-        z = state.core.embed(x)  # [n, D]
-        _, correct = torch_prototype_ce_with_top1(z, weight, labels.to(dev), cfg.clf_tau)
-        logits = F.normalize(z.float(), dim=1) @ F.normalize(weight.float(), dim=1).t()
-        top5 += (logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-                 == labels[:, None]).any(1).sum().item()
-        top1 += correct.sum().item()
-        total += labels.shape[0]
-    print(json.dumps({"eval": "in1k", "top1": 100.0 * top1 / total,
-                      "top5": 100.0 * top5 / total, "images": total}))
+    settings = dataclasses.replace(plan.loader_settings(), batch_size=batch_size,
+                                   num_workers=num_workers)
+    if not os.path.isdir(val):
+        raise FileNotFoundError(f"--val={val!r}: no such ImageFolder directory")
+    result = evaluate(state, ReferenceValData(val, cfg.global_size, settings))
+    print(json.dumps({"eval": "in1k", "top1": result["val_top1"], "top5": result["val_top5"],
+                      "images": int(result["val_images"])}))
 
 
 def _in1k_top1(backbone: str, report: dict) -> float | None:
@@ -213,7 +211,7 @@ def transfer(backbone: str, datasets: str, data_root: str = ".", arch: str = "re
         raise ValueError("--datasets: give at least one dataset name or ImageFolder root")
     # ---- phase 1: every dataset read and checked before any feature is extracted
     data = resolve_all(entries, data_root)
-    dev = resolve_device(make_config("trex", device=device), SINGLE)
+    dev = resolve_device(device)
     net = load_backbone(backbone, arch, trust_file)
     settings = TransferSettings(trials=trials, seeds=seeds, sgd_epochs=sgd_epochs,
                                 probe_kind=probe_kind, image_size=image_size,
@@ -254,7 +252,10 @@ def export(checkpoint: str, out: str, arch: str = "", trust_file: bool = False) 
 def main(argv: list[str] | None = None) -> None:
     try:
         run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export}, argv)
-    except (UnsafeFileError, DatasetNotReady) as e:  # a refused file, a missing dataset: one line
+    except (UnsafeFileError, FileNotFoundError, NotACheckpointError, UnavailableError,
+            DatasetNotReady) as e:
+        # a user's error (a refused, missing or foreign file, an unusable device, a missing
+        # dataset): one line
         print(f"trex_fast.eval: error: {e}", file=sys.stderr)
         sys.exit(2)
 

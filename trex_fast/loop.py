@@ -93,10 +93,28 @@ class EpochOutcome:
     stopped_at: int | None  # step inside the epoch where a stop request ended it, else None
 
 
+class CheckpointClock:
+    """Due once `minutes` have passed since the last checkpoint (0 = never); asked only at a
+    metric read, which has just synchronised with the device, so it adds no host sync."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60.0
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+
 def train_one_epoch(state: TrainState, train_data, epoch: int, start_step: int,
-                    progress, stop: StopSignal, checkpoint_path: str) -> EpochOutcome:
+                    progress, stop: StopSignal, checkpoint_path: str,
+                    totals: EpochTotals | None = None, on_read=None) -> EpochOutcome:
+    """totals: the sums of this epoch's steps before start_step (a mid-epoch resume);
+    on_read(step_in_epoch, totals): called after each metric read (the clock checkpoint)."""
     cfg = state.cfg
-    totals = EpochTotals()
+    totals = totals or EpochTotals()
     step_in_epoch = start_step
     start = time.perf_counter()
     for batch in train_data.epoch(epoch, start_step):
@@ -112,6 +130,8 @@ def train_one_epoch(state: TrainState, train_data, epoch: int, start_step: int,
                 progress.set_postfix(epoch=epoch + 1,
                                      loss=f"{read['loss_sum'] / read['steps']:.3f}",
                                      top1=f"{100 * read['correct'] / read['rows']:.1f}%")
+            if on_read is not None and step_in_epoch < train_data.steps_per_epoch:
+                on_read(step_in_epoch, totals)
         if stop.received is not None or state.step == cfg.stop_at_step:
             break
     if state.metrics.steps:
@@ -120,6 +140,6 @@ def train_one_epoch(state: TrainState, train_data, epoch: int, start_step: int,
         totals.add(read)
     if state.device.type == "cuda":
         torch.cuda.synchronize(state.device)
-    totals.train_seconds = time.perf_counter() - start
+    totals.train_seconds += time.perf_counter() - start
     finished = step_in_epoch >= train_data.steps_per_epoch
     return EpochOutcome(totals, None if finished else step_in_epoch)

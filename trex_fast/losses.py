@@ -23,18 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trex_fast.config import LOSS_IMPLS
+from trex_fast.availability import resolve_loss_impl
 
 NORM_EPS = 1e-12  # F.normalize's default eps: x / max(||x||, eps)
-
-
-def resolve_loss_impl(impl: str, device: torch.device | str) -> str:
-    """'auto' picks the fused kernel on CUDA and the torch reference elsewhere."""
-    if impl not in LOSS_IMPLS:
-        raise ValueError(f"loss_impl={impl!r} is not one of {LOSS_IMPLS}")
-    if impl == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
-    return impl
 
 
 def dot_operand_dtype(z: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -41,10 +41,10 @@ class LRSchedule:
     total_steps: int
 
     @classmethod
-    def from_config(cls, cfg: Config, global_batch: int, steps_per_epoch: int) -> LRSchedule:
-        return cls(peak_lr=cfg.lr * global_batch / 256, min_lr=cfg.min_lr,
-                   warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
-                   total_steps=cfg.epochs * steps_per_epoch)
+    def from_plan(cls, cfg: Config, plan) -> LRSchedule:
+        """The schedule of a run plan (trex_fast.plan), which scales the LR and counts steps."""
+        return cls(peak_lr=plan.peak_lr, min_lr=cfg.min_lr, warmup_steps=plan.warmup_steps,
+                   total_steps=plan.total_steps)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:

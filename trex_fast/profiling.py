@@ -11,8 +11,6 @@ from collections import defaultdict
 
 import torch
 
-STEP_PHASES = ("prototypes", "forward+loss", "ema+enqueue", "backward", "optimizer")
-
 
 def timed(device: torch.device, fn) -> float:
     """Seconds that fn() takes on `device`: CUDA events around it and one sync at the end on a

@@ -1,7 +1,7 @@
 """What a run writes next to its checkpoints: config.json, env.json, metrics.jsonl, plots.
 
 STYLE.md habit 9: every run records its resolved config, git revision, library versions and
-device. metrics.jsonl gets one JSON object per epoch, flushed and fsynced as it is written.
+device. metrics.jsonl gets one JSON object per epoch. Every file goes through trex_fast.atomic.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from trex_fast import atomic
 from trex_fast.config import Config, to_dict
 
 METRICS_NAME = "metrics.jsonl"
@@ -51,11 +52,7 @@ def device_name(device: torch.device) -> str:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)
 
 
 def write_run_info(out_dir: str, cfg: Config, device: torch.device, extra: dict) -> None:
@@ -82,18 +79,17 @@ def truncate_metrics(out_dir: str, completed_epochs: int) -> None:
     """On resume, drop records of epochs the checkpoint does not contain (they will rerun).
     Records are numbered by completed epochs: 1 is the first epoch."""
     kept = [r for r in read_metrics(out_dir) if r["epoch"] <= completed_epochs]
-    path = os.path.join(out_dir, METRICS_NAME)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    _write_metrics(out_dir, kept)
+
+
+def _write_metrics(out_dir: str, records: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic.write_bytes(os.path.join(out_dir, METRICS_NAME), text.encode())
 
 
 def append_metrics(out_dir: str, record: dict) -> None:
-    with open(os.path.join(out_dir, METRICS_NAME), "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    # rewritten whole (a few KB): a kill mid-write never leaves a partial line
+    _write_metrics(out_dir, [*read_metrics(out_dir), record])
 
 
 _TB_WRITERS: dict = {}  # one event file per run directory and process
@@ -145,7 +141,7 @@ def plot_metrics(out_dir: str) -> list[str]:
         ax.legend()
         fig.tight_layout()
         path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=100)
+        atomic.write_atomic(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         paths.append(path)
     return paths

@@ -23,12 +23,6 @@ from trex_fast.profiling import NULL_TIMER
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
 @dataclass
 class StepMetrics:
     """On-device running sums since the last read; read() is the one host sync."""
@@ -71,6 +65,7 @@ class StepMetrics:
 @dataclass
 class TrainState:
     cfg: Config
+    plan: object  # trex_fast.plan.RunPlan: the run's resolved facts
     core: MultiCropNet  # the online network, unwrapped (checkpoints, EMA source)
     net: nn.Module  # what the step calls: DDP(core) when distributed, maybe compiled
     ema: MultiCropNet | None  # None for the plain preset (no memory to fill)

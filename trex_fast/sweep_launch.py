@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from trex_fast import atomic
 from trex_fast.sweep import Point, SweepError
 
 LAUNCHERS = ("local", "torchrun", "slurm")
@@ -220,8 +221,7 @@ def submit_slurm(points: list[Point], settings: LaunchSettings, output_dir: str)
         executor.update_parameters(name=f"trex_fast.{point.name}", **params)
         job = executor.submit(PointJob(point.name, train_command(point, settings), point.run_dir))
         print(f"[trex_fast.sweep] submitted {point.name}: job {job.job_id}", flush=True)
-        with open(os.path.join(point.run_dir, "job_id"), "w") as f:
-            f.write(f"{job.job_id}\n")
+        atomic.write_bytes(os.path.join(point.run_dir, "job_id"), f"{job.job_id}\n".encode())
         jobs.append((point, job))
     if not settings.wait:
         return []

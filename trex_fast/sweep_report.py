@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from trex_fast import runlog
+from trex_fast import atomic, runlog
 from trex_fast.sweep import Point, point_status
 
 # RECIPE.md "Published results": ResNet-50, 100 epochs, global batch 256.
@@ -93,16 +93,16 @@ def _cell(value) -> str:
 def write_tables(rows: list[dict], output_dir: str) -> dict[str, str]:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     paths = {ext: os.path.join(output_dir, f"summary.{ext}") for ext in ("csv", "json", "md")}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
+    atomic.write_bytes(paths["csv"], text.getvalue().encode())
     runlog.write_json(paths["json"], rows)
     shown = [c for c in columns if c != "run_dir"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]
-    with open(paths["md"], "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic.write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
     return paths
 
 
@@ -138,7 +138,7 @@ def plot_tradeoff(rows: list[dict], knobs: list[dict], path: str) -> str:
     ax.set_title("IN1K accuracy vs transfer: the sweep's points")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
 

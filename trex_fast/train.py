@@ -10,32 +10,22 @@ import inspect
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from pipelines.batch import LoaderSettings
-from trex_fast import bottleneck, distributed, runlog
+from trex_fast import atomic, availability, bottleneck, distributed, runlog
 from trex_fast import checkpoint as ckpt_lib
-from trex_fast.build import build_state, resolve_device
+from trex_fast.build import build_state
 from trex_fast.cli import run_cli
-from trex_fast.config import FIELDS, Config, ConfigError, check_world, help_text, make_config
-from trex_fast.data import build_data, resolve_data_root, resolve_pipeline
-from trex_fast.loop import StopSignal, train_one_epoch
+from trex_fast.config import FIELDS, Config, ConfigError, help_text, make_config
+from trex_fast.loop import CheckpointClock, EpochTotals, StopSignal, train_one_epoch
 from trex_fast.model import backbone_state_dict
+from trex_fast.plan import RunPlan, plan_run
 from trex_fast.safe_load import UnsafeFileError
-from trex_fast.step import COMPUTE_DTYPES, TrainState, resolve_precision
+from trex_fast.step import TrainState
 from trex_fast.validation import evaluate
-
-
-def _num_workers(cfg: Config, local_world_size: int) -> int:
-    if cfg.num_workers >= 0:
-        return cfg.num_workers
-    return max(1, min(16, (os.cpu_count() or 1) // local_world_size))
-
-
-def _output_dir(cfg: Config) -> str:
-    return cfg.output_dir or os.path.join("runs", cfg.preset)
 
 
 def _log(message: str) -> None:
@@ -43,30 +33,55 @@ def _log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# resume
+# resume and checkpoints
 # ---------------------------------------------------------------------------------------------
-def _resume(cfg: Config, state: TrainState, out_dir: str,
-            num_classes: int) -> tuple[int, int, float]:
-    """(epoch, step in epoch, elapsed seconds) to continue from; (0, 0, 0) for a fresh run."""
-    path = cfg.resume or os.path.join(out_dir, ckpt_lib.CHECKPOINT_NAME)
-    if not cfg.resume and not os.path.isfile(path):
-        return 0, 0, 0.0
-    ckpt = ckpt_lib.load_checkpoint(path, trust_file=cfg.trust_file)
-    ckpt_lib.check_compatible(ckpt, cfg, num_classes)
+@dataclass
+class Resumed:
+    """Where training continues: (0, 0) for a fresh run."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    elapsed_s: float = 0.0
+    epoch_sums: dict | None = None  # metric sums of the epoch's steps before step_in_epoch
+
+
+def _find_checkpoint(cfg: Config, plan: RunPlan, ckpts: ckpt_lib.CheckpointDir):
+    """(path, checkpoint) to resume from, already checked against the plan; None if fresh."""
+    if cfg.resume:
+        found = cfg.resume, ckpt_lib.load_checkpoint(cfg.resume, trust_file=cfg.trust_file)
+    else:
+        found = ckpts.load_latest(cfg.trust_file, log=_log)
+    if found is None:
+        return None
+    path, ckpt = found
+    for line in ckpt_lib.check_resumable(ckpt, cfg, plan, reschedule=cfg.reschedule):
+        _log(line)
+    return path, ckpt
+
+
+def _resume(cfg: Config, plan: RunPlan, state: TrainState, found) -> Resumed:
+    if found is None:
+        return Resumed()
+    path, ckpt = found
     ckpt_lib.restore(state, ckpt)
     if ckpt["epoch"] >= cfg.epochs:
         _log(f"{path}: this run already finished its {cfg.epochs} epochs; reporting it again "
-             "(raise --epochs to continue it)")
+             "(more epochs change its LR schedule: see --reschedule)")
     else:
         _log(f"resumed from {path}: epoch {ckpt['epoch'] + 1}, global step {ckpt['step']}")
-    return ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("elapsed_s", 0.0)
+    # metric sums are rank-local: restored only where one process holds them all
+    sums = ckpt.get("epoch_sums") if plan.world_size == 1 else None
+    return Resumed(ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("elapsed_s", 0.0), sums)
 
 
-def _save(state: TrainState, path: str, epoch: int, step_in_epoch: int, num_classes: int,
-          elapsed_s: float) -> None:
-    ckpt = ckpt_lib.make_checkpoint(state, epoch, step_in_epoch, num_classes)
+def _save(plan: RunPlan, state: TrainState, ckpts: ckpt_lib.CheckpointDir, epoch: int,
+          step_in_epoch: int, elapsed_s: float, totals: EpochTotals | None = None) -> None:
+    if not plan.is_main:
+        return
+    sums = dict(totals.sums) if totals is not None and step_in_epoch else None
+    ckpt = ckpt_lib.make_checkpoint(state, epoch, step_in_epoch, sums)
     ckpt["elapsed_s"] = elapsed_s
-    ckpt_lib.save_atomic(ckpt, path)
+    ckpts.save(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,118 +89,117 @@ def _save(state: TrainState, path: str, epoch: int, step_in_epoch: int, num_clas
 # ---------------------------------------------------------------------------------------------
 def run(cfg: Config) -> dict:
     """Train (or continue) the run described by cfg; returns the last epoch's metrics."""
-    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto"
-                                                  and torch.cuda.is_available())
-    dist_info = distributed.init("cuda" if want_cuda else "cpu")
+    device = availability.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist_info = distributed.init(device.type)
     try:
-        return _run(cfg, dist_info)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return _run(cfg, dist_info, device)
     finally:
         distributed.shutdown()
 
 
-def _run(cfg: Config, dist_info) -> dict:
-    check_world(cfg, dist_info.world_size)
-    device = resolve_device(cfg, dist_info)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    out_dir = _output_dir(cfg)
-    ckpt_path = os.path.join(out_dir, ckpt_lib.CHECKPOINT_NAME)
-    is_main = dist_info.is_main
+def _run(cfg: Config, dist_info, device: torch.device) -> dict:
+    plan, train_data, val_data = plan_run(cfg, dist_info, device)
+    ckpts = ckpt_lib.CheckpointDir(plan.output_dir, cfg.keep_checkpoints)
+    if cfg.profile_steps:  # a fresh state: the run's own checkpoints are not touched
+        return _profile(cfg, plan, build_state(cfg, plan), train_data)
+    found = _find_checkpoint(cfg, plan, ckpts)  # refuses a changed run before any work
+    state = build_state(cfg, plan)
+    resumed = _resume(cfg, plan, state, found)
+    if plan.is_main:
+        os.makedirs(plan.output_dir, exist_ok=True)
+        runlog.write_run_info(plan.output_dir, cfg, plan.torch_device,
+                              {"resolved": plan.to_dict()})
+        runlog.truncate_metrics(plan.output_dir, completed_epochs=resumed.epoch)
+        _log(f"{cfg.preset} preset, {cfg.arch}, {plan.num_classes} classes, "
+             f"{plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {plan.device} "
+             f"({plan.precision}); outputs in {plan.output_dir}")
+    last = _train(cfg, plan, state, train_data, val_data, ckpts, resumed)
+    if "stopped_at_step" in last:
+        return last
+    return _finish(cfg, plan, state, val_data, last)
 
-    # ---- data ---------------------------------------------------------------------------
-    root = resolve_data_root(cfg)
-    precision_dtype = COMPUTE_DTYPES[resolve_precision(cfg.precision, device)]
-    settings = LoaderSettings(cfg.batch_size, _num_workers(cfg, dist_info.local_world_size),
-                              cfg.seed, dist_info.rank, dist_info.world_size, device,
-                              precision_dtype, cfg.channels_last)
-    train_data, val_data = build_data(cfg, root, settings)
-    num_classes, steps_per_epoch = train_data.num_classes, train_data.steps_per_epoch
 
-    # ---- model, EMA, memory, optimiser; resume ----------------------------------------------
-    state = build_state(cfg, num_classes, steps_per_epoch, device, dist_info)
-    if cfg.profile_steps:  # a fresh state: the run's own checkpoint is not touched
-        return _profile(cfg, state, train_data, root, out_dir, is_main)
-    start_epoch, start_step, elapsed_before = _resume(cfg, state, out_dir, num_classes)
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        runlog.write_run_info(out_dir, cfg, device, {
-            "resolved": {"data_root": root, "num_classes": num_classes,
-                         "steps_per_epoch": steps_per_epoch, "world_size": dist_info.world_size,
-                         "global_batch": cfg.batch_size * dist_info.world_size,
-                         "peak_lr": state.schedule.peak_lr, "precision": state.precision,
-                         "loss_impl": state.loss_impl, "num_workers": settings.num_workers}})
-        runlog.truncate_metrics(out_dir, completed_epochs=start_epoch)
-        _log(f"{cfg.preset} preset, {cfg.arch}, {num_classes} classes, {steps_per_epoch} steps/"
-             f"epoch x {cfg.epochs} epochs on {device} ({state.precision}); outputs in {out_dir}")
-
-    # ---- train --------------------------------------------------------------------------
-    global_batch = cfg.batch_size * dist_info.world_size
-    remaining = (cfg.epochs - start_epoch) * steps_per_epoch - start_step
-    progress = (tqdm(total=max(remaining, 0), unit="img", unit_scale=global_batch,
-                     dynamic_ncols=True, mininterval=2.0) if is_main else None)
+def _train(cfg: Config, plan: RunPlan, state: TrainState, train_data, val_data,
+           ckpts: ckpt_lib.CheckpointDir, resumed: Resumed) -> dict:
+    remaining = plan.total_steps - resumed.epoch * plan.steps_per_epoch - resumed.step_in_epoch
+    progress = (tqdm(total=max(remaining, 0), unit="img", unit_scale=plan.global_batch,
+                     dynamic_ncols=True, mininterval=2.0) if plan.is_main else None)
     run_start = time.perf_counter()
+    clock = CheckpointClock(cfg.checkpoint_every_min)
+
+    def elapsed() -> float:
+        return resumed.elapsed_s + time.perf_counter() - run_start
+
     last: dict = {}
+    start_step = resumed.step_in_epoch
     try:
         with StopSignal() as stop:
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(resumed.epoch, cfg.epochs):
+                def on_read(step_in_epoch: int, totals: EpochTotals, epoch=epoch) -> None:
+                    if clock.due():  # right after a metric read: no extra host sync
+                        _save(plan, state, ckpts, epoch, step_in_epoch, elapsed(), totals)
+                        clock.reset()
+
+                totals = EpochTotals()
+                if start_step and resumed.epoch_sums:
+                    totals.add(resumed.epoch_sums)
                 outcome = train_one_epoch(state, train_data, epoch, start_step, progress, stop,
-                                          ckpt_path)
-                elapsed = elapsed_before + time.perf_counter() - run_start
+                                          ckpts.newest, totals, on_read)
                 if outcome.stopped_at is not None:  # a signal or --stop_at_step
-                    if is_main:
-                        _save(state, ckpt_path, epoch, outcome.stopped_at, num_classes, elapsed)
-                        _log(f"stopped at global step {state.step}; checkpoint {ckpt_path}; "
+                    _save(plan, state, ckpts, epoch, outcome.stopped_at, elapsed(),
+                          outcome.totals)
+                    if plan.is_main:
+                        _log(f"stopped at global step {state.step}; checkpoint {ckpts.newest}; "
                              "rerun the same command to continue")
                     return {"stopped_at_step": state.step, "signal": stop.received,
                             **outcome.totals.summary()}
                 start_step = 0
-                last = _end_of_epoch(cfg, state, val_data, epoch, outcome, out_dir, elapsed,
-                                     is_main)
-                if is_main:
-                    _save(state, ckpt_path, epoch + 1, 0, num_classes, elapsed)
+                last = _end_of_epoch(cfg, plan, state, val_data, epoch, outcome, elapsed())
+                _save(plan, state, ckpts, epoch + 1, 0, elapsed())
+                clock.reset()
     finally:
         if progress is not None:
             progress.close()
-    return _finish(cfg, state, val_data, out_dir, last, is_main)
+    return last
 
 
-def _profile(cfg: Config, state: TrainState, train_data, root: str, out_dir: str,
-             is_main: bool) -> dict:
+def _profile(cfg: Config, plan: RunPlan, state: TrainState, train_data) -> dict:
     warmup = max(3, cfg.profile_steps // 2)  # CPU and cuDNN warm up over several steps
-    report = bottleneck.measure(state, train_data, resolve_pipeline(cfg, root), cfg.profile_steps,
-                                warmup)
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        runlog.write_json(os.path.join(out_dir, "bottleneck.json"), report)
+    report = bottleneck.measure(state, train_data, plan.pipeline, cfg.profile_steps, warmup)
+    if plan.is_main:
+        os.makedirs(plan.output_dir, exist_ok=True)
+        runlog.write_json(os.path.join(plan.output_dir, "bottleneck.json"), report)
         _log(f"profile over {cfg.profile_steps} steps: {report}")
         _log(report["verdict"])
     return report
 
 
-def _end_of_epoch(cfg: Config, state: TrainState, val_data, epoch: int, outcome, out_dir: str,
-                  elapsed: float, is_main: bool) -> dict:
+def _end_of_epoch(cfg: Config, plan: RunPlan, state: TrainState, val_data, epoch: int,
+                  outcome, elapsed: float) -> dict:
     record = {"epoch": epoch + 1, "step": state.step, **outcome.totals.summary(),
               "lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2)}
     last_epoch = epoch + 1 == cfg.epochs
     if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
         record.update(evaluate(state, val_data))
-    if is_main:
-        runlog.append_metrics(out_dir, record)
+    if plan.is_main:
+        runlog.append_metrics(plan.output_dir, record)
         if cfg.tensorboard:
-            runlog.write_tensorboard(out_dir, record)
-        runlog.plot_metrics(out_dir)
+            runlog.write_tensorboard(plan.output_dir, record)
+        runlog.plot_metrics(plan.output_dir)
         shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}
         tqdm.write(f"[trex_fast] {shown}")
     return record
 
 
-def _finish(cfg: Config, state: TrainState, val_data, out_dir: str, last: dict,
-            is_main: bool) -> dict:
+def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict) -> dict:
     if not last:  # the run had already finished: report it again
         last = {"epoch": cfg.epochs, "step": state.step, **evaluate(state, val_data)}
-    if is_main:
+    out_dir = plan.output_dir
+    if plan.is_main:
         backbone_path = os.path.join(out_dir, "backbone.pth")
-        ckpt_lib.save_atomic(backbone_state_dict(state.core), backbone_path)
+        atomic.save_torch(backbone_state_dict(state.core), backbone_path)
         _log(f"done: val top-1 {last['val_top1']:.2f}% after {last['epoch']} epochs "
              f"({state.step} steps)")
         _log(f"outputs in {os.path.abspath(out_dir)}: config.json env.json metrics.jsonl "
@@ -197,6 +211,11 @@ def _finish(cfg: Config, state: TrainState, val_data, out_dir: str, last: dict,
 # ---------------------------------------------------------------------------------------------
 # CLI (fire)
 # ---------------------------------------------------------------------------------------------
+# A user's errors: one line `trex_fast.train: error: ...`, no traceback (issue #15).
+USER_ERRORS = (UnsafeFileError, ckpt_lib.ResumeError, ckpt_lib.NotACheckpointError,
+               FileNotFoundError, availability.UnavailableError)
+
+
 def main(**flags) -> None:
     try:
         cfg = make_config(**flags)
@@ -205,7 +224,7 @@ def main(**flags) -> None:
         sys.exit(2)
     try:
         result = run(cfg)
-    except UnsafeFileError as e:  # a refused --resume file: one line, no traceback
+    except (*USER_ERRORS, ConfigError) as e:  # ConfigError: the checks that need the world size
         print(f"trex_fast.train: error: {e}", file=sys.stderr)
         sys.exit(2)
     if result.get("signal"):  # preempted: saved, but tell the scheduler the job did not finish

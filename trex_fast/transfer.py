@@ -18,6 +18,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 
 from pipelines.batch import normalize_uint8
+from trex_fast import atomic
 from trex_fast.probes import log_odds, probe
 from trex_fast.safe_load import load_file
 from trex_fast.transfer_data import ImageList, Labelled, is_path
@@ -90,10 +91,8 @@ def cached_features(net, images: ImageList, cache: str, device: torch.device, ba
     feats, labels = extract(net, images, device, batch_size, num_workers,
                             os.path.basename(cache))
     os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-    tmp = f"{cache}.tmp"
-    torch.save({"features": feats, "labels": labels, "listing": listing,
-                "version": CACHE_VERSION}, tmp)
-    os.replace(tmp, cache)
+    atomic.save_torch({"features": feats, "labels": labels, "listing": listing,
+                       "version": CACHE_VERSION}, cache)
     return feats, labels, False
 
 

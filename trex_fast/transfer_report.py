@@ -4,8 +4,11 @@ model, with the published t-ReX and t-ReX* points as references)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+
+from trex_fast import atomic
 
 # The paper's Table/Figure 1 (ResNet-50, 100 epochs): (IN1K top-1 %, mean log-odds over the
 # 15 datasets of the authors' model zoo). One home for these numbers.
@@ -33,12 +36,13 @@ def markdown(report: dict) -> str:
 def write_csv(path: str, report: dict) -> None:
     fields = ("dataset", "probe", "classes", "train_images", "test_images", "top1_mean",
               "top1_std", "log_odds")
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(fields)
-        for r in report["datasets"]:
-            out.writerow([r[k] for k in fields])
-        out.writerow(["mean_log_odds", "", "", "", "", "", "", report["log_odds_mean"]])
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(fields)
+    for r in report["datasets"]:
+        out.writerow([r[k] for k in fields])
+    out.writerow(["mean_log_odds", "", "", "", "", "", "", report["log_odds_mean"]])
+    atomic.write_bytes(path, text.getvalue().encode())
 
 
 def _point(entry: str) -> tuple[str, float | None, float]:
@@ -82,7 +86,7 @@ def plot_trade_off(path: str, report: dict, compare: list[str]) -> list[str]:
     ax.margins(x=0.2, y=0.15)  # room for the labels right of the points
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return skipped
 
@@ -91,10 +95,8 @@ def write_outputs(out_dir: str, report: dict, compare: list[str]) -> list[str]:
     """All four outputs; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in NAMES]
-    with open(paths[0], "w") as f:
-        f.write(markdown(report))
-    with open(paths[1], "w") as f:
-        json.dump(report, f, indent=2)
+    atomic.write_bytes(paths[0], markdown(report).encode())
+    atomic.write_json(paths[1], report)
     write_csv(paths[2], report)
     skipped = plot_trade_off(paths[3], report, compare)
     if skipped:

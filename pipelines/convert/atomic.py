@@ -1,26 +1,21 @@
-"""Write-then-rename, so a file under its final name is always complete (kill -9 safe)."""
+"""The converter's writes go through trex_fast.atomic: write, fsync, rename, fsync the directory,
+so a file under its final name is always complete (kill -9 safe) and durable."""
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-
-def temp_name(path: Path) -> Path:
-    # The pid keeps two writers of the same file (an orphaned worker of a killed run and its
-    # rerun) off each other's temporary file; both write the same bytes, so either rename wins.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+from trex_fast import atomic
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    tmp = temp_name(path)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_atomic(str(path), write)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda f: f.write(data))
+    atomic.write_bytes(str(path), data)
+
+
+def replace_durably(src: Path, dst: Path) -> None:
+    atomic.replace_durably(str(src), str(dst))

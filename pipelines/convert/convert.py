@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .atomic import write_bytes_atomic
+from .atomic import replace_durably, write_bytes_atomic
 from .beton import page_size_for, write_beton
 from .images import EncodeSpec
 from .options import SPLITS, TOOL_VERSION, ConvertError, ConvertOptions
@@ -223,7 +223,7 @@ def _write_beton_file(final: Path, chunks: list[Path], count: int, page_size: in
                       bar: tqdm) -> None:
     partial = _fresh_partial(final)
     write_beton(partial, iter_records(chunks), count, page_size, bar)
-    os.replace(partial, final)
+    replace_durably(partial, final)
 
 
 def _write_shard_dir(final: Path, chunks: list[Path], shard_size: int, bar: tqdm) -> None:
@@ -233,7 +233,7 @@ def _write_shard_dir(final: Path, chunks: list[Path], shard_size: int, bar: tqdm
         shards.add(label, enc.jpeg)
         bar.update(1)
     shards.close()
-    os.rename(partial, final)
+    replace_durably(partial, final)
 
 
 def check_disk(dst: Path, opts: ConvertOptions, plan: SourcePlan, splits: list[str]) -> None:

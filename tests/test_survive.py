@@ -1,0 +1,229 @@
+"""Runs that survive (issue #15): the run plan, resume that refuses what it cannot continue,
+checkpoints on a clock, a truncated checkpoint, kill -9 mid-epoch (CPU fp32, reference)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.helpers import tiny_config
+from tests.test_resume import _assert_same_tensors, _metrics
+from trex_fast.checkpoint import CheckpointDir, ResumeError, check_resumable, load_checkpoint
+from trex_fast.demo_data import write_dataset
+from trex_fast.distributed import DistInfo
+from trex_fast.plan import make_plan, plan_run
+from trex_fast.train import run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SINGLE = DistInfo(0, 1, 0, 1)
+# 8 classes x 4 train images = 32: 4 steps per epoch at batch 8; metric reads every 3 steps,
+# so a clock checkpoint can only land on step 3 of an epoch (global steps 3 and 7).
+FLAGS = dict(arch="resnet18", batch_size=8, global_size=32, local_size=16, local_crops=2,
+             memory_size=32, pr_hidden_dim=32, pr_bottleneck_dim=8, warmup_epochs=1, epochs=2,
+             lr=0.5, device="cpu", channels_last=False, num_workers=0, log_every=3,
+             eval_every=1)
+EVERY_READ = dict(checkpoint_every_min=1e-9, keep_checkpoints=20)  # due at every metric read
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_in1k")
+    write_dataset(str(root), train_per_class=4, val_per_class=2)
+    return str(root)
+
+
+def _config(data, out, **overrides):
+    return tiny_config(data=data, output_dir=str(out), **{**FLAGS, **overrides})
+
+
+@pytest.fixture(scope="module")
+def clocked(data, tmp_path_factory):
+    """A 2-epoch run that checkpoints at every metric read and keeps them all."""
+    out = tmp_path_factory.mktemp("clocked")
+    run(_config(data, out, **EVERY_READ))
+    return out
+
+
+def _steps_on_disk(out) -> dict[str, int]:
+    return {name: load_checkpoint(str(out / name))["step"] for name in sorted(os.listdir(out))
+            if name.startswith("checkpoint")}
+
+
+def test_the_clock_checkpoints_only_at_metric_reads_and_keeps_the_epoch_end(clocked):
+    on_disk = _steps_on_disk(clocked)
+    assert on_disk == {"checkpoint-step000000003.pt": 3, "checkpoint-step000000004.pt": 4,
+                       "checkpoint-step000000007.pt": 7, "checkpoint.pt": 8}
+    mid = load_checkpoint(str(clocked / "checkpoint-step000000007.pt"))
+    assert mid["epoch"] == 1 and mid["step_in_epoch"] == 3  # step 3 of epoch 2: a read step
+    assert mid["epoch_sums"]["steps"] == 3
+
+
+def test_clock_off_and_keep_checkpoints(data, clocked, tmp_path):
+    """checkpoint_every_min=0: epoch ends only; keep_checkpoints=1: only the newest. The
+    clocked run's extra saves changed nothing: same final weights."""
+    out = tmp_path / "plain"
+    run(_config(data, out, checkpoint_every_min=0, keep_checkpoints=1))
+    assert _steps_on_disk(out) == {"checkpoint.pt": 8}
+    a, b = load_checkpoint(str(out / "checkpoint.pt")), load_checkpoint(
+        str(clocked / "checkpoint.pt"))
+    for key in ("core", "ema", "memory", "optimizer"):
+        _assert_same_tensors(a[key], b[key], key)
+
+
+def test_resolved_config_is_the_plan(data, clocked):
+    plan, _, _ = plan_run(_config(data, clocked, **EVERY_READ), SINGLE)
+    resolved = json.loads((clocked / "config.json").read_text())["resolved"]
+    assert resolved == json.loads(json.dumps(plan.to_dict()))
+    assert load_checkpoint(str(clocked / "checkpoint.pt"))["plan"] == plan.to_dict()
+    assert (plan.device, plan.precision, plan.loss_impl, plan.pipeline) == (
+        "cpu", "fp32", "torch", "reference")
+    assert (plan.global_batch, plan.steps_per_epoch, plan.total_steps, plan.num_classes,
+            plan.warmup_steps) == (8, 4, 8, 8, 4)
+    settings = plan.loader_settings()
+    assert (settings.batch_size, settings.num_workers, settings.world_size) == (8, 0, 1)
+
+
+REFUSED = [  # (flags changed on resume, what the message must name)
+    *[(dict([kv]), f"{kv[0]}: ") for kv in dict(
+        arch="resnet34", pr_hidden_layers=1, pr_hidden_dim=64, pr_bottleneck_dim=16,
+        pr_input_l2_norm=False, memory_size=64, clf_tau=0.2, ema_momentum=0.99,
+        weight_decay=0.0, momentum=0.8, seed=1, global_crops=2, local_crops=1, global_size=48,
+        local_size=24, global_scale=(0.3, 1.0), local_scale=(0.1, 0.3)).items()],
+    (dict(precision="bf16"), "precision: 'fp32' -> 'bf16'"),
+    (dict(batch_size=4), "global_batch: 8 -> 4"),
+    (dict(epochs=3), "epochs: 2 -> 3: a schedule change, the LR at global step 7"),
+    (dict(warmup_epochs=0.5), "warmup_epochs: 1.0 -> 0.5"),
+    (dict(lr=0.25), "lr: 0.5 -> 0.25"),
+    (dict(min_lr=1e-5), "min_lr: 1e-06 -> 1e-05"),
+]
+
+
+def _plan(cfg, dist_info=SINGLE):
+    return make_plan(cfg, dist_info, num_classes=8,
+                     steps_per_epoch=32 // (cfg.batch_size * dist_info.world_size))
+
+
+@pytest.mark.parametrize("change,named", REFUSED, ids=[next(iter(c)) for c, _ in REFUSED])
+def test_resume_refuses_a_change_naming_it(data, clocked, change, named):
+    ckpt = load_checkpoint(str(clocked / "checkpoint-step000000007.pt"))
+    cfg = _config(data, clocked, **EVERY_READ, **change)
+    with pytest.raises(ResumeError, match="cannot resume") as refused:
+        check_resumable(ckpt, cfg, _plan(cfg))
+    assert named in str(refused.value)
+    if next(iter(change)) in ("epochs", "warmup_epochs", "lr", "min_lr"):
+        assert "--reschedule=True" in str(refused.value)
+
+
+def test_resume_refuses_another_world_size_and_says_the_order_reshards(data, clocked):
+    ckpt = load_checkpoint(str(clocked / "checkpoint-step000000007.pt"))
+    cfg = _config(data, clocked, **{**EVERY_READ, "batch_size": 4})  # same global batch 8
+    with pytest.raises(ResumeError) as refused:
+        check_resumable(ckpt, cfg, _plan(cfg, DistInfo(0, 2, 0, 2)))
+    message = str(refused.value)
+    assert "world_size: 1 -> 2" in message and "re-shards exactly" in message
+    assert "global_batch" not in message
+
+
+def test_reschedule_accepts_a_schedule_change_and_reports_the_lr(data, clocked):
+    ckpt = load_checkpoint(str(clocked / "checkpoint-step000000007.pt"))
+    same = _config(data, clocked, **EVERY_READ)
+    assert check_resumable(ckpt, same, _plan(same)) == []  # nothing changed: nothing to say
+    cfg = _config(data, clocked, **EVERY_READ, epochs=3)
+    lines = check_resumable(ckpt, cfg, _plan(cfg), reschedule=True)
+    assert len(lines) == 1 and lines[0].startswith("--reschedule: epochs: 2 -> 3; the LR at "
+                                                   "global step 7 goes from ")
+    before, after = (float(x) for x in lines[0].split("goes from ")[1].split(" to "))
+    assert after > before > 0  # the longer cosine is less far along at step 7
+    other = _config(data, clocked, **EVERY_READ, epochs=3, arch="resnet34")
+    with pytest.raises(ResumeError, match="arch: 'resnet18' -> 'resnet34'"):
+        check_resumable(ckpt, other, _plan(other), reschedule=True)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(data, clocked, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "truncated"
+    shutil.copytree(clocked, out)
+    newest = out / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    messages = []
+    path, ckpt = CheckpointDir(str(out), 20).load_latest(log=messages.append)
+    assert path.endswith("checkpoint-step000000007.pt") and ckpt["step"] == 7
+    assert len(messages) == 1 and "checkpoint.pt: cannot be loaded" in messages[0]
+    run(_config(data, out, **EVERY_READ))  # resumes at step 7, ends like the clocked run
+    assert "checkpoint.pt: cannot be loaded" in capsys.readouterr().out
+    a, b = load_checkpoint(str(newest)), load_checkpoint(str(clocked / "checkpoint.pt"))
+    assert a["step"] == b["step"] == 8
+    for key in ("core", "ema", "memory"):
+        _assert_same_tensors(a[key], b[key], key)
+
+
+def _cli(flags: dict) -> list[str]:
+    def text(v):
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return [sys.executable, "-m", "trex_fast.train", "--preset=demo",
+            *(f"--{k}={text(v)}" for k, v in flags.items())]
+
+
+def kill_9_at_first_checkpoint(flags: dict, out) -> dict:
+    """Start `python -m trex_fast.train` with flags, kill -9 its process group as soon as a
+    checkpoint exists; returns that checkpoint."""
+    # the same CPU thread count as this process (importing ffcv sets it to 1 here), so that
+    # fp32 sums are ordered alike in the killed run and in its in-process rerun
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(_cli({**flags, "output_dir": str(out)}), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: whatever was being written is cut
+    proc.wait(timeout=60)
+    return load_checkpoint(str(out / "checkpoint.pt"))
+
+
+def assert_same_run(out, whole, epochs: int) -> None:
+    """Same final weights (1e-6) and the same per-epoch metrics as the run in `whole`."""
+    a, b = load_checkpoint(str(out / "checkpoint.pt")), load_checkpoint(
+        str(whole / "checkpoint.pt"))
+    assert a["step"] == b["step"]
+    for key in ("core", "ema", "memory", "optimizer"):
+        _assert_same_tensors(a[key], b[key], key)
+    mine, theirs = _metrics(out), _metrics(whole)
+    assert [r["epoch"] for r in mine] == [r["epoch"] for r in theirs] == list(range(1, epochs + 1))
+    for r, s in zip(mine, theirs):
+        for key in ("val_top1", "val_loss", "train_loss", "train_top1"):
+            assert r[key] == pytest.approx(s[key], abs=1e-5), (r["epoch"], key)
+
+
+def test_kill_9_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(data, clocked, tmp_path):
+    out = tmp_path / "killed"
+    first = kill_9_at_first_checkpoint({**FLAGS, **EVERY_READ, "data": data}, out)
+    assert first["step"] < 8, "the run finished before it was killed"
+    run(_config(data, out, **EVERY_READ))  # the same command again
+    assert_same_run(out, clocked, epochs=2)
+    assert not [n for n in os.listdir(out) if n.endswith((".tmp", ".staged"))]  # cleaned up
+
+
+def test_missing_data_exits_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "trex_fast.train", "--data=/nonexistent",
+                             f"--output_dir={tmp_path}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "trex_fast.train: error: --data='/nonexistent': no such directory"], result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_without_cuda_exits_with_one_line(data, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "trex_fast.train", f"--data={data}",
+                             "--device=cuda", f"--output_dir={tmp_path}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "trex_fast.train: error: --device='cuda' but no CUDA device is available"], result.stderr

@@ -1,0 +1,112 @@
+"""The RunPlan: every fact of a run resolved once (issue #15), then read, never re-derived.
+
+`plan_run(cfg, dist_info)` asks trex_fast.availability to decide each "auto" flag (device,
+precision, loss_impl, pipeline, decode, workers, SyncBN), builds the loaders from the plan's
+loader view, and freezes the plan with what only the data can tell (number of classes, steps
+per epoch). config.json's "resolved" block is `plan.to_dict()`; each checkpoint stores it, and
+resume compares the stored plan with the new one (trex_fast.checkpoint.check_resumable).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pipelines.batch import LoaderSettings
+from trex_fast import availability
+from trex_fast.config import Config, check_world
+from trex_fast.distributed import DistInfo
+from trex_fast.step import COMPUTE_DTYPES
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    device: str  # e.g. "cpu", "cuda:3": this process's device
+    precision: str  # bf16 | fp16 | fp32
+    loss_impl: str  # torch | triton
+    pipeline: str  # reference | ffcv | dali
+    decode: str  # cpu | gpu (FFCV's JPEG decode; the other pipelines record it unused)
+    sync_bn: bool
+    workers: int  # data-loading workers per process
+    rank: int
+    local_rank: int
+    world_size: int
+    batch_size: int  # per process
+    global_batch: int  # batch_size x world_size
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int  # epochs x steps_per_epoch
+    warmup_steps: int
+    peak_lr: float  # lr per 256 images x global_batch / 256
+    seed: int
+    channels_last: bool
+    data_root: str
+    output_dir: str
+    is_main: bool
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return COMPUTE_DTYPES[self.precision]
+
+    def loader_settings(self) -> LoaderSettings:
+        """The part of the plan every pipeline's loader reads."""
+        return LoaderSettings(self.batch_size, self.workers, self.seed, self.rank,
+                              self.world_size, self.torch_device, self.dtype, self.channels_last)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def output_dir(cfg: Config) -> str:
+    return cfg.output_dir or os.path.join("runs", cfg.preset)
+
+
+def _schedule_steps(cfg: Config, steps_per_epoch: int) -> dict:
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": cfg.epochs * steps_per_epoch,
+            "warmup_steps": int(round(cfg.warmup_epochs * steps_per_epoch))}
+
+
+def make_plan(cfg: Config, dist_info: DistInfo, num_classes: int, steps_per_epoch: int,
+              data_root: str = "", pipeline: str = "reference", device=None) -> RunPlan:
+    """The plan of a run whose data facts are known (tests, benchmarks and eval call this
+    directly; plan_run finds the facts by building the loaders)."""
+    check_world(cfg, dist_info.world_size)
+    device = torch.device(device) if device is not None else availability.resolve_device(
+        cfg.device, dist_info.local_rank)
+    global_batch = cfg.batch_size * dist_info.world_size
+    return RunPlan(
+        device=str(device),
+        precision=availability.resolve_precision(cfg.precision, device),
+        loss_impl=availability.resolve_loss_impl(cfg.loss_impl, device),
+        pipeline=pipeline,
+        decode=availability.resolve_decode(cfg.decode, device),
+        sync_bn=availability.resolve_sync_bn(cfg.sync_bn, device, dist_info.world_size),
+        workers=availability.resolve_workers(cfg.num_workers, dist_info.local_world_size),
+        rank=dist_info.rank, local_rank=dist_info.local_rank, world_size=dist_info.world_size,
+        batch_size=cfg.batch_size, global_batch=global_batch,
+        num_classes=num_classes, **_schedule_steps(cfg, steps_per_epoch),
+        peak_lr=cfg.lr * global_batch / 256,
+        seed=cfg.seed, channels_last=cfg.channels_last,
+        data_root=data_root, output_dir=output_dir(cfg), is_main=dist_info.is_main,
+    )
+
+
+def plan_run(cfg: Config, dist_info: DistInfo, device=None):
+    """(plan, train data, val data) of a training run: the loaders are built from the plan's
+    own loader view, so what they were given and what the plan says cannot differ."""
+    from trex_fast.data import build_data, resolve_data_root
+
+    root = resolve_data_root(cfg)
+    pipeline = availability.resolve_pipeline(cfg.pipeline, root)
+    draft = make_plan(cfg, dist_info, num_classes=0, steps_per_epoch=0, data_root=root,
+                      pipeline=pipeline, device=device)
+    train_data, val_data = build_data(cfg, draft)
+    plan = dataclasses.replace(draft, num_classes=train_data.num_classes,
+                               **_schedule_steps(cfg, train_data.steps_per_epoch))
+    return plan, train_data, val_data
