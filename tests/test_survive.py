@@ -169,20 +169,43 @@ def _cli(flags: dict) -> list[str]:
             *(f"--{k}={text(v)}" for k, v in flags.items())]
 
 
-def kill_9_at_first_checkpoint(flags: dict, out) -> dict:
-    """Start `python -m trex_fast.train` with flags, kill -9 its process group as soon as a
-    checkpoint exists; returns that checkpoint."""
+def _torchrun(flags: dict) -> list[str]:
+    """The same command under torchrun: 2 CPU processes (gloo)."""
+    python, *module = _cli(flags)
+    return [python, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *module]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except (OSError, IndexError):
+            continue  # not a process, or gone meanwhile
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def kill_9_at_first_checkpoint(flags: dict, out, launch=_cli) -> dict:
+    """Start `python -m trex_fast.train` (or launch(flags)) with flags, kill -9 its process
+    group as soon as a checkpoint exists; returns that checkpoint."""
     # the same CPU thread count as this process (importing ffcv sets it to 1 here), so that
     # fp32 sums are ordered alike in the killed run and in its in-process rerun
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(_cli({**flags, "output_dir": str(out)}), cwd=REPO, env=env,
+    proc = subprocess.Popen(launch({**flags, "output_dir": str(out)}), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 300
     while not (out / "checkpoint.pt").exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: whatever was being written is cut
+    # torchrun starts each worker in a session of its own: kill those groups too, as a lost
+    # node would. No handler runs: whatever was being written is cut.
+    for pid in (*_children(proc.pid), proc.pid):
+        os.killpg(pid, signal.SIGKILL)
     proc.wait(timeout=60)
     return load_checkpoint(str(out / "checkpoint.pt"))
 
@@ -208,6 +231,43 @@ def test_kill_9_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(data, clocke
     run(_config(data, out, **EVERY_READ))  # the same command again
     assert_same_run(out, clocked, epochs=2)
     assert not [n for n in os.listdir(out) if n.endswith((".tmp", ".staged"))]  # cleaned up
+
+
+# batch 4 per process x 2 = the global batch of FLAGS: 4 steps per epoch, clock checkpoints at
+# step 3 of each epoch
+TWO_RANKS = {**FLAGS, **EVERY_READ, "batch_size": 4}
+
+
+def _torchrun_to_the_end(flags: dict, out) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(_torchrun({**flags, "output_dir": str(out)}), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_under_two_ranks_then_rerun_ends_like_an_uninterrupted_run(data,
+                                                                                     tmp_path):
+    """Each rank has its own BatchNorm statistics (no SyncBN on gloo), RNG states and metric
+    sums; the checkpoint holds every rank's, and each rank resumes its own."""
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    _torchrun_to_the_end({**TWO_RANKS, "data": data}, whole)
+    first = kill_9_at_first_checkpoint({**TWO_RANKS, "data": data}, out, launch=_torchrun)
+    assert first["step"] == 3 and first["step_in_epoch"] == 3, "not killed mid-epoch"
+    ranks = first["ranks"]
+    assert len(ranks) == 2 and ranks[1]["epoch_sums"]["steps"] == 3
+    running_mean = "backbone.bn1.running_mean"
+    assert running_mean in ranks[0]["buffers"]["core"]
+    # the ranks saw different images: what a resume from rank 0's state alone would lose
+    assert not torch.equal(ranks[0]["buffers"]["core"][running_mean],
+                           ranks[1]["buffers"]["core"][running_mean])
+    _torchrun_to_the_end({**TWO_RANKS, "data": data}, out)  # the same command again
+    assert_same_run(out, whole, epochs=2)
+    # rank 1's BatchNorm statistics too (rank 0's are the checkpoint's "core" and "ema"). The
+    # RNG states are not compared: each DataLoader iterator draws a seed from the torch RNG,
+    # and the rerun makes one more (for the rest of the killed epoch); it uses no other draw.
+    a, b = (load_checkpoint(str(d / "checkpoint.pt"))["ranks"] for d in (out, whole))
+    _assert_same_tensors(a[1]["buffers"], b[1]["buffers"], "rank 1 buffers")
 
 
 def test_missing_data_exits_with_one_line(tmp_path):

@@ -2,7 +2,9 @@
 
 A checkpoint holds the online network, the EMA network, the memory bank and its pointer, the
 optimiser, the grad scaler, the schedule position (global step, epoch, step inside the epoch),
-the RNG states, the config and the run plan. trex_fast.atomic writes it (temporary file,
+the RNG states, the config and the run plan. Under DDP it also holds every rank's rank-local
+state (`ranks`, in rank order: BatchNorm buffers, which are per process without SyncBN, RNG
+states and the epoch's metric sums), gathered to rank 0, so each rank resumes its own. trex_fast.atomic writes it (temporary file,
 fsync, rename, directory fsync), so a crash leaves the previous checkpoint intact.
 
 Everything in it is a tensor, list, tuple, dict, number, string or None (the numpy and Python RNG
@@ -62,10 +64,33 @@ def set_rng_state(state: dict) -> None:
     random.setstate(python)
 
 
+def _buffers(module: torch.nn.Module | None) -> dict | None:
+    if module is None:
+        return None
+    return {name: b.detach().cpu().clone() for name, b in module.named_buffers()}
+
+
+def _load_buffers(module: torch.nn.Module | None, saved: dict | None) -> None:
+    if module is None:
+        return
+    for name, b in module.named_buffers():
+        b.copy_(saved[name])
+
+
+def rank_local_state(state: TrainState, epoch_sums: dict | None = None) -> dict:
+    """What one rank holds that the others do not: the BatchNorm buffers of the online and EMA
+    networks (per process without SyncBN; the weights are DDP's, the same everywhere), the RNG
+    states and the metric sums of the epoch so far. The memory bank is filled from all ranks,
+    so it is the same everywhere."""
+    return {"buffers": {"core": _buffers(state.core), "ema": _buffers(state.ema)},
+            "rng": rng_state(), "epoch_sums": epoch_sums}
+
+
 def make_checkpoint(state: TrainState, epoch: int, step_in_epoch: int,
-                    epoch_sums: dict | None = None) -> dict:
+                    epoch_sums: dict | None = None, ranks: list[dict] | None = None) -> dict:
     """epoch/step_in_epoch: where training continues (step_in_epoch 0 = a fresh epoch);
-    epoch_sums: the metric sums of the steps of this epoch already done (mid-epoch only)."""
+    epoch_sums: the metric sums of the steps of this epoch already done (mid-epoch only);
+    ranks: rank_local_state of every rank, in rank order (None: rank 0's state only)."""
     return {
         "core": state.core.state_dict(),
         "ema": state.ema.state_dict() if state.ema is not None else None,
@@ -80,6 +105,7 @@ def make_checkpoint(state: TrainState, epoch: int, step_in_epoch: int,
         "rng": rng_state(),
         "config": to_dict(state.cfg),
         "plan": state.plan.to_dict(),
+        "ranks": ranks,
     }
 
 
@@ -254,7 +280,9 @@ def check_resumable(ckpt: dict, cfg: Config, plan, reschedule: bool = False) -> 
     return accepted
 
 
-def restore(state: TrainState, ckpt: dict) -> None:
+def restore(state: TrainState, ckpt: dict, rank: int = 0) -> dict | None:
+    """Load ckpt into state as `rank`; returns that rank's epoch metric sums (None when the
+    checkpoint holds rank 0's only and this is another rank: they cannot be recovered)."""
     state.core.load_state_dict(ckpt["core"])
     if state.ema is not None:
         state.ema.load_state_dict(ckpt["ema"])
@@ -262,4 +290,12 @@ def restore(state: TrainState, ckpt: dict) -> None:
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scaler.load_state_dict(ckpt["scaler"])
     state.step = ckpt["step"]
-    set_rng_state(ckpt["rng"])
+    ranks = ckpt.get("ranks")  # world size changes are refused, so rank < len(ranks)
+    if not ranks:  # single process, or written without the ranks' states
+        set_rng_state(ckpt["rng"])
+        return ckpt.get("epoch_sums") if rank == 0 else None
+    mine = ranks[rank]
+    _load_buffers(state.core, mine["buffers"]["core"])
+    _load_buffers(state.ema, mine["buffers"]["ema"])
+    set_rng_state(mine["rng"])
+    return mine["epoch_sums"]

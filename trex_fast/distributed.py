@@ -61,6 +61,25 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """flag, agreed by every rank: True if it is True on any (one 1-element all-reduce)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())  # under NCCL a host sync: callers ask right after a metric read
+
+
+def gather_to_main(obj) -> list | None:
+    """obj of every rank, in rank order, on rank 0 (None elsewhere); [obj] when alone. The
+    objects are pickled for the transfer only; tensors in them must be on the CPU."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x)

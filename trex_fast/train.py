@@ -63,23 +63,27 @@ def _resume(cfg: Config, plan: RunPlan, state: TrainState, found) -> Resumed:
     if found is None:
         return Resumed()
     path, ckpt = found
-    ckpt_lib.restore(state, ckpt)
+    sums = ckpt_lib.restore(state, ckpt, plan.rank)
     if ckpt["epoch"] >= cfg.epochs:
         _log(f"{path}: this run already finished its {cfg.epochs} epochs; reporting it again "
              "(more epochs change its LR schedule: see --reschedule)")
     else:
         _log(f"resumed from {path}: epoch {ckpt['epoch'] + 1}, global step {ckpt['step']}")
-    # metric sums are rank-local: restored only where one process holds them all
-    sums = ckpt.get("epoch_sums") if plan.world_size == 1 else None
     return Resumed(ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("elapsed_s", 0.0), sums)
 
 
 def _save(plan: RunPlan, state: TrainState, ckpts: ckpt_lib.CheckpointDir, epoch: int,
-          step_in_epoch: int, elapsed_s: float, totals: EpochTotals | None = None) -> None:
+          step_in_epoch: int, elapsed_s: float, totals: EpochTotals | None = None,
+          every_rank: bool = True) -> None:
+    """Rank 0 writes; every_rank: all ranks are here at the same step, so each one's
+    rank-local state is gathered into the checkpoint (a collective, not in the step)."""
+    sums = dict(totals.sums) if totals is not None and step_in_epoch else None
+    ranks = None
+    if every_rank and plan.world_size > 1:
+        ranks = distributed.gather_to_main(ckpt_lib.rank_local_state(state, sums))
     if not plan.is_main:
         return
-    sums = dict(totals.sums) if totals is not None and step_in_epoch else None
-    ckpt = ckpt_lib.make_checkpoint(state, epoch, step_in_epoch, sums)
+    ckpt = ckpt_lib.make_checkpoint(state, epoch, step_in_epoch, sums, ranks)
     ckpt["elapsed_s"] = elapsed_s
     ckpts.save(ckpt)
 
@@ -138,7 +142,8 @@ def _train(cfg: Config, plan: RunPlan, state: TrainState, train_data, val_data,
         with StopSignal() as stop:
             for epoch in range(resumed.epoch, cfg.epochs):
                 def on_read(step_in_epoch: int, totals: EpochTotals, epoch=epoch) -> None:
-                    if clock.due():  # right after a metric read: no extra host sync
+                    # right after a metric read; ranks agree on it, as the save gathers
+                    if distributed.any_rank(clock.due(), plan.torch_device):
                         _save(plan, state, ckpts, epoch, step_in_epoch, elapsed(), totals)
                         clock.reset()
 
@@ -148,8 +153,10 @@ def _train(cfg: Config, plan: RunPlan, state: TrainState, train_data, val_data,
                 outcome = train_one_epoch(state, train_data, epoch, start_step, progress, stop,
                                           ckpts.newest, totals, on_read)
                 if outcome.stopped_at is not None:  # a signal or --stop_at_step
+                    # a signal may stop the ranks at different steps: no collective then,
+                    # so the other ranks resume with rank 0's BN statistics and RNG states
                     _save(plan, state, ckpts, epoch, outcome.stopped_at, elapsed(),
-                          outcome.totals)
+                          outcome.totals, every_rank=stop.received is None)
                     if plan.is_main:
                         _log(f"stopped at global step {state.step}; checkpoint {ckpts.newest}; "
                              "rerun the same command to continue")
