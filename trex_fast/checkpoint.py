@@ -4,8 +4,9 @@ A checkpoint holds the online network, the EMA network, the memory bank and its 
 optimiser, the grad scaler, the schedule position (global step, epoch, step inside the epoch),
 the RNG states, the config and the run plan. Under DDP it also holds every rank's rank-local
 state (`ranks`, in rank order: BatchNorm buffers, which are per process without SyncBN, RNG
-states and the epoch's metric sums), gathered to rank 0, so each rank resumes its own. trex_fast.atomic writes it (temporary file,
-fsync, rename, directory fsync), so a crash leaves the previous checkpoint intact.
+states and the epoch's metric sums), gathered to rank 0, so each rank resumes its own.
+trex_fast.atomic writes it (temporary file, fsync, rename, directory fsync), so a crash leaves
+the previous checkpoint intact.
 
 Everything in it is a tensor, list, tuple, dict, number, string or None (the numpy and Python RNG
 states are converted), so it loads weights-only (trex_fast.safe_load, issue #18): reading a
