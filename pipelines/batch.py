@@ -87,6 +87,16 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
+def whole_steps(n: int, batch_size: int, world_size: int) -> int:
+    """Steps per epoch: each rank's share of n images cut to whole batches, so that every rank
+    takes the same number of steps (the rule of every pipeline)."""
+    steps = n // (batch_size * world_size)
+    if steps == 0:
+        raise ValueError(f"{n} training images are fewer than one global batch "
+                         f"({batch_size} x {world_size} processes)")
+    return steps
+
+
 class EpochSampler(Sampler):
     """Yields (epoch, index) keys: a seeded permutation per epoch, split across ranks, cut to
     whole batches so every rank takes the same number of steps; can start mid-epoch."""
@@ -94,10 +104,7 @@ class EpochSampler(Sampler):
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.steps_per_epoch = n // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{n} training images are fewer than one global batch "
-                             f"({batch_size} x {world_size} processes)")
+        self.steps_per_epoch = whole_steps(n, batch_size, world_size)
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

@@ -37,7 +37,7 @@ from nvidia.dali.plugin.numba import NumbaFunction
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from torch.utils.dlpack import from_dlpack
 
-from pipelines.batch import LoaderSettings, MultiCropBatch, derived_seed
+from pipelines.batch import LoaderSettings, MultiCropBatch, derived_seed, whole_steps
 from pipelines.convert.options import ConvertOptions
 from pipelines.gpu_multicrop import GpuMultiCrop
 from pipelines.photometric_numba import NUM_DRAWS, augment, spec_vector
@@ -73,27 +73,6 @@ def find_shards(folder: str) -> tuple[list[str], list[str], int]:
             raise ValueError(f"{path!r}: not a DALI wds2idx index (first line {head})")
         total += int(head[1])
     return tars, indexes, total
-
-
-def count_classes(folder: str, tars: list[str], indexes: list[str]) -> int:
-    """From the converter's meta.json (<data>/meta.json) if present, else the largest `.cls`
-    read through the index offsets (one seek per sample, no tar parsing)."""
-    meta = os.path.join(folder, os.pardir, os.pardir, "meta.json")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            classes = json.load(f).get("classes")
-        if classes:
-            return len(classes)
-    largest = -1
-    for tar, index in zip(tars, indexes):
-        with open(index) as f, open(tar, "rb") as data:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                for ext, offset, size in zip(fields[0::4], fields[1::4], fields[2::4]):
-                    if ext == "cls":
-                        data.seek(int(offset))
-                        largest = max(largest, int(data.read(int(size))))
-    return largest + 1
 
 
 def canvas_side(folder: str, max_resolution: int | None = None) -> int:
@@ -272,21 +251,17 @@ class DaliTrainData:
         self.spec, self.settings = spec, settings
         self.photometric = photometric_impl(photometric, settings.device.type == "cuda")
         self.side = canvas_side(folder, max_resolution)
-        self._num_classes = count_classes(folder, self.tars, self.indexes)
-        self.steps_per_epoch = self.num_samples // (settings.batch_size * settings.world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{folder!r}: {self.num_samples} training images are fewer than "
-                             f"one global batch ({settings.batch_size} x {settings.world_size})")
+        try:
+            self.steps_per_epoch = whole_steps(self.num_samples, settings.batch_size,
+                                               settings.world_size)
+        except ValueError as e:
+            raise ValueError(f"{folder!r}: {e}") from None
         self.names = [f"{kind}{i}" for kind, group in zip("gl", spec.groups)
                       for i in range(group.count)]
         self.stage = None
         if self.photometric == "stage":
             self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
                                       settings.channels_last, settings.seed, rank=settings.rank)
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
 
     @property
     def canvas_shape(self) -> tuple[int, int, int]:

@@ -278,15 +278,8 @@ class FfcvTrainData:
         # FFCV only takes built-in orders by name; ours replaces the sequential one
         self.loader.traversal_order = EpochOrder(self.loader, self.sampler)
         self.loader.first_traversal_order = self.loader.next_traversal_order()
-        reader = self.loader.reader  # metadata columns are named f0, f1... in field order
-        labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
-        self.labels_max = int(labels.max())
         self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
                                   settings.channels_last, settings.seed, rank=settings.rank)
-
-    @property
-    def num_classes(self) -> int:
-        return self.labels_max + 1
 
     @property
     def steps_per_epoch(self) -> int:

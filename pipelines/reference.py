@@ -83,10 +83,6 @@ class MultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.folder.samples)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.folder.classes)
-
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         path, label = self.folder.samples[index]
@@ -131,10 +127,6 @@ class ReferenceTrainData:
             collate_fn=collate_multicrop, num_workers=settings.num_workers,
             pin_memory=settings.device.type == "cuda", drop_last=True,
             persistent_workers=settings.num_workers > 0, worker_init_fn=ignore_stop_signals)
-
-    @property
-    def num_classes(self) -> int:
-        return self.dataset.num_classes
 
     @property
     def steps_per_epoch(self) -> int:

@@ -52,7 +52,7 @@ def losses_by_impl(make_state, make_batch, steps: int = 3) -> dict[str, list[flo
         per_step = []
         for i in range(steps):
             train_step(state, make_batch(state.cfg, seed=i))
-            per_step.append(state.metrics.read_and_reset()["loss_sum"])
+            per_step.append(state.metrics.read_and_reset()[0]["loss_sum"])
         losses[impl] = per_step
     return losses
 

@@ -30,7 +30,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         state = tiny_state(dist_info=info, memory_size=32, batch_size=4)
         for step in range(STEPS):  # each rank sees different images
             train_step(state, synthetic_batch(state.cfg, seed=100 * rank + step))
-        torch.save({"memory": state.memory.state_dict(), "core": state.core.state_dict(),
+        torch.save({"memory": state.memory.state_dict(), "online": state.online.state_dict(),
                     "ema": state.ema.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -45,7 +45,7 @@ def test_two_rank_ddp_keeps_memory_and_weights_identical(tmp_path):
         assert torch.equal(value, r1["memory"][key]), f"memory.{key} differs between ranks"
     # weights: parameters (BN running statistics are rank-local without SyncBN, which has no
     # CPU kernel; on CUDA sync_bn=auto makes them global too)
-    for part in ("core", "ema"):
+    for part in ("online", "ema"):
         for key, value in r0[part].items():
             if not key.endswith(BN_BUFFERS):
                 assert torch.equal(value, r1[part][key]), f"{part}.{key} differs between ranks"

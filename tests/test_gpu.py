@@ -15,8 +15,8 @@ from trex_fast.build import build_state
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
 from trex_fast.losses import prototype_ce_with_top1
-from trex_fast.plan import make_plan
-from trex_fast.step import COMPUTE_DTYPES, train_step
+from trex_fast.plan import COMPUTE_DTYPES, make_plan
+from trex_fast.step import train_step
 
 SINGLE = DistInfo(0, 1, 0, 1)
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"]

@@ -59,7 +59,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny_imagefolder, tmp_path)
     a = load_checkpoint(str(full / "checkpoint.pt"))
     b = load_checkpoint(str(split / "checkpoint.pt"))
     assert a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] == 2
-    for key in ("core", "ema", "memory", "optimizer"):
+    for key in ("online", "ema", "memory", "optimizer"):
         _assert_same_tensors(a[key], b[key], key)
     last_full, last_split = _metrics(full)[-1], _metrics(split)[-1]
     assert last_full["epoch"] == last_split["epoch"] == 2

@@ -15,7 +15,7 @@ def test_step_order_against_a_hand_computed_step():
     torch.manual_seed(0)
     state = tiny_state()
     cfg, batch, b = state.cfg, synthetic_batch(state.cfg), state.cfg.batch_size
-    core0, ema0 = copy.deepcopy(state.core), copy.deepcopy(state.ema)
+    core0, ema0 = copy.deepcopy(state.online), copy.deepcopy(state.ema)
     memory0 = copy.deepcopy(state.memory)
 
     train_step(state, batch)
@@ -35,7 +35,7 @@ def test_step_order_against_a_hand_computed_step():
     for e_new, e_old, w_old in zip(state.ema.parameters(), ema0.parameters(),
                                    core0.parameters()):
         assert torch.allclose(e_new, m * e_old + (1 - m) * w_old, atol=1e-6)
-    moved = [not torch.equal(a, b) for a, b in zip(core0.parameters(), state.core.parameters())]
+    moved = [not torch.equal(a, b) for a, b in zip(core0.parameters(), state.online.parameters())]
     assert any(moved)  # the optimiser did step, so pre- and post-step weights differ
 
     # (5): the EMA network (after its update) embedded global crop 0, written at the pointer
@@ -60,9 +60,9 @@ def test_ema_never_gets_gradients_and_memory_renews_every_size_over_batch_steps(
 def test_plain_preset_learns_its_cosine_classifier():
     state = tiny_state(memory_size=0)
     assert state.memory is None and state.ema is None
-    w0 = state.core.classifier.weight.detach().clone()
+    w0 = state.online.classifier.weight.detach().clone()
     train_step(state, synthetic_batch(state.cfg))
-    assert not torch.equal(w0, state.core.classifier.weight)
+    assert not torch.equal(w0, state.online.classifier.weight)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])

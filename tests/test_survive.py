@@ -14,6 +14,7 @@ import torch
 from tests.helpers import tiny_config
 from tests.test_resume import _assert_same_tensors, _metrics
 from trex_fast.checkpoint import CheckpointDir, ResumeError, check_resumable, load_checkpoint
+from trex_fast.data import count_classes
 from trex_fast.demo_data import write_dataset
 from trex_fast.distributed import DistInfo
 from trex_fast.plan import make_plan, plan_run
@@ -71,7 +72,7 @@ def test_clock_off_and_keep_checkpoints(data, clocked, tmp_path):
     assert _steps_on_disk(out) == {"checkpoint.pt": 8}
     a, b = load_checkpoint(str(out / "checkpoint.pt")), load_checkpoint(
         str(clocked / "checkpoint.pt"))
-    for key in ("core", "ema", "memory", "optimizer"):
+    for key in ("online", "ema", "memory", "optimizer"):
         _assert_same_tensors(a[key], b[key], key)
 
 
@@ -86,6 +87,40 @@ def test_resolved_config_is_the_plan(data, clocked):
             plan.warmup_steps) == (8, 4, 8, 8, 4)
     settings = plan.loader_settings()
     assert (settings.batch_size, settings.num_workers, settings.world_size) == (8, 0, 1)
+
+
+def test_the_class_count_has_one_home(data, tmp_path):
+    """Class folders for an ImageFolder root (an empty class counts: labels index the list),
+    meta.json's class list for converted data, and a clear error where it is missing."""
+    assert count_classes(data, "reference") == 8
+    (tmp_path / "train" / "n_empty").mkdir(parents=True)
+    (tmp_path / "train" / "n_other").mkdir()
+    (tmp_path / "val").mkdir()
+    assert count_classes(str(tmp_path), "reference") == 2
+    with pytest.raises(FileNotFoundError, match="has no meta.json: --pipeline=ffcv reads data "
+                       "converted by tools/convert_in1k.py"):
+        count_classes(str(tmp_path), "ffcv")
+    (tmp_path / "meta.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    assert count_classes(str(tmp_path), "ffcv") == count_classes(str(tmp_path), "dali") == 3
+
+
+def test_a_checkpoint_from_before_the_role_names_still_resumes(data, clocked, tmp_path):
+    """Older checkpoints stored the online network as "core" and the class count at the top."""
+    out = tmp_path / "older"
+    shutil.copytree(clocked, out, ignore=lambda d, names: [n for n in names if n.startswith(
+        "checkpoint") and n != "checkpoint-step000000007.pt"])
+    older = torch.load(out / "checkpoint-step000000007.pt", weights_only=True)
+    older["core"] = older.pop("online")
+    older["num_classes"] = older.pop("plan")["num_classes"]
+    torch.save(older, out / "checkpoint.pt")
+    os.remove(out / "checkpoint-step000000007.pt")
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    assert "online" in ckpt and ckpt["plan"] == {"num_classes": 8}
+    run(_config(data, out, **EVERY_READ))  # continues from step 7 to the clocked run's end
+    a, b = (load_checkpoint(str(d / "checkpoint.pt")) for d in (out, clocked))
+    assert a["step"] == b["step"] == 8
+    for key in ("online", "ema", "memory"):
+        _assert_same_tensors(a[key], b[key], key)
 
 
 REFUSED = [  # (flags changed on resume, what the message must name)
@@ -158,7 +193,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(data, clocked,
     assert "checkpoint.pt: cannot be loaded" in capsys.readouterr().out
     a, b = load_checkpoint(str(newest)), load_checkpoint(str(clocked / "checkpoint.pt"))
     assert a["step"] == b["step"] == 8
-    for key in ("core", "ema", "memory"):
+    for key in ("online", "ema", "memory"):
         _assert_same_tensors(a[key], b[key], key)
 
 
@@ -215,7 +250,7 @@ def assert_same_run(out, whole, epochs: int) -> None:
     a, b = load_checkpoint(str(out / "checkpoint.pt")), load_checkpoint(
         str(whole / "checkpoint.pt"))
     assert a["step"] == b["step"]
-    for key in ("core", "ema", "memory", "optimizer"):
+    for key in ("online", "ema", "memory", "optimizer"):
         _assert_same_tensors(a[key], b[key], key)
     mine, theirs = _metrics(out), _metrics(whole)
     assert [r["epoch"] for r in mine] == [r["epoch"] for r in theirs] == list(range(1, epochs + 1))
@@ -245,29 +280,81 @@ def _torchrun_to_the_end(flags: dict, out) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.fixture(scope="module")
+def two_ranks_whole(data, tmp_path_factory):
+    """The uninterrupted 2-rank run the interrupted ones must end like."""
+    whole = tmp_path_factory.mktemp("two_ranks_whole")
+    _torchrun_to_the_end({**TWO_RANKS, "data": data}, whole)
+    return whole
+
+
 @pytest.mark.slow
-def test_kill_9_mid_epoch_under_two_ranks_then_rerun_ends_like_an_uninterrupted_run(data,
-                                                                                     tmp_path):
+def test_kill_9_mid_epoch_under_two_ranks_then_rerun_ends_like_an_uninterrupted_run(
+        data, two_ranks_whole, tmp_path):
     """Each rank has its own BatchNorm statistics (no SyncBN on gloo), RNG states and metric
     sums; the checkpoint holds every rank's, and each rank resumes its own."""
-    whole, out = tmp_path / "whole", tmp_path / "killed"
-    _torchrun_to_the_end({**TWO_RANKS, "data": data}, whole)
+    whole, out = two_ranks_whole, tmp_path / "killed"
     first = kill_9_at_first_checkpoint({**TWO_RANKS, "data": data}, out, launch=_torchrun)
     assert first["step"] == 3 and first["step_in_epoch"] == 3, "not killed mid-epoch"
     ranks = first["ranks"]
     assert len(ranks) == 2 and ranks[1]["epoch_sums"]["steps"] == 3
     running_mean = "backbone.bn1.running_mean"
-    assert running_mean in ranks[0]["buffers"]["core"]
+    assert running_mean in ranks[0]["buffers"]["online"]
     # the ranks saw different images: what a resume from rank 0's state alone would lose
-    assert not torch.equal(ranks[0]["buffers"]["core"][running_mean],
-                           ranks[1]["buffers"]["core"][running_mean])
+    assert not torch.equal(ranks[0]["buffers"]["online"][running_mean],
+                           ranks[1]["buffers"]["online"][running_mean])
     _torchrun_to_the_end({**TWO_RANKS, "data": data}, out)  # the same command again
     assert_same_run(out, whole, epochs=2)
-    # rank 1's BatchNorm statistics too (rank 0's are the checkpoint's "core" and "ema"). The
+    # rank 1's BatchNorm statistics too (rank 0's are the checkpoint's "online" and "ema"). The
     # RNG states are not compared: each DataLoader iterator draws a seed from the torch RNG,
     # and the rerun makes one more (for the rest of the killed epoch); it uses no other draw.
     a, b = (load_checkpoint(str(d / "checkpoint.pt"))["ranks"] for d in (out, whole))
     _assert_same_tensors(a[1]["buffers"], b[1]["buffers"], "rank 1 buffers")
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Has the process installed a SIGTERM handler yet (SigCgt in /proc/<pid>/status)?"""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def _rank_of(pid: int) -> int | None:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return int(env[b"RANK"]) if b"RANK" in env else None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_exactly(data, two_ranks_whole,
+                                                                         tmp_path):
+    """A signal that reaches rank 1 only (or the ranks at different steps): both ranks stop at
+    the next metric read, the checkpoint holds both ranks' states, and the rerun ends like the
+    uninterrupted run. No clock checkpoint: the stop's is the only one."""
+    out = tmp_path / "stopped"
+    flags = {**TWO_RANKS, "data": data, "checkpoint_every_min": 0, "output_dir": str(out)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(_torchrun(flags), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, rank1 = time.monotonic() + 120, None
+        while rank1 is None or not _catches_sigterm(rank1):
+            assert time.monotonic() < deadline and proc.poll() is None, "no rank 1 handler"
+            time.sleep(0.05)
+            rank1 = next((pid for pid in _children(proc.pid) if _rank_of(pid) == 1), None)
+        os.kill(rank1, signal.SIGTERM)  # rank 1 only
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, output[-3000:]  # preempted: the job is not done
+    assert "stopped at global step 3" in output, output[-3000:]  # rank 0 reports the stop
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    assert (ckpt["step"], ckpt["step_in_epoch"]) == (3, 3), "not at the first metric read"
+    assert [r["epoch_sums"]["steps"] for r in ckpt["ranks"]] == [3, 3]  # both ranks' states
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint-step")]
+    _torchrun_to_the_end({**TWO_RANKS, "data": data}, out)  # the same command again
+    assert_same_run(out, two_ranks_whole, epochs=2)
 
 
 def test_missing_data_exits_with_one_line(tmp_path):

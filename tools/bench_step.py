@@ -28,9 +28,9 @@ from trex_fast.build import build_state  # noqa: E402
 from trex_fast.cli import run_cli  # noqa: E402
 from trex_fast.config import make_config  # noqa: E402
 from trex_fast.distributed import DistInfo  # noqa: E402
-from trex_fast.plan import make_plan  # noqa: E402
+from trex_fast.plan import COMPUTE_DTYPES, make_plan  # noqa: E402
 from trex_fast.profiling import PhaseTimer, timed  # noqa: E402
-from trex_fast.step import COMPUTE_DTYPES, train_step  # noqa: E402
+from trex_fast.step import train_step  # noqa: E402
 
 SINGLE = DistInfo(0, 1, 0, 1)
 
@@ -50,7 +50,7 @@ def bench_config(cfg, num_classes: int, steps: int, warmup: int, peak_tflops: fl
     plan = make_plan(cfg, SINGLE, num_classes, steps_per_epoch=1000)
     state = build_state(cfg, plan)
     device = plan.torch_device
-    batch = synthetic_batch(cfg, num_classes, device, COMPUTE_DTYPES[state.precision])
+    batch = synthetic_batch(cfg, num_classes, device, state.plan.dtype)
     with FlopCounterMode(display=False) as counter:  # one step, EMA forward included
         train_step(state, batch)
     flops_per_sample = counter.get_total_flops() / cfg.batch_size

@@ -1,8 +1,9 @@
 """Backbone weights in and out: trex_fast checkpoints, backbone.pth, torchvision state_dicts and
 released files whose keys sit under `module.`, `model.`, `encoder.` or `backbone.` prefixes,
-possibly inside a "model" / "state_dict" / "core" entry. Everything becomes the state_dict of
-a bare torchvision model of the arch (fc excluded). Files load weights-only (the authors' full
-checkpoints, with their argparse.Namespace of arguments, included); see trex_fast.safe_load.
+possibly inside a "model" / "state_dict" / "online" ("core" in older trex_fast checkpoints)
+entry. Everything becomes the state_dict of a bare torchvision model of the arch (fc excluded).
+Files load weights-only (the authors' full checkpoints, with their argparse.Namespace of
+arguments, included); see trex_fast.safe_load.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from trex_fast import atomic
 from trex_fast.model import build_backbone
 from trex_fast.safe_load import RELEASE_GLOBALS, load_file
 
-_CONTAINERS = ("core", "state_dict", "model", "teacher", "student")
+_CONTAINERS = ("online", "core", "state_dict", "model", "teacher", "student")
 _PREFIXES = ("module.", "model.", "encoder.", "backbone.", "_orig_mod.")
 
 

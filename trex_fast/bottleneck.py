@@ -15,7 +15,7 @@ import time
 import torch
 
 from pipelines.batch import MultiCropBatch
-from trex_fast.step import COMPUTE_DTYPES, TrainState, train_step
+from trex_fast.step import TrainState, train_step
 
 KEEPS_UP = 0.95  # DESIGN.md: the real pipeline within 5% of synthetic data
 
@@ -67,8 +67,7 @@ def measure(state: TrainState, train_data, pipeline: str, steps: int, warmup: in
         raise ValueError(f"profiling needs {needed} steps but an epoch has only "
                          f"{train_data.steps_per_epoch}; lower the steps or the batch size")
     device, batch_size = state.device, state.cfg.batch_size
-    fake = synthetic_batch(state.cfg, train_data.num_classes, device, COMPUTE_DTYPES[
-        state.precision])
+    fake = synthetic_batch(state.cfg, state.plan.num_classes, device, state.plan.dtype)
 
     def timed(fn) -> float:
         return _rate(device, steps, batch_size, fn)

@@ -47,35 +47,34 @@ def build_state(cfg: Config, plan: RunPlan) -> TrainState:
     if device.type == "cuda":
         set_math_policy()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    core = build_model(cfg, num_classes)
+    online = build_model(cfg, num_classes)
     if plan.sync_bn:
-        core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    core = core.to(device, memory_format=memory_format)
+    online = online.to(device, memory_format=memory_format)
 
     ema, memory = None, None
     if cfg.memory_size > 0:
-        ema = make_ema(core)  # an exact copy, outside DDP: no buffer broadcast per step
+        ema = make_ema(online)  # an exact copy, outside DDP: no buffer broadcast per step
         generator = torch.Generator().manual_seed(cfg.seed + 1)  # same memory on every rank
         memory = MemoryBank(cfg.memory_size, cfg.pr_bottleneck_dim, num_classes,
                             generator=generator).to(device)
 
-    net: nn.Module = core
+    online_ddp: nn.Module = online
     if plan.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         with warnings.catch_warnings():  # torch 2.14 deprecates the name; 2.11 lacks the new one
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
             # No buffer broadcast per step: BN statistics are SyncBN's on CUDA and rank-local
             # on CPU; the EMA network and the memory live outside DDP.
-            net = nn.parallel.DistributedDataParallel(core, device_ids=device_ids,
-                                                      broadcast_buffers=False)
+            online_ddp = nn.parallel.DistributedDataParallel(online, device_ids=device_ids,
+                                                             broadcast_buffers=False)
     if cfg.compile:
-        net = torch.compile(net)
+        online_ddp = torch.compile(online_ddp)
 
     return TrainState(
-        cfg=cfg, plan=plan, core=core, net=net, ema=ema, memory=memory,
-        optimizer=build_optimizer(core, cfg),
+        cfg=cfg, plan=plan, online=online, online_ddp=online_ddp, ema=ema, memory=memory,
+        optimizer=build_optimizer(online, cfg),
         scaler=torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16"),
         schedule=LRSchedule.from_plan(cfg, plan),
-        device=device, precision=plan.precision, loss_impl=plan.loss_impl,
     )

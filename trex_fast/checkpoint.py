@@ -24,6 +24,7 @@ import torch
 from trex_fast import atomic
 from trex_fast.config import Config, to_dict
 from trex_fast.optim import LRSchedule
+from trex_fast.plan import schedule_facts
 from trex_fast.safe_load import RELEASE_GLOBALS, UnsafeFileError, load_file
 from trex_fast.step import TrainState
 
@@ -83,7 +84,7 @@ def rank_local_state(state: TrainState, epoch_sums: dict | None = None) -> dict:
     networks (per process without SyncBN; the weights are DDP's, the same everywhere), the RNG
     states and the metric sums of the epoch so far. The memory bank is filled from all ranks,
     so it is the same everywhere."""
-    return {"buffers": {"core": _buffers(state.core), "ema": _buffers(state.ema)},
+    return {"buffers": {"online": _buffers(state.online), "ema": _buffers(state.ema)},
             "rng": rng_state(), "epoch_sums": epoch_sums}
 
 
@@ -93,7 +94,7 @@ def make_checkpoint(state: TrainState, epoch: int, step_in_epoch: int,
     epoch_sums: the metric sums of the steps of this epoch already done (mid-epoch only);
     ranks: rank_local_state of every rank, in rank order (None: rank 0's state only)."""
     return {
-        "core": state.core.state_dict(),
+        "online": state.online.state_dict(),
         "ema": state.ema.state_dict() if state.ema is not None else None,
         "memory": state.memory.state_dict() if state.memory is not None else None,
         "optimizer": state.optimizer.state_dict(),
@@ -102,7 +103,6 @@ def make_checkpoint(state: TrainState, epoch: int, step_in_epoch: int,
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
         "epoch_sums": epoch_sums,
-        "num_classes": state.plan.num_classes,
         "rng": rng_state(),
         "config": to_dict(state.cfg),
         "plan": state.plan.to_dict(),
@@ -117,11 +117,22 @@ def load_checkpoint(path: str, trust_file: bool = False, flag: str = "--resume")
     checkpoints is told apart from a crafted file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}={path!r}: no such checkpoint file")
-    ckpt = load_file(path, trust_file=trust_file, allowed=RELEASE_GLOBALS)
-    if not isinstance(ckpt, dict) or not {"core", "config", "rng"} <= ckpt.keys():
+    ckpt = _renamed(load_file(path, trust_file=trust_file, allowed=RELEASE_GLOBALS))
+    if not isinstance(ckpt, dict) or not {"online", "config", "rng"} <= ckpt.keys():
         found = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise NotACheckpointError(f"{flag}={path!r} is not a trex_fast checkpoint (found {found}); "
                          "released or torchvision weights go to the eval commands' --backbone")
+    return ckpt
+
+
+def _renamed(ckpt):
+    """Older checkpoints: the online network was "core", the plan's facts sat at the top."""
+    if isinstance(ckpt, dict) and "core" in ckpt and "online" not in ckpt:
+        ckpt["online"] = ckpt.pop("core")
+        for mine in ckpt.get("ranks") or ():
+            mine["buffers"]["online"] = mine["buffers"].pop("core")
+    if isinstance(ckpt, dict) and not ckpt.get("plan") and "num_classes" in ckpt:
+        ckpt["plan"] = {"num_classes": ckpt.pop("num_classes")}  # stored before the plan
     return ckpt
 
 
@@ -233,18 +244,18 @@ def _changes(old: dict, new: dict, keys: tuple[str, ...]) -> list[tuple[str, obj
 
 
 def _schedule(config: dict, plan: dict) -> LRSchedule:
-    spe = plan["steps_per_epoch"]
-    return LRSchedule(peak_lr=config["lr"] * plan["global_batch"] / 256,
-                      min_lr=config["min_lr"],
-                      warmup_steps=int(round(config["warmup_epochs"] * spe)),
-                      total_steps=config["epochs"] * spe)
+    """The schedule of `config` at the plan's batch and epoch length (the plan's own rule)."""
+    facts = schedule_facts(config["lr"], config["epochs"], config["warmup_epochs"],
+                           plan["global_batch"], plan["steps_per_epoch"])
+    return LRSchedule(peak_lr=facts["peak_lr"], min_lr=config["min_lr"],
+                      warmup_steps=facts["warmup_steps"], total_steps=facts["total_steps"])
 
 
 def lr_before_after(ckpt: dict, cfg: Config, plan) -> tuple[float, float]:
     """The LR of the checkpoint's next step under its own schedule (the last step's, for a
     finished run) and under the new one."""
     new_plan = plan.to_dict()
-    old_plan = ckpt.get("plan") or new_plan  # checkpoints before #15 stored no plan
+    old_plan = {**new_plan, **ckpt["plan"]}  # checkpoints before #15 stored no plan
     old, step = _schedule(ckpt["config"], old_plan), ckpt["step"]
     return old(min(step, old.total_steps - 1)), _schedule(to_dict(cfg), new_plan)(step)
 
@@ -253,7 +264,7 @@ def check_resumable(ckpt: dict, cfg: Config, plan, reschedule: bool = False) -> 
     """Raise ResumeError naming every change that resuming cannot continue exactly; returns
     the lines to print about accepted changes (--reschedule)."""
     old_cfg, new_cfg = ckpt["config"], to_dict(cfg)
-    old_plan = ckpt.get("plan") or {"num_classes": ckpt["num_classes"]}
+    old_plan = ckpt["plan"]
     new_plan = plan.to_dict()
     refused = [f"{k}: {a!r} -> {b!r}" for k, a, b in
                _changes(old_cfg, new_cfg, MODEL_KEYS + CROP_KEYS)
@@ -284,7 +295,7 @@ def check_resumable(ckpt: dict, cfg: Config, plan, reschedule: bool = False) -> 
 def restore(state: TrainState, ckpt: dict, rank: int = 0) -> dict | None:
     """Load ckpt into state as `rank`; returns that rank's epoch metric sums (None when the
     checkpoint holds rank 0's only and this is another rank: they cannot be recovered)."""
-    state.core.load_state_dict(ckpt["core"])
+    state.online.load_state_dict(ckpt["online"])
     if state.ema is not None:
         state.ema.load_state_dict(ckpt["ema"])
         state.memory.load_state_dict(ckpt["memory"])
@@ -296,7 +307,7 @@ def restore(state: TrainState, ckpt: dict, rank: int = 0) -> dict | None:
         set_rng_state(ckpt["rng"])
         return ckpt.get("epoch_sums") if rank == 0 else None
     mine = ranks[rank]
-    _load_buffers(state.core, mine["buffers"]["core"])
+    _load_buffers(state.online, mine["buffers"]["online"])
     _load_buffers(state.ema, mine["buffers"]["ema"])
     set_rng_state(mine["rng"])
     return mine["epoch_sums"]

@@ -222,11 +222,16 @@ def make_config(preset: str | None = None, **flags) -> Config:
     return validate(Config(preset=preset, **values))
 
 
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Images per optimisation step over all processes (--batch_size is per process)."""
+    return cfg.batch_size * world_size
+
+
 def check_world(cfg: Config, world_size: int) -> None:
     """Checks that need the number of processes (known only after torchrun starts us)."""
-    global_batch = cfg.batch_size * world_size
-    _check(cfg.memory_size == 0 or cfg.memory_size >= global_batch, "memory_size",
-           cfg.memory_size, f"0 or >= the global batch {global_batch} "
+    total = global_batch(cfg, world_size)
+    _check(cfg.memory_size == 0 or cfg.memory_size >= total, "memory_size",
+           cfg.memory_size, f"0 or >= the global batch {total} "
            f"(batch_size={cfg.batch_size} x {world_size} processes)")
 
 

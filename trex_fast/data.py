@@ -5,7 +5,10 @@ tools/convert_in1k.py (train.beton, dali/), or empty for the built-in demo datas
 """
 from __future__ import annotations
 
+import json
 import os
+
+from torchvision.datasets.folder import find_classes
 
 from pipelines.reference import ReferenceTrainData, ReferenceValData
 from pipelines.spec import multicrop_spec
@@ -28,6 +31,24 @@ def _check_imagefolder(root: str) -> None:
             raise FileNotFoundError(
                 f"--data={root!r} has no {split}/ folder: the reference pipeline reads an "
                 "ImageFolder root with train/<class>/*.JPEG and val/<class>/*.JPEG")
+
+
+def count_classes(root: str, pipeline: str) -> int:
+    """The number of classes, the one home of this fact (issue #15): the converter's class list
+    in <root>/meta.json for converted data (ffcv, dali), the train/ class folders otherwise
+    (as ImageFolder lists them). Labels are indexes into that list."""
+    if pipeline == "reference":
+        _check_imagefolder(root)
+        return len(find_classes(os.path.join(root, "train"))[0])
+    meta = os.path.join(root, "meta.json")
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(f"--data={root!r} has no meta.json: --pipeline={pipeline} reads "
+                                "data converted by tools/convert_in1k.py, which writes it last")
+    with open(meta) as f:
+        classes = json.load(f).get("classes")
+    if not classes:
+        raise ValueError(f"{meta!r} lists no classes; rerun tools/convert_in1k.py")
+    return len(classes)
 
 
 def build_data(cfg: Config, plan):

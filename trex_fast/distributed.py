@@ -61,13 +61,18 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """flag, agreed by every rank: True if it is True on any (one 1-element all-reduce)."""
+def agree_max(values: list[int], device: torch.device) -> torch.Tensor | None:
+    """The element-wise maximum over every rank of `values` (small host ints), left on the
+    device for the caller to read with other values in one copy; None when alone. No host
+    sync: each value is a fill kernel's argument (not a host-to-device copy of Python data),
+    and under NCCL the all-reduce is only queued."""
     if not is_distributed():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return None
+    if dist.get_backend() != "nccl":
+        device = torch.device("cpu")  # gloo reduces host tensors
+    t = torch.stack([torch.full((), v, dtype=torch.int64, device=device) for v in values])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())  # under NCCL a host sync: callers ask right after a metric read
+    return t
 
 
 def gather_to_main(obj) -> list | None:

@@ -135,7 +135,7 @@ def in1k(checkpoint: str, val: str, batch_size: int = 128, num_workers: int = 4,
              ("preset", "device")}
     # evaluated in fp32 whatever the training precision was
     cfg = make_config(ckpt["config"]["preset"], **{**flags, "precision": "fp32"}, device=device)
-    plan = make_plan(cfg, SINGLE, ckpt["num_classes"], steps_per_epoch=1)
+    plan = make_plan(cfg, SINGLE, ckpt["plan"]["num_classes"], steps_per_epoch=1)
     state = build_state(cfg, plan)
     restore(state, ckpt)
     settings = dataclasses.replace(plan.loader_settings(), batch_size=batch_size,

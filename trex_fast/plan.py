@@ -1,10 +1,11 @@
 """The RunPlan: every fact of a run resolved once (issue #15), then read, never re-derived.
 
 `plan_run(cfg, dist_info)` asks trex_fast.availability to decide each "auto" flag (device,
-precision, loss_impl, pipeline, decode, workers, SyncBN), builds the loaders from the plan's
-loader view, and freezes the plan with what only the data can tell (number of classes, steps
-per epoch). config.json's "resolved" block is `plan.to_dict()`; each checkpoint stores it, and
-resume compares the stored plan with the new one (trex_fast.checkpoint.check_resumable).
+precision, loss_impl, pipeline, decode, workers, SyncBN), counts the dataset's classes
+(trex_fast.data.count_classes), builds the loaders from the plan's loader view, and freezes the
+plan with the steps per epoch the train loader takes. config.json's "resolved" block is
+`plan.to_dict()`; each checkpoint stores it, and resume compares the stored plan with the new
+one (trex_fast.checkpoint.check_resumable).
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import torch
 
 from pipelines.batch import LoaderSettings
 from trex_fast import availability
-from trex_fast.config import Config, check_world
+from trex_fast.config import Config, check_world, global_batch
 from trex_fast.distributed import DistInfo
-from trex_fast.step import COMPUTE_DTYPES
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,16 @@ def output_dir(cfg: Config) -> str:
     return cfg.output_dir or os.path.join("runs", cfg.preset)
 
 
-def _schedule_steps(cfg: Config, steps_per_epoch: int) -> dict:
-    return {"steps_per_epoch": steps_per_epoch, "total_steps": cfg.epochs * steps_per_epoch,
-            "warmup_steps": int(round(cfg.warmup_epochs * steps_per_epoch))}
+def schedule_facts(lr: float, epochs: int, warmup_epochs: float, global_batch: int,
+                   steps_per_epoch: int) -> dict:
+    """The LR schedule's plan entries: the rule resume also applies to a checkpoint's config."""
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": epochs * steps_per_epoch,
+            "warmup_steps": int(round(warmup_epochs * steps_per_epoch)),
+            "peak_lr": lr * global_batch / 256}  # --lr is per 256 images
+
+
+def _schedule(cfg: Config, global_batch: int, steps_per_epoch: int) -> dict:
+    return schedule_facts(cfg.lr, cfg.epochs, cfg.warmup_epochs, global_batch, steps_per_epoch)
 
 
 def make_plan(cfg: Config, dist_info: DistInfo, num_classes: int, steps_per_epoch: int,
@@ -79,7 +88,7 @@ def make_plan(cfg: Config, dist_info: DistInfo, num_classes: int, steps_per_epoc
     check_world(cfg, dist_info.world_size)
     device = torch.device(device) if device is not None else availability.resolve_device(
         cfg.device, dist_info.local_rank)
-    global_batch = cfg.batch_size * dist_info.world_size
+    images_per_step = global_batch(cfg, dist_info.world_size)
     return RunPlan(
         device=str(device),
         precision=availability.resolve_precision(cfg.precision, device),
@@ -89,9 +98,8 @@ def make_plan(cfg: Config, dist_info: DistInfo, num_classes: int, steps_per_epoc
         sync_bn=availability.resolve_sync_bn(cfg.sync_bn, device, dist_info.world_size),
         workers=availability.resolve_workers(cfg.num_workers, dist_info.local_world_size),
         rank=dist_info.rank, local_rank=dist_info.local_rank, world_size=dist_info.world_size,
-        batch_size=cfg.batch_size, global_batch=global_batch,
-        num_classes=num_classes, **_schedule_steps(cfg, steps_per_epoch),
-        peak_lr=cfg.lr * global_batch / 256,
+        batch_size=cfg.batch_size, global_batch=images_per_step,
+        num_classes=num_classes, **_schedule(cfg, images_per_step, steps_per_epoch),
         seed=cfg.seed, channels_last=cfg.channels_last,
         data_root=data_root, output_dir=output_dir(cfg), is_main=dist_info.is_main,
     )
@@ -99,14 +107,16 @@ def make_plan(cfg: Config, dist_info: DistInfo, num_classes: int, steps_per_epoc
 
 def plan_run(cfg: Config, dist_info: DistInfo, device=None):
     """(plan, train data, val data) of a training run: the loaders are built from the plan's
-    own loader view, so what they were given and what the plan says cannot differ."""
-    from trex_fast.data import build_data, resolve_data_root
+    own loader view, so what they were given and what the plan says cannot differ. The number
+    of classes is the dataset's (trex_fast.data.count_classes); steps per epoch are the
+    loader's, which cuts each rank's share to whole batches."""
+    from trex_fast.data import build_data, count_classes, resolve_data_root
 
     root = resolve_data_root(cfg)
     pipeline = availability.resolve_pipeline(cfg.pipeline, root)
-    draft = make_plan(cfg, dist_info, num_classes=0, steps_per_epoch=0, data_root=root,
-                      pipeline=pipeline, device=device)
+    draft = make_plan(cfg, dist_info, num_classes=count_classes(root, pipeline),
+                      steps_per_epoch=0, data_root=root, pipeline=pipeline, device=device)
     train_data, val_data = build_data(cfg, draft)
-    plan = dataclasses.replace(draft, num_classes=train_data.num_classes,
-                               **_schedule_steps(cfg, train_data.steps_per_epoch))
+    plan = dataclasses.replace(draft, **_schedule(cfg, draft.global_batch,
+                                                  train_data.steps_per_epoch))
     return plan, train_data, val_data

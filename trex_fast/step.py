@@ -18,9 +18,8 @@ from trex_fast.losses import prototype_ce_with_top1
 from trex_fast.memory import MemoryBank, ema_update
 from trex_fast.model import MultiCropNet
 from trex_fast.optim import LRSchedule, set_lr
+from trex_fast.plan import RunPlan
 from trex_fast.profiling import NULL_TIMER
-
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -52,30 +51,34 @@ class StepMetrics:
         self.images += batch_size
         self.steps += 1
 
-    def read_and_reset(self) -> dict:
-        """The one host sync: the sums since the last read, as Python numbers."""
-        loss_sum, correct, global_correct = (t.item() for t in
-                                             (self.loss_sum, self.correct, self.global_correct))
-        sums = {"loss_sum": loss_sum, "correct": correct, "global_correct": global_correct,
-                "rows": self.rows, "images": self.images, "steps": self.steps}
+    def read_and_reset(self, extra: torch.Tensor | None = None) -> tuple[dict, list[float]]:
+        """The one host sync: (the sums since the last read as Python numbers, the values of
+        `extra`). extra: a small device tensor the caller wants read in the same copy (the
+        loop's flags agreed across ranks), so that reading it costs no second sync."""
+        device_sums = torch.stack([self.loss_sum.double(), self.correct.double(),
+                                   self.global_correct.double()])  # [3], exact: counts < 2^53
+        if extra is not None:
+            device_sums = torch.cat([device_sums, extra.double()])
+        loss_sum, correct, global_correct, *extra_values = device_sums.tolist()  # host sync
+        sums = {"loss_sum": loss_sum, "correct": int(correct),
+                "global_correct": int(global_correct), "rows": self.rows,
+                "images": self.images, "steps": self.steps}
         self.reset()
-        return sums
+        return sums, extra_values
 
 
 @dataclass
 class TrainState:
     cfg: Config
-    plan: object  # trex_fast.plan.RunPlan: the run's resolved facts
-    core: MultiCropNet  # the online network, unwrapped (checkpoints, EMA source)
-    net: nn.Module  # what the step calls: DDP(core) when distributed, maybe compiled
+    plan: RunPlan  # the run's resolved facts (trex_fast.plan)
+    online: MultiCropNet  # the online network, unwrapped (checkpoints, EMA source, eval)
+    online_ddp: nn.Module  # its DDP wrapper, what the step calls (online itself when alone;
+    #                        torch.compile'd with --compile)
     ema: MultiCropNet | None  # None for the plain preset (no memory to fill)
     memory: MemoryBank | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     schedule: LRSchedule
-    device: torch.device
-    precision: str  # bf16 | fp16 | fp32
-    loss_impl: str  # torch | triton (resolved)
     step: int = 0  # global optimisation steps done
     metrics: StepMetrics = field(default=None)
 
@@ -83,16 +86,29 @@ class TrainState:
         if self.metrics is None:
             self.metrics = StepMetrics(self.device)
 
+    # the plan is their one home; the step reads them often
+    @property
+    def device(self) -> torch.device:
+        return self.plan.torch_device
+
+    @property
+    def precision(self) -> str:  # bf16 | fp16 | fp32
+        return self.plan.precision
+
+    @property
+    def loss_impl(self) -> str:  # torch | triton
+        return self.plan.loss_impl
+
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.precision])
+        return torch.autocast(self.device.type, dtype=self.plan.dtype)
 
     def class_weight(self) -> torch.Tensor:
         """[C, D]: memory prototypes (no grad) or the cosine classifier's weight."""
         if self.memory is not None:
             return self.memory.class_prototypes()
-        return self.core.classifier.weight
+        return self.online.classifier.weight
 
 
 def train_step(state: TrainState, batch: MultiCropBatch, timer=NULL_TIMER) -> None:
@@ -110,7 +126,7 @@ def train_step(state: TrainState, batch: MultiCropBatch, timer=NULL_TIMER) -> No
 
     with state.autocast():
         # (2) online forward: one backbone pass per resolution group, projector over all crops.
-        z = state.net(batch.global_crops, batch.local_crops)  # [(G+L)*B, D], crop-major
+        z = state.online_ddp(batch.global_crops, batch.local_crops)  # [(G+L)*B, D], crop-major
         # (3) cross-entropy over every crop, each weighted equally; labels repeated per crop.
         labels = batch.labels.repeat(crops_per_image)  # [(G+L)*B]
         loss, correct = prototype_ce_with_top1(z, class_weight, labels, cfg.clf_tau,
@@ -119,7 +135,7 @@ def train_step(state: TrainState, batch: MultiCropBatch, timer=NULL_TIMER) -> No
 
     if state.memory is not None:
         # (4) EMA update from the online weights as they are before this step's optimiser step.
-        ema_update(state.ema, state.core, cfg.ema_momentum)
+        ema_update(state.ema, state.online, cfg.ema_momentum)
         # (5) EMA forward on global crop 0 (train-mode BN), gather from all ranks, enqueue.
         with torch.no_grad(), state.autocast():
             ema_z = state.ema.embed(batch.global_crops[:batch_size])  # [B, D]

@@ -73,13 +73,13 @@ def _resume(cfg: Config, plan: RunPlan, state: TrainState, found) -> Resumed:
 
 
 def _save(plan: RunPlan, state: TrainState, ckpts: ckpt_lib.CheckpointDir, epoch: int,
-          step_in_epoch: int, elapsed_s: float, totals: EpochTotals | None = None,
-          every_rank: bool = True) -> None:
-    """Rank 0 writes; every_rank: all ranks are here at the same step, so each one's
-    rank-local state is gathered into the checkpoint (a collective, not in the step)."""
+          step_in_epoch: int, elapsed_s: float, totals: EpochTotals | None = None) -> None:
+    """Rank 0 writes. Every rank saves at the same step (the loop agrees on clock and signal
+    stops at metric reads), so each one's rank-local state is gathered into the checkpoint
+    (a collective, outside the step)."""
     sums = dict(totals.sums) if totals is not None and step_in_epoch else None
     ranks = None
-    if every_rank and plan.world_size > 1:
+    if plan.world_size > 1:
         ranks = distributed.gather_to_main(ckpt_lib.rank_local_state(state, sums))
     if not plan.is_main:
         return
@@ -104,6 +104,13 @@ def run(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, dist_info, device: torch.device) -> dict:
+    # from here on a SIGTERM/SIGINT is a request to save and stop, even one that comes while
+    # the loaders are being built (a scheduler's preemption can come at any moment)
+    with StopSignal() as stop:
+        return _run_stoppable(cfg, dist_info, device, stop)
+
+
+def _run_stoppable(cfg: Config, dist_info, device: torch.device, stop: StopSignal) -> dict:
     plan, train_data, val_data = plan_run(cfg, dist_info, device)
     ckpts = ckpt_lib.CheckpointDir(plan.output_dir, cfg.keep_checkpoints)
     if cfg.profile_steps:  # a fresh state: the run's own checkpoints are not touched
@@ -119,14 +126,14 @@ def _run(cfg: Config, dist_info, device: torch.device) -> dict:
         _log(f"{cfg.preset} preset, {cfg.arch}, {plan.num_classes} classes, "
              f"{plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {plan.device} "
              f"({plan.precision}); outputs in {plan.output_dir}")
-    last = _train(cfg, plan, state, train_data, val_data, ckpts, resumed)
+    last = _train(cfg, plan, state, train_data, val_data, ckpts, resumed, stop)
     if "stopped_at_step" in last:
         return last
     return _finish(cfg, plan, state, val_data, last)
 
 
 def _train(cfg: Config, plan: RunPlan, state: TrainState, train_data, val_data,
-           ckpts: ckpt_lib.CheckpointDir, resumed: Resumed) -> dict:
+           ckpts: ckpt_lib.CheckpointDir, resumed: Resumed, stop: StopSignal) -> dict:
     remaining = plan.total_steps - resumed.epoch * plan.steps_per_epoch - resumed.step_in_epoch
     progress = (tqdm(total=max(remaining, 0), unit="img", unit_scale=plan.global_batch,
                      dynamic_ncols=True, mininterval=2.0) if plan.is_main else None)
@@ -136,36 +143,34 @@ def _train(cfg: Config, plan: RunPlan, state: TrainState, train_data, val_data,
     def elapsed() -> float:
         return resumed.elapsed_s + time.perf_counter() - run_start
 
+    def stopped(totals: EpochTotals) -> dict:
+        if plan.is_main:
+            _log(f"stopped at global step {state.step}; checkpoint {ckpts.newest}; rerun the "
+                 "same command to continue")
+        return {"stopped_at_step": state.step, "signal": stop.requested(), **totals.summary()}
+
     last: dict = {}
     start_step = resumed.step_in_epoch
     try:
-        with StopSignal() as stop:
-            for epoch in range(resumed.epoch, cfg.epochs):
-                def on_read(step_in_epoch: int, totals: EpochTotals, epoch=epoch) -> None:
-                    # right after a metric read; ranks agree on it, as the save gathers
-                    if distributed.any_rank(clock.due(), plan.torch_device):
-                        _save(plan, state, ckpts, epoch, step_in_epoch, elapsed(), totals)
-                        clock.reset()
-
-                totals = EpochTotals()
-                if start_step and resumed.epoch_sums:
-                    totals.add(resumed.epoch_sums)
-                outcome = train_one_epoch(state, train_data, epoch, start_step, progress, stop,
-                                          ckpts.newest, totals, on_read)
-                if outcome.stopped_at is not None:  # a signal or --stop_at_step
-                    # a signal may stop the ranks at different steps: no collective then,
-                    # so the other ranks resume with rank 0's BN statistics and RNG states
-                    _save(plan, state, ckpts, epoch, outcome.stopped_at, elapsed(),
-                          outcome.totals, every_rank=stop.received is None)
-                    if plan.is_main:
-                        _log(f"stopped at global step {state.step}; checkpoint {ckpts.newest}; "
-                             "rerun the same command to continue")
-                    return {"stopped_at_step": state.step, "signal": stop.received,
-                            **outcome.totals.summary()}
-                start_step = 0
-                last = _end_of_epoch(cfg, plan, state, val_data, epoch, outcome, elapsed())
-                _save(plan, state, ckpts, epoch + 1, 0, elapsed())
+        for epoch in range(resumed.epoch, cfg.epochs):
+            def clock_checkpoint(step_in_epoch: int, totals: EpochTotals, epoch=epoch) -> None:
+                _save(plan, state, ckpts, epoch, step_in_epoch, elapsed(), totals)
                 clock.reset()
+
+            totals = EpochTotals()
+            if start_step and resumed.epoch_sums:
+                totals.add(resumed.epoch_sums)
+            outcome = train_one_epoch(state, train_data, epoch, start_step, progress, stop,
+                                      ckpts.newest, totals, clock, clock_checkpoint)
+            if outcome.stopped_at is not None:  # a signal or --stop_at_step, mid-epoch
+                _save(plan, state, ckpts, epoch, outcome.stopped_at, elapsed(), outcome.totals)
+                return stopped(outcome.totals)
+            start_step = 0
+            last = _end_of_epoch(cfg, plan, state, val_data, epoch, outcome, elapsed())
+            _save(plan, state, ckpts, epoch + 1, 0, elapsed())
+            clock.reset()
+            if stop.requested() is not None and epoch + 1 < cfg.epochs:  # at the epoch's end
+                return stopped(outcome.totals)
     finally:
         if progress is not None:
             progress.close()
@@ -206,7 +211,7 @@ def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict)
     out_dir = plan.output_dir
     if plan.is_main:
         backbone_path = os.path.join(out_dir, "backbone.pth")
-        atomic.save_torch(backbone_state_dict(state.core), backbone_path)
+        atomic.save_torch(backbone_state_dict(state.online), backbone_path)
         _log(f"done: val top-1 {last['val_top1']:.2f}% after {last['epoch']} epochs "
              f"({state.step} steps)")
         _log(f"outputs in {os.path.abspath(out_dir)}: config.json env.json metrics.jsonl "

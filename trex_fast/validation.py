@@ -19,9 +19,9 @@ from trex_fast.step import TrainState
 def evaluate(state: TrainState, val_data) -> dict:
     """val_top1 and val_top5 (percent) and val_loss over the whole val split. Counts stay on
     the device until the one host sync at the end (no per-batch .item())."""
-    core = state.core
-    was_training = core.training
-    core.eval()
+    online = state.online
+    was_training = online.training
+    online.eval()
     class_weight = state.class_weight()  # [C, D]
     unit_weight = F.normalize(class_weight.float(), dim=1)  # [C, D], for the top-5
     top = min(5, class_weight.shape[0])
@@ -29,7 +29,7 @@ def evaluate(state: TrainState, val_data) -> dict:
     totals = torch.zeros(4, device=state.device, dtype=torch.float64)
     for images, labels in val_data:
         with state.autocast():
-            z = core.embed(images)  # [n, D]
+            z = online.embed(images)  # [n, D]
         loss, correct = prototype_ce_with_top1(z, class_weight, labels, state.cfg.clf_tau,
                                                state.loss_impl)
         logits = F.normalize(z.float(), dim=1) @ unit_weight.t()  # [n, C], cosine
@@ -38,7 +38,7 @@ def evaluate(state: TrainState, val_data) -> dict:
                                in_top.sum().double(),
                                torch.tensor(labels.shape[0], dtype=torch.float64,
                                             device=state.device)])
-    core.train(was_training)
+    online.train(was_training)
     loss_sum, hits, hits5, count = distributed.all_reduce_sum(totals).tolist()  # the host sync
     if count == 0:
         raise RuntimeError("the val split has no images")
