@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from torch.utils.dlpack import from_dlpack
 
 from pipelines.batch import LoaderSettings, MultiCropBatch, derived_seed, whole_steps
 from pipelines.convert.options import ConvertOptions
+from pipelines.convert.report import load_meta
 from pipelines.gpu_multicrop import GpuMultiCrop
 from pipelines.photometric_numba import NUM_DRAWS, augment, spec_vector
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec, val_resize_size
@@ -80,10 +81,9 @@ def canvas_side(folder: str, max_resolution: int | None = None) -> int:
     max_resolution from <data>/meta.json (no stored image has a longer side), else the
     converter's default. Images with a longer side than S are resized down to it."""
     if max_resolution is None:
-        meta = os.path.join(folder, os.pardir, os.pardir, "meta.json")
-        if os.path.isfile(meta):
-            with open(meta) as f:
-                max_resolution = json.load(f).get("options", {}).get("max_resolution")
+        data_root = Path(folder).parent.parent  # <data>/dali/<split>
+        if (data_root / "meta.json").is_file():
+            max_resolution = load_meta(data_root).get("options", {}).get("max_resolution")
     side = ConvertOptions.max_resolution if max_resolution is None else max_resolution
     if not isinstance(side, int) or isinstance(side, bool) or side < 1:
         raise ValueError(f"max_resolution={side!r}: expected a positive int (pixels)")

@@ -127,11 +127,13 @@ def load_checkpoint(path: str, trust_file: bool = False, flag: str = "--resume")
 
 def _renamed(ckpt):
     """Older checkpoints: the online network was "core", the plan's facts sat at the top."""
-    if isinstance(ckpt, dict) and "core" in ckpt and "online" not in ckpt:
+    if not isinstance(ckpt, dict):
+        return ckpt  # load_checkpoint names what it found
+    if "core" in ckpt and "online" not in ckpt:
         ckpt["online"] = ckpt.pop("core")
         for mine in ckpt.get("ranks") or ():
             mine["buffers"]["online"] = mine["buffers"].pop("core")
-    if isinstance(ckpt, dict) and not ckpt.get("plan") and "num_classes" in ckpt:
+    if not ckpt.get("plan") and "num_classes" in ckpt:
         ckpt["plan"] = {"num_classes": ckpt.pop("num_classes")}  # stored before the plan
     return ckpt
 

@@ -5,11 +5,12 @@ tools/convert_in1k.py (train.beton, dali/), or empty for the built-in demo datas
 """
 from __future__ import annotations
 
-import json
 import os
+from pathlib import Path
 
 from torchvision.datasets.folder import find_classes
 
+from pipelines.convert.report import load_meta
 from pipelines.reference import ReferenceTrainData, ReferenceValData
 from pipelines.spec import multicrop_spec
 from trex_fast import demo_data
@@ -40,14 +41,12 @@ def count_classes(root: str, pipeline: str) -> int:
     if pipeline == "reference":
         _check_imagefolder(root)
         return len(find_classes(os.path.join(root, "train"))[0])
-    meta = os.path.join(root, "meta.json")
-    if not os.path.isfile(meta):
+    if not os.path.isfile(os.path.join(root, "meta.json")):
         raise FileNotFoundError(f"--data={root!r} has no meta.json: --pipeline={pipeline} reads "
                                 "data converted by tools/convert_in1k.py, which writes it last")
-    with open(meta) as f:
-        classes = json.load(f).get("classes")
+    classes = load_meta(Path(root)).get("classes")
     if not classes:
-        raise ValueError(f"{meta!r} lists no classes; rerun tools/convert_in1k.py")
+        raise ValueError(f"{root}/meta.json lists no classes; rerun tools/convert_in1k.py")
     return len(classes)
 
 
