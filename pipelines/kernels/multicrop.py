@@ -75,6 +75,8 @@ _LAYOUT_CANVAS, _LAYOUT_PACKED, _LAYOUT_PLANES = (tl.constexpr(v) for v in (CANV
 _G_R, _G_G, _G_B = (tl.constexpr(w) for w in GRAY_WEIGHTS)
 _A = tl.constexpr(BICUBIC_A)
 _SUPPORT = tl.constexpr(FILTERS["bicubic"][1])
+_TF32_DROP = tl.constexpr(13)  # fp32 mantissa bits a tf32 operand does not keep (23 - 10)
+_BF16_DROP = tl.constexpr(16)  # and a bf16 value (23 - 7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +165,36 @@ def _store_order(keys_ptr, order_ptr, ok):
     for s in tl.static_range(4):
         op = (r1 == s).to(tl.int32) + 2 * (r2 == s).to(tl.int32) + 3 * (r3 == s).to(tl.int32)
         tl.store(order_ptr + s, op.to(tl.float32), mask=ok)  # op 0 where no other rank is s
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding that the GPU and the interpreter do alike (issue 22)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _round_mantissa(x, DROP: tl.constexpr):
+    """fp32 x rounded to nearest (ties to even) with its low DROP mantissa bits zero, by
+    integer ops on its bits (finite x; a carry into the exponent is the right rounding)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    below_half = (tl.full([], 1, tl.uint32) << (DROP - 1)) - 1
+    half = below_half + ((bits >> DROP) & 1)  # ties go to the even neighbour
+    return (((bits + half) >> DROP) << DROP).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32(x):
+    """A tf32 dot operand, rounded to nearest: the tensor cores read 10 mantissa bits and
+    drop the other 13 (truncation, a bias toward 0), which leaves a rounded value unchanged,
+    so the dot computes on the GPU what it computes in the interpreter's IEEE fp32."""
+    return _round_mantissa(x, _TF32_DROP)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """x.to(dtype), rounded to nearest even also in the interpreter, which truncates
+    fp32 -> bf16 (the GPU rounds: the two would differ by up to 1 bf16 ulp, biased)."""
+    if dtype == tl.bfloat16:
+        x = _round_mantissa(x, _BF16_DROP)
+    return x.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,10 +298,11 @@ def _axis(out_pos, out_size, length):
 
 @triton.jit
 def _weights(centre, lo, hi, filter_scale, pos):
-    """Un-normalised weights [T, K] of box pixels pos [K] for the output pixels of `centre`."""
+    """Un-normalised weights [T, K] of box pixels pos [K] for the output pixels of `centre`,
+    tf32-rounded: the dots read them as they are summed for the normaliser."""
     w = _bicubic((pos[None, :] - centre[:, None] + 0.5) / filter_scale)
     inside = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None])
-    return tl.where(inside, w, 0.0)
+    return _tf32(tl.where(inside, w, 0.0))
 
 
 @triton.jit
@@ -344,10 +377,10 @@ def _resize_kernel(src_ptr, offsets_ptr, offset_stride, sizes_ptr, size_stride, 
                             input_precision=DOT_PRECISION)
             tmp_b += tl.dot(wy, tl.load(at + 2 * plane, mask=mask, other=0).to(tl.float32),
                             input_precision=DOT_PRECISION)
-        wxt = tl.trans(wx)
-        acc_r += tl.dot(tmp_r, wxt, input_precision=DOT_PRECISION)
-        acc_g += tl.dot(tmp_g, wxt, input_precision=DOT_PRECISION)
-        acc_b += tl.dot(tmp_b, wxt, input_precision=DOT_PRECISION)
+        wxt = tl.trans(wx)  # uint8 pixels are exact in tf32; the column pass reads tmp rounded
+        acc_r += tl.dot(_tf32(tmp_r), wxt, input_precision=DOT_PRECISION)
+        acc_g += tl.dot(_tf32(tmp_g), wxt, input_precision=DOT_PRECISION)
+        acc_b += tl.dot(_tf32(tmp_b), wxt, input_precision=DOT_PRECISION)
 
     norm = (_weight_sums(cy, lo_y, hi_y, fs_y, y0, y1, BK)[:, None]
             * _weight_sums(cx, lo_x, hi_x, fs_x, x0, x1, BK)[None, :]) * 255.0
@@ -397,6 +430,13 @@ def _reflect(i, n):
 
 
 @triton.jit
+def _blur_planes(band, x, DOT_PRECISION: tl.constexpr):
+    """band [BO, BH] @ x [BH, BH] @ band^T, every operand tf32-rounded (band already is)."""
+    rows = tl.dot(band, _tf32(x), input_precision=DOT_PRECISION)
+    return tl.dot(_tf32(rows), tl.trans(band), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _photometric_kernel(mid_ptr, params_ptr, partial_ptr, out_ptr, out_size,
                         MEAN_R: tl.constexpr, MEAN_G: tl.constexpr, MEAN_B: tl.constexpr,
                         STD_R: tl.constexpr, STD_G: tl.constexpr, STD_B: tl.constexpr,
@@ -432,14 +472,10 @@ def _photometric_kernel(mid_ptr, params_ptr, partial_ptr, out_ptr, out_size,
                                0.0), axis=0)
         d = (h[None, :] - tl.arange(0, BO)[:, None] - RADIUS).to(tl.float32)  # [BO, BH]
         band = tl.where(tl.abs(d) <= RADIUS, tl.exp(-0.5 * (d / sigma) * (d / sigma)), 0.0)
-        band = band / norm
-        band_t = tl.trans(band)
-        r = tl.dot(tl.dot(band, r, input_precision=DOT_PRECISION), band_t,
-                   input_precision=DOT_PRECISION)
-        g = tl.dot(tl.dot(band, g, input_precision=DOT_PRECISION), band_t,
-                   input_precision=DOT_PRECISION)
-        b = tl.dot(tl.dot(band, b, input_precision=DOT_PRECISION), band_t,
-                   input_precision=DOT_PRECISION)
+        band = _tf32(band / norm)
+        r = _blur_planes(band, r, DOT_PRECISION)
+        g = _blur_planes(band, g, DOT_PRECISION)
+        b = _blur_planes(band, b, DOT_PRECISION)
     else:
         r, g, b = _load_rgb(mid_ptr, crop, tl.minimum(oy, out_size - 1),
                             tl.minimum(ox, out_size - 1), out_size)
@@ -457,9 +493,9 @@ def _photometric_kernel(mid_ptr, params_ptr, partial_ptr, out_ptr, out_size,
     else:
         at, c_step = out_ptr + crop.to(tl.int64) * 3 * plane + pixel, plane
     dtype = out_ptr.dtype.element_ty
-    tl.store(at, ((r - MEAN_R) / STD_R).to(dtype), mask=valid)
-    tl.store(at + c_step, ((g - MEAN_G) / STD_G).to(dtype), mask=valid)
-    tl.store(at + 2 * c_step, ((b - MEAN_B) / STD_B).to(dtype), mask=valid)
+    tl.store(at, _cast((r - MEAN_R) / STD_R, dtype), mask=valid)
+    tl.store(at + c_step, _cast((g - MEAN_G) / STD_G, dtype), mask=valid)
+    tl.store(at + 2 * c_step, _cast((b - MEAN_B) / STD_B, dtype), mask=valid)
 
 
 # ---------------------------------------------------------------------------------------------
