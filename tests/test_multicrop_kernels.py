@@ -37,7 +37,7 @@ from trex_fast.costcount import count_cost
 
 SPEC = MultiCropSpec(CropSpec(1, 64, (0.25, 1.0), blur_p=0.2, solarize_p=0.2),
                      CropSpec(8, 32, (0.05, 0.25), blur_p=0.5, solarize_p=0.0))
-PHOTO_SPEC = MultiCropSpec(SPEC.global_group, replace(SPEC.local_group, count=4))
+PHOTO_SPEC = MultiCropSpec(SPEC.global_group, replace(SPEC.local_group, count=2))
 
 
 # ---------------------------------------------------------------- parameters
@@ -212,10 +212,10 @@ def test_hardware_tf32_dots_compute_what_ieee_dots_do(monkeypatch):
     """The dot operands are rounded to tf32 in the kernels, so truncating them (the hardware)
     changes nothing: resize and blur, emulated, equal the interpreter's IEEE dots bit for bit."""
     group = SPEC.global_group
-    canvas, sizes = smooth_canvas([(70, 90), (40, 30), (64, 64)], seed=3)
+    canvas, sizes = smooth_canvas([(70, 90), (40, 30)], seed=3)
     table = _plain_table(len(sizes), sizes, group)
     OPS["blur"](table)
-    table[:, D.P_SIGMA] = torch.tensor([0.3, 1.1, 2.0])
+    table[:, D.P_SIGMA] = torch.tensor([0.4, 2.0])
     images, out = from_canvas(canvas, sizes), []
     for emulate in (False, True):
         if emulate:
@@ -241,8 +241,8 @@ def test_stage_on_a_photo_is_not_darker_than_spec(monkeypatch):
     """A real photo in six canvas sizes, bf16 output, the GPU's tf32 dots: neither crop group
     is darker or lighter than the spec on average (issue 22: it was by 0.17 and 0.27 of 255)."""
     emulate_hardware_tf32(monkeypatch)
-    canvas, sizes = _photo_canvas([(107, 160), (160, 120), (128, 128), (96, 144), (72, 54),
-                                   (48, 64)])
+    canvas, sizes = _photo_canvas([(80, 120), (120, 90), (96, 96), (72, 108), (54, 40),
+                                   (36, 48)])
     out = {}
     for impl in ("torch", "triton"):
         stage = G.GpuMultiCrop(PHOTO_SPEC, torch.device("cpu"), torch.bfloat16, True, seed=0,

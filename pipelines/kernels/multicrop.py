@@ -430,9 +430,15 @@ def _reflect(i, n):
 
 
 @triton.jit
+def _gauss(t, sigma):
+    """Un-normalised Gaussian taps at offsets t, tf32-rounded (as the dots read them)."""
+    return _tf32(tl.exp(-0.5 * (t / sigma) * (t / sigma)))
+
+
+@triton.jit
 def _blur_planes(band, x, DOT_PRECISION: tl.constexpr):
-    """band [BO, BH] @ x [BH, BH] @ band^T, every operand tf32-rounded (band already is)."""
-    rows = tl.dot(band, _tf32(x), input_precision=DOT_PRECISION)
+    """band [BO, BH] @ x [BH, BH] @ band^T; band and x come tf32-rounded, the rows are."""
+    rows = tl.dot(band, x, input_precision=DOT_PRECISION)
     return tl.dot(_tf32(rows), tl.trans(band), input_precision=DOT_PRECISION)
 
 
@@ -466,16 +472,16 @@ def _photometric_kernel(mid_ptr, params_ptr, partial_ptr, out_ptr, out_size,
         hx = _reflect((tile % TILES_X) * BO - RADIUS + h, out_size)
         r, g, b = _load_rgb(mid_ptr, crop, hy, hx, out_size)
         r, g, b = _colour(r, g, b, prm, mean_grey)
+        r, g, b = _tf32(r), _tf32(g), _tf32(b)  # dot operands
         sigma = tl.load(prm + _P_SIGMA)
         taps = (h - RADIUS).to(tl.float32)
-        norm = tl.sum(tl.where(h <= 2 * RADIUS, tl.exp(-0.5 * (taps / sigma) * (taps / sigma)),
-                               0.0), axis=0)
+        norm = tl.sum(tl.where(h <= 2 * RADIUS, _gauss(taps, sigma), 0.0), axis=0)
         d = (h[None, :] - tl.arange(0, BO)[:, None] - RADIUS).to(tl.float32)  # [BO, BH]
-        band = tl.where(tl.abs(d) <= RADIUS, tl.exp(-0.5 * (d / sigma) * (d / sigma)), 0.0)
-        band = _tf32(band / norm)
-        r = _blur_planes(band, r, DOT_PRECISION)
-        g = _blur_planes(band, g, DOT_PRECISION)
-        b = _blur_planes(band, b, DOT_PRECISION)
+        band = tl.where(tl.abs(d) <= RADIUS, _gauss(d, sigma), 0.0)
+        gain = 1.0 / (norm * norm)  # the taps the dots read sum to 1 after it: no bias
+        r = _blur_planes(band, r, DOT_PRECISION) * gain
+        g = _blur_planes(band, g, DOT_PRECISION) * gain
+        b = _blur_planes(band, b, DOT_PRECISION) * gain
     else:
         r, g, b = _load_rgb(mid_ptr, crop, tl.minimum(oy, out_size - 1),
                             tl.minimum(ox, out_size - 1), out_size)
