@@ -1,5 +1,6 @@
-"""GPU checks: the step on the device without host syncs, the fused kernel inside it, and the
-kernel at the production shape. Run by tools/gpu_check.sh (`pytest -m gpu`).
+"""GPU checks: the step on the device without host syncs, the fused kernel inside it, the
+kernel at the production shape, and the multi-crop stage in bf16 at a production batch. Run
+by tools/gpu_check.sh (`pytest -m gpu`).
 
 Every test runs on two devices: "cuda" carries the `gpu` marker (skipped without CUDA, at the
 sizes of a GPU run), "cpu" runs the same body at tiny sizes in CI (Triton in its interpreter),
@@ -9,6 +10,15 @@ shows on the CPU before a GPU window is spent on it.
 import pytest
 import torch
 
+from pipelines.gpu_multicrop import GpuMultiCrop
+from pipelines.spec import CropSpec, MultiCropSpec, multicrop_spec
+from tests._multicrop_check import (
+    MEAN_255,
+    assert_close_255,
+    assert_unbiased_255,
+    emulate_hardware_tf32,
+    smooth_canvas,
+)
 from tests.helpers import losses_by_impl, synthetic_batch
 from trex_fast.availability import resolve_precision
 from trex_fast.build import build_state
@@ -105,3 +115,34 @@ def test_kernel_matches_reference(device, n, c, d):
     assert (out["torch"][1] == out["triton"][1]).float().mean() > 0.995  # bf16 near-ties
     err = (out["torch"][2] - out["triton"][2]).abs().max() / out["torch"][2].abs().max()
     assert err < 3e-2
+
+
+# ---------------------------------------------------------------- the multi-crop stage in bf16
+MULTICROP = {  # per device: (images, canvas side, crop spec); cuda: a production batch
+    "cuda": (256, 500, multicrop_spec(make_config("trex", batch_size=256))),
+    "cpu": (3, 40, MultiCropSpec(CropSpec(1, 32, (0.25, 1.0), blur_p=0.5, solarize_p=0.5),
+                                 CropSpec(2, 16, (0.05, 0.25), blur_p=0.5, solarize_p=0.0))),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multicrop_stage_bf16_matches_torch_spec(device, monkeypatch):
+    """The Triton multi-crop stage against its torch spec, bf16 channels-last output, with the
+    CPU tests' bars (tests/_multicrop_check.py). On the CPU the GPU's tf32 dots are emulated."""
+    if device == "cpu":
+        emulate_hardware_tf32(monkeypatch)
+    batch, side, spec = MULTICROP[device]
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(side // 2, side + 1, (batch, 2), generator=g).tolist()
+    canvas, sizes = smooth_canvas([tuple(s) for s in sizes], seed=1, gray=(0,))
+    canvas, sizes = canvas.to(device), sizes.to(device)
+    labels = torch.arange(batch, device=device)
+    out = {impl: GpuMultiCrop(spec, torch.device(device), torch.bfloat16, True, seed=5,
+                              impl=impl)(canvas, sizes, labels, epoch=0, step=0)
+           for impl in ("torch", "triton")}
+    for name in ("global_crops", "local_crops"):
+        ours, ref = getattr(out["triton"], name), getattr(out["torch"], name)
+        assert ours.dtype == torch.bfloat16 and ours.is_contiguous(
+            memory_format=torch.channels_last)
+        assert_close_255(ours, ref, f"{device} {name}", mean_tol=MEAN_255[torch.bfloat16])
+        assert_unbiased_255(ours, ref, f"{device} {name}")
