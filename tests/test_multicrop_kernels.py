@@ -38,6 +38,7 @@ from trex_fast.costcount import count_cost
 SPEC = MultiCropSpec(CropSpec(1, 64, (0.25, 1.0), blur_p=0.2, solarize_p=0.2),
                      CropSpec(8, 32, (0.05, 0.25), blur_p=0.5, solarize_p=0.0))
 PHOTO_SPEC = MultiCropSpec(SPEC.global_group, replace(SPEC.local_group, count=2))
+PHOTO_SHAPES = [(80, 120), (120, 90), (96, 96), (72, 108), (54, 40), (36, 48)]  # (h, w)
 
 
 # ---------------------------------------------------------------- parameters
@@ -241,8 +242,7 @@ def test_stage_on_a_photo_is_not_darker_than_spec(monkeypatch):
     """A real photo in six canvas sizes, bf16 output, the GPU's tf32 dots: neither crop group
     is darker or lighter than the spec on average (issue 22: it was by 0.17 and 0.27 of 255)."""
     emulate_hardware_tf32(monkeypatch)
-    canvas, sizes = _photo_canvas([(80, 120), (120, 90), (96, 96), (72, 108), (54, 40),
-                                   (36, 48)])
+    canvas, sizes = _photo_canvas(PHOTO_SHAPES)
     out = {}
     for impl in ("torch", "triton"):
         stage = G.GpuMultiCrop(PHOTO_SPEC, torch.device("cpu"), torch.bfloat16, True, seed=0,
