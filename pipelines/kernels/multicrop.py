@@ -18,6 +18,13 @@ Three kernels per batch and crop group (global, local), launched by `multicrop_g
    blur (separable, reflect borders: the tile plus a halo of the blur radius, blurred by two
    products with the Gaussian band matrix), solarize, normalise, cast, channels-last store.
 
+Arithmetic (issue 22): on CUDA the products are tf32 dots, whose operands the tensor cores
+truncate to 10 mantissa bits; the interpreter (the CPU tests) computes them in fp32. Every dot
+operand is rounded to tf32 here first (`_tf32`, round to nearest even), so the truncation is
+exact and both compute the same, and every normaliser is the sum of the rounded weights. The
+bf16 output is rounded the same way (`_cast`): CUDA rounds fp32 -> bf16, the interpreter
+truncates. docs/PIPELINES.md has the bias this removed.
+
 Inputs never change; nothing synchronises with the host. pipelines/gpu_multicrop.py holds the
 plain-torch spec every kernel is tested against.
 """
@@ -521,6 +528,7 @@ def _group_consts(group: CropSpec, device: torch.device) -> torch.Tensor:
 
 
 def _dot_precision(device: torch.device) -> str:
+    """tf32 tensor cores on CUDA (exact: the operands are tf32-rounded), fp32 elsewhere."""
     return "tf32" if device.type == "cuda" else "ieee"
 
 
