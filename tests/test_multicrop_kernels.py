@@ -37,7 +37,8 @@ from trex_fast.costcount import count_cost
 
 SPEC = MultiCropSpec(CropSpec(1, 64, (0.25, 1.0), blur_p=0.2, solarize_p=0.2),
                      CropSpec(8, 32, (0.05, 0.25), blur_p=0.5, solarize_p=0.0))
-PHOTO_SPEC = MultiCropSpec(SPEC.global_group, replace(SPEC.local_group, count=2))
+PHOTO_SPEC = MultiCropSpec(replace(SPEC.global_group, size=32),  # small crops: a quick test
+                           replace(SPEC.local_group, count=2, size=16))
 PHOTO_SHAPES = [(80, 120), (120, 90), (96, 96), (72, 108), (54, 40), (36, 48)]  # (h, w)
 
 
