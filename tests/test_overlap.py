@@ -113,6 +113,27 @@ def test_prefix_copy_makes_one_contiguous_async_copy_and_no_slot_sized_host_buff
     assert copy.total_bytes == 3 * (60 + 60 + 90 + 60 + 27)
 
 
+def test_prefix_copy_waits_for_a_buffers_last_copy_before_refilling_it():
+    """On CUDA the copy out of a staging buffer may still run when the host comes back to it:
+    the buffer is refilled only after that copy's event (faked here) has been waited for."""
+    sizes = torch.tensor([[3, 2], [5, 4], [1, 7]], dtype=torch.int32)
+    first, second = _packed(sizes, 6, 8, seed=1), _packed(sizes, 6, 8, seed=2)
+    used = packed_prefix_bytes(sizes)
+    copy, waits = PinnedPrefixCopy("cpu"), []
+
+    class InFlight:
+        def synchronize(self):  # what the buffer holds when the host waits
+            waits.append(copy.staging[0][:3 * used].clone())
+
+    copy(first, used)
+    copy.copied[0] = InFlight()  # as if buffer 0's copy to the device had not finished
+    copy(second, used)  # buffer 1: nothing to wait for
+    assert waits == []
+    third = copy(second, used)  # buffer 0 again
+    assert len(waits) == 1 and torch.equal(waits[0].view(3, used), first[:, :used])
+    assert copy.copied[0] is None and torch.equal(third[:, :used], second[:, :used])
+
+
 def test_prefix_copy_rejects_a_prefix_past_the_row():
     with pytest.raises(ValueError, match="slot"):
         PinnedPrefixCopy("cpu")(torch.zeros(2, 10, dtype=torch.uint8), 11)
