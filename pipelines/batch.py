@@ -134,3 +134,4 @@ class LoaderSettings:
     device: torch.device
     dtype: torch.dtype
     channels_last: bool
+    stage_impl: str = "auto"  # the multi-crop stage: torch | triton | auto (see GpuMultiCrop)

@@ -261,7 +261,8 @@ class DaliTrainData:
         self.stage = None
         if self.photometric == "stage":
             self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
-                                      settings.channels_last, settings.seed, rank=settings.rank)
+                                      settings.channels_last, settings.seed, rank=settings.rank,
+                                      impl=settings.stage_impl)
 
     @property
     def canvas_shape(self) -> tuple[int, int, int]:

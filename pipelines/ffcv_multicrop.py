@@ -279,7 +279,8 @@ class FfcvTrainData:
         self.loader.traversal_order = EpochOrder(self.loader, self.sampler)
         self.loader.first_traversal_order = self.loader.next_traversal_order()
         self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
-                                  settings.channels_last, settings.seed, rank=settings.rank)
+                                  settings.channels_last, settings.seed, rank=settings.rank,
+                                  impl=settings.stage_impl)
 
     @property
     def steps_per_epoch(self) -> int:
