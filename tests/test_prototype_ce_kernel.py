@@ -261,7 +261,8 @@ def test_production_launch_fills_an_h100_with_wgmma_tiles():
     needs a warpgroup, M >= 64), and no class chunk is empty. Item 8 of issue 22: the grids
     fill whole waves of resident programs (2 forward programs per SM, 1 gradient program) or
     nearly: at N=2304 the forward was 288 programs at one per SM, 3 waves with the last 18%
-    full; now one wave that gives every SM work, and dL/dW one wave of one per SM."""
+    full; now one wave that gives every SM work, and dL/dz and dL/dW one wave of one per SM
+    each (dL/dz with class chunks of its own)."""
     blocks = prototype_ce._block_config(torch.bfloat16, 256, "cuda")
     assert blocks.block_n >= 64 and blocks.block_c >= 64
     assert blocks.num_warps in (4, 8) and blocks.grad_num_warps in (4, 8)
@@ -269,19 +270,23 @@ def test_production_launch_fills_an_h100_with_wgmma_tiles():
     for n, c in prototype_ce.PRODUCTION_SHAPES:
         plan = plan_launch(n, c, 256, blocks, sms=sms)
         for programs, resident in ((plan.row_blocks * plan.class_splits, blocks.programs_per_sm),
+                                   (plan.row_blocks * plan.grad_class_splits,
+                                    blocks.grad_programs_per_sm),
                                    (plan.class_blocks * plan.weight_grad_splits,
                                     blocks.grad_programs_per_sm)):
             slots = sms * resident
             waves = programs / slots
             assert math.ceil(waves) - waves <= 0.2 or waves > 2, (n, c, programs, slots)
-        assert plan.class_chunk % blocks.block_c == 0
-        last_chunk_start = (plan.class_splits - 1) * plan.class_chunk
-        assert last_chunk_start < c <= last_chunk_start + plan.class_chunk
+        for chunk, splits in ((plan.class_chunk, plan.class_splits),
+                              (plan.grad_class_chunk, plan.grad_class_splits)):
+            assert chunk % blocks.block_c == 0
+            assert (splits - 1) * chunk < c <= splits * chunk  # no empty chunk
     plan = plan_launch(2304, 1000, 256, blocks, sms=sms)
     assert sms <= plan.row_blocks * plan.class_splits <= sms * blocks.programs_per_sm
+    assert 0.8 * sms <= plan.row_blocks * plan.grad_class_splits <= sms  # dL/dz: 108
     assert 0.9 * sms <= plan.class_blocks * plan.weight_grad_splits <= sms
     big = plan_launch(16384, 21841, 256, blocks, sms=sms)  # fills the GPU unsplit: no partials
-    assert big.class_splits == big.weight_grad_splits == 1
+    assert big.class_splits == big.grad_class_splits == big.weight_grad_splits == 1
 
 
 def test_wave_splits_minimise_whole_waves():

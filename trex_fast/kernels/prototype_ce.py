@@ -14,8 +14,10 @@ step, not one per program). Norms come from the unrounded inputs, products accum
 
 Work split (issue 14, item 9). The forward tiles the rows of z by BLOCK_N and cuts the classes
 into contiguous chunks along a second grid axis, so that the production N = 2304 fills a
-132-SM GPU. Each program keeps, per row and over its chunk, a running max, a sum of
-exponentials (flash-attention style), the target logit and the first argmax; a merge kernel
+132-SM GPU; the split counts fill whole waves of the programs an SM holds at once, dL/dz
+with class chunks of its own (issue 22, item 8: `plan_launch`). Each program keeps, per row
+and over its chunk, a running max, a sum of exponentials (flash-attention style), the target
+logit and the first argmax; a merge kernel
 combines chunk s's (m_s, l_s): lse = M + log(sum_s l_s * exp(m_s - M)) with M = max_s m_s;
 argmax = the lowest index among the chunks that reach M; target = the sum over chunks (0 off
 the label's chunk). The backward recomputes the logit tiles: dL/dz per (row block, class chunk)
@@ -442,28 +444,42 @@ class LaunchPlan:
     block_d: int
     row_blocks: int  # ceil(N / block_n)
     class_blocks: int  # ceil(C / block_c)
-    class_chunk: int  # classes per chunk of the forward and dL/dz: a multiple of block_c
+    class_chunk: int  # classes per chunk of the forward: a multiple of block_c
     class_splits: int  # ceil(C / class_chunk): no empty chunk
     weight_grad_splits: int
+    grad_class_chunk: int  # the same for dL/dz, whose programs are fewer per SM
+    grad_class_splits: int
+
+
+def _class_chunking(requested: int | None, row_blocks: int, n_classes: int, block_c: int,
+                    slots: int | None) -> tuple[int, int]:
+    """(classes per chunk, chunks) of a grid of row_blocks x chunks programs."""
+    class_blocks = triton.cdiv(n_classes, block_c)
+    splits = _wave_splits(requested, row_blocks, class_blocks, slots)
+    chunk = triton.cdiv(class_blocks, splits) * block_c
+    return chunk, triton.cdiv(n_classes, chunk)
 
 
 @functools.lru_cache(maxsize=64)  # called once per step at a handful of shapes
 def plan_launch(n: int, n_classes: int, dim: int, blocks: BlockConfig,
                 sms: int | None) -> LaunchPlan:
     """sms: streaming multiprocessors of the GPU (None on CPU). The forward's class splits
-    fill waves of sms x blocks.programs_per_sm programs (dL/dz runs the same grid), those of
-    dL/dW waves of sms x blocks.grad_programs_per_sm."""
+    fill waves of sms x blocks.programs_per_sm programs, those of dL/dz and dL/dW waves of
+    sms x blocks.grad_programs_per_sm; blocks.class_splits, if set, is taken by both."""
     row_blocks = triton.cdiv(n, blocks.block_n)
     class_blocks = triton.cdiv(n_classes, blocks.block_c)
     slots = None if sms is None else sms * blocks.programs_per_sm
     grad_slots = None if sms is None else sms * blocks.grad_programs_per_sm
-    splits = _wave_splits(blocks.class_splits, row_blocks, class_blocks, slots)
-    chunk = triton.cdiv(class_blocks, splits) * blocks.block_c
+    chunk, splits = _class_chunking(blocks.class_splits, row_blocks, n_classes, blocks.block_c,
+                                    slots)
+    grad_chunk, grad_splits = _class_chunking(blocks.class_splits, row_blocks, n_classes,
+                                              blocks.block_c, grad_slots)
     return LaunchPlan(
         blocks=blocks, block_d=_block_d(dim), row_blocks=row_blocks, class_blocks=class_blocks,
-        class_chunk=chunk, class_splits=triton.cdiv(n_classes, chunk),
+        class_chunk=chunk, class_splits=splits,
         weight_grad_splits=_wave_splits(blocks.weight_grad_splits, class_blocks, row_blocks,
-                                        grad_slots))
+                                        grad_slots),
+        grad_class_chunk=grad_chunk, grad_class_splits=grad_splits)
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -556,13 +572,13 @@ def _grad_z(ops: _Operands, grad_loss: torch.Tensor) -> torch.Tensor:
     """dL/dz [N, D] in z's dtype; grad_loss: [1] fp32 upstream gradient of the mean loss."""
     n, dim = ops.z.shape
     plan = ops.plan
-    partial = torch.empty((plan.class_splits, n, plan.block_d), device=ops.z.device,
+    partial = torch.empty((plan.grad_class_splits, n, plan.block_d), device=ops.z.device,
                           dtype=torch.float32)
-    radial = torch.empty((plan.class_splits, n), device=ops.z.device, dtype=torch.float32)
-    _grad_z_partial_kernel[(plan.row_blocks, plan.class_splits)](
+    radial = torch.empty((plan.grad_class_splits, n), device=ops.z.device, dtype=torch.float32)
+    _grad_z_partial_kernel[(plan.row_blocks, plan.grad_class_splits)](
         ops.z_op, ops.w_op, ops.z_norm, ops.w_norm, ops.labels, ops.lse, partial, radial,
-        n, ops.weight.shape[0], dim, ops.z_op.stride(0), ops.w_op.stride(0), plan.class_chunk,
-        ops.inv_tau, NORM_EPS,
+        n, ops.weight.shape[0], dim, ops.z_op.stride(0), ops.w_op.stride(0),
+        plan.grad_class_chunk, ops.inv_tau, NORM_EPS,
         **ops.meta(plan.blocks.grad_num_warps, plan.blocks.grad_num_stages),
     )
     return _finish_grad(ops.z, ops.z_norm, partial, radial, grad_loss, ops.inv_tau, n)
@@ -712,14 +728,15 @@ def _aot_variant(n: int, c: int, tag: str, z_dtype: torch.dtype, w_dtype: torch.
         f"prototype_ce_merge[{tag}]", _merge_kernel, pointers,
         dict(n_rows=n, n_splits=plan.class_splits), dict(BLOCK_R=1024), production))
     kernels.append(_aot_kernel(
-        f"prototype_ce_grad_z[{tag}]", _grad_z_partial_kernel, pointers, ints, tiled,
+        f"prototype_ce_grad_z[{tag}]", _grad_z_partial_kernel, pointers,
+        dict(ints, chunk=plan.grad_class_chunk), tiled,
         production, num_warps=blocks.grad_num_warps, num_stages=blocks.grad_num_stages,
         has_dot=True))
     kernels.append(_aot_kernel(
         f"prototype_ce_grad_w[{tag}]", _grad_w_partial_kernel, pointers, ints, tiled,
         production, num_warps=blocks.grad_num_warps, num_stages=blocks.grad_num_stages,
         has_dot=True))
-    for what, x_dtype, rows, splits in (("z", z_dtype, n, plan.class_splits),
+    for what, x_dtype, rows, splits in (("z", z_dtype, n, plan.grad_class_splits),
                                         ("w", w_dtype, c, plan.weight_grad_splits)):
         kernels.append(_aot_kernel(
             f"prototype_ce_grad_finish_{what}[{tag}]", _grad_finish_kernel,
