@@ -240,6 +240,19 @@ def test_class_splits_match_one_split(splits):
     assert_matches(many, reference64(z, weight, labels), torch.float32)
 
 
+def test_grad_z_with_other_class_chunks_than_the_forward(monkeypatch):
+    """Issue 22, item 8: dL/dz has class chunks of its own (sized for its fewer programs per
+    SM). With 3 SMs, 4 forward and 1 gradient program per SM, 45 rows x 70 classes in 16-wide
+    tiles split 3 ways in the forward and not at all in dL/dz; the result is the reference's."""
+    monkeypatch.setattr(prototype_ce, "_sm_count", lambda device: 3)
+    blocks = BlockConfig(16, 16, programs_per_sm=4, grad_programs_per_sm=1)
+    plan = plan_launch(45, 70, 37, blocks, sms=3)
+    assert (plan.class_splits, plan.grad_class_splits) == (3, 1)
+    z, weight, labels = make_inputs(45, 70, 37, torch.float32, seed=15, zero_classes=(9,))
+    out = run_kernel(z, weight, labels, blocks=blocks)
+    assert_matches(out, reference64(z, weight, labels), torch.float32)
+
+
 def test_class_splits_keep_the_first_index_of_a_tie():
     """Classes 3 and 40 have the same prototype, in different chunks (32-class chunks with 3
     splits). Rows near that prototype have both as their top logit, so torch's argmax (the
