@@ -103,3 +103,38 @@ def test_main_exits_with_the_code_that_says_how_the_run_ended(monkeypatch, capsy
     assert caught.value.code == code
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], lines
+
+
+# The smallest training run with a loader worker: 16 images, 4 steps, 1 epoch.
+TINY_RUN = ["--preset=demo", "--arch=resnet18", "--batch_size=4", "--global_size=32",
+            "--local_size=16", "--local_crops=1", "--memory_size=16", "--pr_hidden_dim=16",
+            "--pr_bottleneck_dim=8", "--epochs=1", "--warmup_epochs=0", "--device=cpu",
+            "--channels_last=False", "--num_workers=1", "--log_every=1"]
+
+
+def test_a_training_run_with_workers_ends_after_success_and_after_an_error(data, tmp_path):
+    """The one end-to-end run of issue #26, both cases at once: a run that finishes and one
+    whose loss becomes non-finite (with its worker live) both exit, with their codes."""
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    ok.mkdir()
+    stale = ok / ".checkpoint.pt.999999999.tmp"  # a killed writer's (no such pid)
+    stale.write_bytes(b"cut")
+    runs = {name: subprocess.Popen(
+        [sys.executable, "-m", "trex_fast.train", *TINY_RUN, f"--data={data}",
+         f"--output_dir={out}", *extra], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+        for name, out, extra in (("ok", ok, []), ("bad", bad, ["--lr=1e30"]))}
+    start = time.monotonic()
+    ended = {name: (*proc.communicate(timeout=300), proc.returncode)
+             for name, proc in runs.items()}
+    assert time.monotonic() - start < 300  # each hung forever before issue #26
+    out, err, code = ended["ok"]
+    assert code == 0 and "done: val top-1" in out, err
+    assert f"removed {stale}" in out and not stale.exists()
+    assert (ok / "run.lock").read_text() == ""  # released
+    out, err, code = ended["bad"]
+    assert code == 1, err
+    last = err.strip().splitlines()[-1]  # the lines before it: the progress bar's
+    assert last.startswith("trex_fast.train: error: the training loss became non-finite"), err
+    assert "Traceback" not in err and "there is no checkpoint yet" in last
+    assert not (bad / "checkpoint.pt").exists()
