@@ -257,9 +257,11 @@ def _exit(message: str, code: int):
     sys.exit(code)
 
 
+EXIT_CODES = ("Exit codes: 0 done; 2 a user's error; 1 a failed run; 128 + the signal when "
+              "SIGTERM/SIGINT stopped it (saved after one signal, not after a second).")
+
+
 def main(**flags) -> None:
-    """Exit codes: 0 done, 2 a user's error, 1 a failed run, 128 + signal when a signal
-    stopped it (saved after one signal, not after a second)."""
     try:
         cfg = make_config(**flags)
     except ConfigError as e:
@@ -287,6 +289,8 @@ main.__doc__ = f"""Train t-ReX / t-ReX* (RECIPE.md); with no flags, the CPU demo
 
 Flags (a flag given explicitly overrides the preset's value):
 {help_text()}
+
+{EXIT_CODES}
 """
 
 
