@@ -105,7 +105,8 @@ def test_the_total_holds_every_second_and_the_window_holds_a_rerun(tmp_path):
     total = setup + sum(limits.values()) + per_stage * len(limits)
     assert total <= BUDGET and MACHINE_START + BUDGET + RERUN_BUDGET <= WINDOW - 40
     constants = dict(re.findall(r"\b([A-Z_]+)=(\d+)\b", source))
-    assert setup >= int(constants["PROBE_LIMIT"]) + int(constants["NVSMI_LIMIT"]) + per_stage
+    assert setup >= (int(constants["PROBE_LIMIT"]) + int(constants["NVSMI_LIMIT"])
+                     + int(constants["KILL_GRACE"]) + 2 * int(constants["PACK_LIMIT"]))
     assert per_stage == int(constants["KILL_GRACE"]) + int(constants["PACK_LIMIT"])
     assert 'timeout -k "$KILL_GRACE" "$probe_limit" "$PY" -m trex_fast.env' in source
     assert "REST_STAGE" not in source  # no stage may outgrow its planned limit

@@ -15,8 +15,9 @@
 # on a fresh machine, name triton_prewarm in it too (the Triton cache is gone).
 # Every second the script can spend is inside the total that --plan prints:
 #     total = setup + sum over stages of (limit + KILL_GRACE + PACK_LIMIT)
-#     setup = NVSMI_LIMIT + PROBE_LIMIT + KILL_GRACE + PACK_LIMIT + SLACK (the env probe, its
-#             pack, and bash's own work: mktemp, git rev-parse, the pytest probe)
+#     setup = NVSMI_LIMIT + PROBE_LIMIT + KILL_GRACE + 2 * PACK_LIMIT + SLACK (the env probe,
+#             the packs after it and at the end, and bash's own work: mktemp, git rev-parse,
+#             the pytest probe)
 # where KILL_GRACE is how long `timeout` waits after its TERM before it KILLs, and PACK_LIMIT
 # bounds the summary and the tar written after every stage (half each, under `timeout`). The script refuses a plan whose
 # total exceeds BUDGET (RERUN_BUDGET for a rerun).
@@ -67,13 +68,14 @@ if [ "$SIZES" = dry ]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1
   STEP_SIZE="--arch=resnet18 --global_size=32 --local_size=16 --local_crops=2 --precision=fp32"
   STEP_SIZE="$STEP_SIZE --num_classes=10"
-  STEPS="--steps=1 --warmup=1" COMPILE_STEPS="--steps=1 --warmup=1"
+  # One step each, no warm-up: the dry run checks commands, limits and records, not speed.
+  STEPS="--steps=1 --warmup=0" COMPILE_STEPS="--steps=1 --warmup=0"
   # A cold inductor compile takes minutes on 2 cores: the dry run's compile stage traces with
   # Dynamo (its graphs are counted, and none is an error) and runs the graphs eagerly.
   COMPILE_BACKEND="--compile_backend=eager"
   KERNEL_SIZE="--n=40,17 --c=9 --d=37 --dtype=fp32 --impls=torch,triton"
-  KERNEL_ITERS="--iters=1 --warmup=1"
-  CROP_SIZE="--preset=demo --max_resolution=64" CROP_STEPS="--steps=1 --warmup=1"
+  KERNEL_ITERS="--iters=1 --warmup=0"
+  CROP_SIZE="--preset=demo --max_resolution=64" CROP_STEPS="--steps=1 --warmup=0"
   TESTS=tests/test_gpu.py  # all of tests/ takes ~40 s to collect here; gpu tests skip on CPU
 else
   DEV=cuda BIG=256 SMALL=64
@@ -247,7 +249,7 @@ prewarm() {
 plan
 if [ "$MODE" = prewarm ]; then prewarm; exit $?; fi
 per_stage=$((KILL_GRACE + PACK_LIMIT))
-setup=$((NVSMI_LIMIT + PROBE_LIMIT + per_stage + SLACK))
+setup=$((NVSMI_LIMIT + PROBE_LIMIT + KILL_GRACE + 2 * PACK_LIMIT + SLACK))
 total=$setup limit_sum=0 budget=$BUDGET
 [ -n "$ONLY" ] && budget=$RERUN_BUDGET
 for i in "${!NAMES[@]}"; do
@@ -299,5 +301,6 @@ pack
 
 PHASE=run
 plan
+pack  # the stages.txt lines of skipped stages after the last one that ran
 echo "=== done in $((SECONDS - START))s, exit $status; $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $status
