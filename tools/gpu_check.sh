@@ -6,6 +6,7 @@
 #   bash tools/gpu_check.sh            the GPU run: stages in order of value, all within 480 s
 #   bash tools/gpu_check.sh --dry-run  every stage on the CPU at tiny sizes (CI), same files
 #   bash tools/gpu_check.sh --plan     the GPU run's stages, limits and total; runs nothing
+#   (bash tools/gpu_check.sh --prewarm=gpu|dry is the first stage's own command)
 #
 # The budget (issue #22, item 3). A GPU window is 15 min = 900 s of device time, and it must
 # hold the machine's start, this run and one rerun of the stages that timed out:
@@ -214,7 +215,9 @@ on_signal() {  # the window is closing: stop the running stage, keep what it wro
 
 # ---- the pre-warm (bash tools/gpu_check.sh --prewarm=gpu|dry, the first stage's command) --
 # Each Triton-launching stage's command, one step each, in parallel processes up to nproc; the
-# two training steps one after the other (two ResNet-50 states would share the GPU's memory).
+# two training steps one after the other (two ResNet-50 states would share the GPU's memory;
+# the other jobs hold a few GB each: the kernel's eager baselines at 16384 x 21841, the
+# multi-crop stage at batch 256, the gpu tests' ResNet-18 at batch 32).
 # Under the first stage's time limit: `timeout` ends this whole process group.
 prewarm_job() {  # prewarm_job NAME CMD...: one job's script, its output kept for the log
   [[ " $PREWARM_STAGES " == *" $1 "* ]] && selected "$1" || return 0
