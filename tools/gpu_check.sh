@@ -20,8 +20,8 @@
 #             the packs after it and at the end, and bash's own work: mktemp, git rev-parse,
 #             the pytest probe)
 # where KILL_GRACE is how long `timeout` waits after its TERM before it KILLs, and PACK_LIMIT
-# bounds the summary and the tar written after every stage (half each, under `timeout`). The script refuses a plan whose
-# total exceeds BUDGET (RERUN_BUDGET for a rerun).
+# bounds the summary and the tar written after every stage (half each, under `timeout`). The
+# script refuses a plan whose total exceeds BUDGET (RERUN_BUDGET for a rerun).
 #
 # Writes three files to $OUT (./bench_out when unset), rewritten after every stage so that a
 # run cut short keeps what it measured:
@@ -109,11 +109,12 @@ HAS_PYTEST=false; "$PY" -c "import pytest" >/dev/null 2>&1 && HAS_PYTEST=true
 # collection and run. With the cache warm, each later limit is its run time plus margin:
 # imports and state ~10 s, then the timed steps (ResNet-50 t-ReX at batch 256: ~25 steps of
 # ~0.1-0.3 s), the kernel's eager baselines at 16384 x 21841 and two inductor compiles of the
-# loss (not pre-warmed: inductor caches its own), nvJPEG's input encoded on the CPU, and
-# pytest collecting tests/. The compile stage stays cold on purpose (a ResNet-50 train step
-# through inductor takes more than 90 s with TORCHINDUCTOR_COMPILE_THREADS=nproc). aot_check
-# is not here: it needs no GPU, and CI runs it. These are estimates until a GPU run has timed
-# each stage; stages.txt records the seconds each one took.
+# loss (warm too: the pre-warm ran them, and inductor keeps its graphs and kernels on disk),
+# nvJPEG's input encoded on the CPU, and pytest collecting tests/. The compile stage stays
+# cold on purpose (a ResNet-50 train step through inductor takes more than 90 s with
+# TORCHINDUCTOR_COMPILE_THREADS=nproc). aot_check is not here: it needs no GPU, and CI runs
+# it. These are estimates until a GPU run has timed each stage; stages.txt records the
+# seconds each one took.
 PREWARM_STAGES="bench_step_bs256 bench_kernel bench_gpu_stage_triton bench_gpu_stage_nvjpeg"
 PREWARM_STAGES="$PREWARM_STAGES gpu_tests bench_step_bs64"
 plan() {  # in order of value: a run cut short has measured what matters most
