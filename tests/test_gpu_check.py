@@ -196,6 +196,10 @@ def test_dry_run_as_on_the_gpu_image_runs_every_stage_prewarmed(tmp_path):
     assert f"## Stages ({len(ORDER)} of {len(ORDER)} recorded, none failed)" in summary
     assert "## Multi-crop stage" in summary and "## Projection" in summary
 
+    prewarm_log = members["logs/triton_prewarm.log"].decode()
+    jobs, width = re.search(r"pre-warm: (\d+) jobs, at most (\d+) at once, 0 failed",
+                            prewarm_log).groups()
+    assert int(jobs) == 5 and int(width) == len(os.sched_getaffinity(0))  # nproc, in parallel
     launches = _launches(launch_log)
     prewarmed = launches.pop("triton_prewarm")
     assert {"bench_step_bs256", "bench_kernel", "bench_gpu_stage_triton",

@@ -62,6 +62,8 @@ ONLY=${GPU_CHECK_ONLY:-}
 START=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ "$MODE" = prewarm ] || SIZES=$MODE
+# The machine's cores: GNU nproc would report OMP_NUM_THREADS instead (1 in the dry run).
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 if [ "$SIZES" = dry ]; then
   DEV=cpu BIG=4 SMALL=2
   # One thread per process: on a 2-core box shared with other jobs, OpenMP's spinning made a
@@ -80,7 +82,7 @@ if [ "$SIZES" = dry ]; then
   TESTS=tests/test_gpu.py  # all of tests/ takes ~40 s to collect here; gpu tests skip on CPU
 else
   DEV=cuda BIG=256 SMALL=64
-  export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
+  export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$CORES}
   STEP_SIZE="--arch=resnet50 --precision=bf16"
   STEPS="--steps=20 --warmup=5" COMPILE_STEPS="--steps=10 --warmup=3"
   COMPILE_BACKEND=""
@@ -233,7 +235,7 @@ prewarm() {
   trap 'rm -rf "$PW"' EXIT
   PHASE=prewarm
   plan
-  local width; width=$(nproc); local jobs=0 failed=0 script
+  local width=$CORES jobs=0 failed=0 script
   for script in "$PW"/*.sh; do
     if [ "$jobs" -ge "$width" ]; then wait -n || failed=$((failed + 1)); jobs=$((jobs - 1)); fi
     { echo "rc=0"; cat "$script"; echo 'exit $rc'; } > "$script.run"
