@@ -127,7 +127,8 @@ plan() {  # in order of value: a run cut short has measured what matters most
   stage bench_gpu_stage_torch 15 $CROPS --impl=torch
   stage bench_gpu_stage_nvjpeg 25 $CROPS --decode=gpu --impl=triton  # nvJPEG batch + stage
   if $HAS_PYTEST; then
-    stage gpu_tests 40 $PY -m pytest -q -m gpu $TESTS -p no:cacheprovider
+    stage gpu_tests 40 $PY -m pytest -q -m gpu $TESTS -p no:cacheprovider \
+      --continue-on-collection-errors  # a module that needs numba does not stop the gpu tests
   else
     skip gpu_tests 40 "pytest is not installed"
   fi
