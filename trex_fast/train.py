@@ -23,7 +23,7 @@ from trex_fast.config import FIELDS, Config, ConfigError, help_text, make_config
 from trex_fast.loop import CheckpointClock, EpochTotals, StopSignal, train_one_epoch
 from trex_fast.model import backbone_state_dict
 from trex_fast.plan import RunPlan, plan_run
-from trex_fast.safe_load import UnsafeFileError
+from trex_fast.safe_load import BadFileError
 from trex_fast.step import TrainState
 from trex_fast.validation import evaluate
 
@@ -224,7 +224,7 @@ def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict)
 # CLI (fire)
 # ---------------------------------------------------------------------------------------------
 # A user's errors: one line `trex_fast.train: error: ...`, no traceback (issue #15).
-USER_ERRORS = (UnsafeFileError, ckpt_lib.ResumeError, ckpt_lib.NotACheckpointError,
+USER_ERRORS = (BadFileError, ckpt_lib.ResumeError, ckpt_lib.NotACheckpointError,
                FileNotFoundError, availability.UnavailableError)
 
 
