@@ -7,6 +7,7 @@ worker processes or killing the converter.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import os
@@ -104,7 +105,7 @@ def test_order_and_labels_match_torchvision_imagefolder(tree):
     from torchvision.datasets import ImageFolder
 
     def listed(split, **kw):
-        plan = scan(make_options(src=str(tree), dst=str(tree / "unused"), **kw))
+        plan = scan(make_options(src=str(tree), dst=str(tree.parent / "unused"), **kw))
         return [(s.path, s.label) for s in plan.splits[split].samples], plan
 
     for split in ("train", "val"):
@@ -501,3 +502,79 @@ def test_chunk_files_unpickle_only_their_own_records(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         list(work.iter_records([chunk]))
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #26: a destination inside the source, real differences, empty classes, file system
+# errors, the .beton pages in the space estimate
+# ---------------------------------------------------------------------------------------------
+def _clean_class(tree: Path, tmp_path: Path) -> dict:
+    classes = tmp_path / "classes.txt"
+    classes.write_text(WNIDS[1] + "\n")
+    return {"classes": str(classes)}
+
+
+@pytest.mark.parametrize("inside", [".", "train", f"train/{WNIDS[0]}/out", "val/x"])
+def test_dst_inside_src_is_refused(tree, inside):
+    with pytest.raises(ConvertError, match="--dst=.* is inside --src=.*outside --src"):
+        make_options(src=str(tree), dst=str(tree / inside))
+
+
+def test_a_refused_rerun_names_only_real_differences(tree, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tree / "train" / WNIDS[1], src / "train" / WNIDS[1])
+    kw = {**_clean_class(tree, tmp_path), "splits": "train"}
+    _run(src, tmp_path / "o", **kw)
+    with pytest.raises(ConvertError) as changed:
+        _run(src, tmp_path / "o", **kw, jpeg_quality=80)
+    assert "jpeg_quality: 90 -> 80" in str(changed.value)
+    assert "formats" not in str(changed.value) and "splits" not in str(changed.value)
+    first = next((src / "train" / WNIDS[1]).iterdir())
+    shutil.copy(first, first.with_name("extra.JPEG"))  # same options, one more source file
+    with pytest.raises(ConvertError, match="made from other source files; choose another"):
+        _run(src, tmp_path / "o", **kw)
+
+
+@pytest.mark.parametrize("content", [None, "notes.txt"])
+def test_an_empty_class_folder_is_refused_as_imagefolder_does(tree, tmp_path, content):
+    src = tmp_path / "src"
+    shutil.copytree(tree, src, ignore=shutil.ignore_patterns("bad_noperm.JPEG"))
+    (src / "train" / "n99999999").mkdir()
+    if content:
+        (src / "train" / "n99999999" / content).write_text("no image")
+    with pytest.raises(ConvertError, match=r"train: 1 class folder\(s\) hold no image file "
+                                           r"\(n99999999;.*ImageFolder refuses"):
+        scan(make_options(src=str(src), dst=str(tmp_path / "o")))
+
+
+@pytest.mark.parametrize("code, words", [(errno.EROFS, "Read-only file system"),
+                                         (errno.ENOSPC, "No space left on device")])
+def test_a_read_only_or_full_dst_is_one_line_naming_the_path(tree, tmp_path, monkeypatch,
+                                                             code, words):
+    dst = tmp_path / "o"
+
+    def failing_write(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(convert_mod, "write_beton", failing_write)
+    with pytest.raises(ConvertError) as e:
+        _run(tree, dst, **_clean_class(tree, tmp_path))
+    message = str(e.value)
+    assert "\n" not in message and words in message
+    assert str(dst / "train.beton.partial") in message and "rerun the same command" in message
+
+
+def test_the_space_estimate_counts_beton_pages(converted):
+    opts, meta, _ = converted
+    outputs = Path(opts.dst)
+    written = sum(p.stat().st_size for p in outputs.rglob("*") if p.is_file())
+    estimate = convert_mod.estimate_bytes(opts, scan(opts), ["train", "val"])
+    assert written <= estimate <= 1.5 * written  # two 8 MiB pages per .beton dominate here
+    for split in ("train", "val"):
+        data = (outputs / f"{split}.beton").read_bytes()
+        header = np.frombuffer(data[:beton_layout.HEADER_TYPE.itemsize], beton_layout.HEADER_TYPE)
+        table = np.frombuffer(data[int(header["alloc_table_ptr"][0]):],
+                              beton_layout.ALLOC_TABLE_TYPE)
+        page_size = int(header["page_size"][0])
+        predicted = beton_layout.beton_size(len(table), table["size"].mean(), page_size)
+        assert len(data) <= predicted <= len(data) + page_size

@@ -49,6 +49,23 @@ def _align(offset: int, page_size: int) -> int:
     return -(-offset // page_size) * page_size
 
 
+def _head_bytes(num_samples: int) -> int:
+    """Header, field descriptors and per-sample metadata (before the padding to a page)."""
+    return (HEADER_TYPE.itemsize + len(FIELD_NAMES) * FIELD_DESC_TYPE.itemsize
+            + num_samples * METADATA_TYPE.itemsize)
+
+
+def beton_size(num_samples: int, mean_sample: float, page_size: int) -> int:
+    """The size of a .beton of `num_samples` samples of `mean_sample` bytes on average, as
+    write_beton lays it out: the head padded to a page, whole pages (a sample that does not fit
+    starts a new page, so a page loses up to one sample: counted as one mean sample), and the
+    allocation table. A small split still takes two full pages (16 MiB at the default)."""
+    mean_sample = min(max(mean_sample, 1.0), page_size / 2)
+    pages = max(1, -(-int(num_samples * mean_sample) // int(page_size - mean_sample)))
+    return (_align(_head_bytes(num_samples), page_size) + pages * page_size
+            + num_samples * ALLOC_TABLE_TYPE.itemsize)
+
+
 def _header_parts(num_samples: int, page_size: int):
     header = np.zeros(1, dtype=HEADER_TYPE)
     header["version"] = FFCV_VERSION
@@ -67,7 +84,7 @@ def write_beton(path: Path, samples: Iterable[tuple[int, Encoded]], num_samples:
     """Write `num_samples` (label, Encoded) pairs to `path` (the caller renames it into place)."""
     header, descriptors, metadata = _header_parts(num_samples, page_size)
     image_meta, labels = metadata["f0"], metadata["f1"]  # numpy names the unnamed fields f0, f1
-    data_start = _align(header.nbytes + descriptors.nbytes + metadata.nbytes, page_size)
+    data_start = _align(_head_bytes(num_samples), page_size)
     allocations = []
     page, used, page_index = bytearray(page_size), 0, -1
     with open(path, "wb") as f:
