@@ -43,6 +43,7 @@ from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 
 from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch
+from pipelines.convert.beton import check_beton
 from pipelines.device_images import DeviceImages, from_packed
 from pipelines.gpu_decode import decode_images
 from pipelines.gpu_multicrop import GpuMultiCrop, normalize, val_resize_center_crop
@@ -198,6 +199,7 @@ def _check_beton(path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r}: no such .beton file (make one with "
                                 "tools/convert_in1k.py)")
+    check_beton(path)  # a cut file is named here, not deep inside FFCV's reader
 
 
 def _check_decode(decode: str) -> None:

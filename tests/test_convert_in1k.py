@@ -30,8 +30,10 @@ from pipelines.convert import convert as convert_mod
 from pipelines.convert import images
 from pipelines.convert.convert import convert
 from pipelines.convert.options import ConvertError, make_options
+from pipelines.convert.shards import check_shard
 from pipelines.convert.sources import scan
 from pipelines.convert.verify import verify
+from pipelines.errors import BadFileError
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_in1k.py"
 MAX_RES = 128
@@ -578,3 +580,53 @@ def test_the_space_estimate_counts_beton_pages(converted):
         page_size = int(header["page_size"][0])
         predicted = beton_layout.beton_size(len(table), table["size"].mean(), page_size)
         assert len(data) <= predicted <= len(data) + page_size
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #26: a cut .beton, a cut shard and a broken meta.json are named before any loader runs
+# ---------------------------------------------------------------------------------------------
+def _cut_copy(path: Path, keep: int, out: Path) -> Path:
+    out.write_bytes(path.read_bytes()[:keep])
+    return out
+
+
+def test_a_truncated_beton_is_named_before_the_loader(converted, tmp_path):
+    opts, _, _ = converted
+    whole = Path(opts.dst) / "train.beton"
+    beton_layout.check_beton(str(whole))  # the whole file passes
+    size = whole.stat().st_size
+    for keep, says in [(10, "shorter than the FFCV header"), (size // 2, "allocation table at"),
+                       (size - 24, "truncated or damaged"), (size - 7, "allocation table at")]:
+        cut = _cut_copy(whole, keep, tmp_path / f"cut_{keep}.beton")
+        with pytest.raises(BadFileError, match=f"^{cut}: .*{says}"):
+            beton_layout.check_beton(str(cut))
+    notes = tmp_path / "notes.beton"
+    notes.write_bytes(b"x" * 100)
+    with pytest.raises(BadFileError, match="not an FFCV .beton"):
+        beton_layout.check_beton(str(notes))
+
+
+def test_a_truncated_dali_shard_is_named(converted, tmp_path):
+    opts, _, _ = converted
+    tar = Path(opts.dst) / "dali" / "train" / "shard-000000.tar"
+    index = tar.with_suffix(".idx")
+    check_shard(str(tar), str(index))
+    cut = _cut_copy(tar, tar.stat().st_size // 2, tmp_path / tar.name)
+    with pytest.raises(BadFileError, match=f"^{cut}: truncated: .* its index {index} puts"):
+        check_shard(str(cut), str(index))
+
+
+def test_an_invalid_meta_json_is_named_in_one_line(converted, tmp_path):
+    from trex_fast.data import count_classes
+
+    opts, _, _ = converted
+    dst = tmp_path / "o"
+    shutil.copytree(opts.dst, dst)
+    for text, says in [('{"classes": [', "not valid JSON"),
+                       ("[1, 2]", "expected the converter's JSON object, found list")]:
+        (dst / "meta.json").write_text(text)
+        for read in (lambda: count_classes(str(dst), "ffcv"),
+                     lambda: _run(Path(opts.src), dst)):
+            with pytest.raises(BadFileError, match=f"^{dst / 'meta.json'}: {says}") as e:
+                read()
+            assert "\n" not in str(e.value)

@@ -11,6 +11,7 @@ from pathlib import Path
 from torchvision.datasets.folder import find_classes
 
 from pipelines.convert.report import load_meta
+from pipelines.errors import BadFileError
 from pipelines.reference import ReferenceTrainData, ReferenceValData
 from pipelines.spec import multicrop_spec
 from trex_fast import demo_data
@@ -46,7 +47,8 @@ def count_classes(root: str, pipeline: str) -> int:
                                 "data converted by tools/convert_in1k.py, which writes it last")
     classes = load_meta(Path(root)).get("classes")
     if not classes:
-        raise ValueError(f"{root}/meta.json lists no classes; rerun tools/convert_in1k.py")
+        raise BadFileError(f"{os.path.join(root, 'meta.json')}: lists no classes; rerun "
+                           "tools/convert_in1k.py")
     return len(classes)
 
 

@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from pipelines.errors import BadFileError
+
 # The authors' t-ReX release: the ResNet-50 files are plain state_dicts (no global beyond
 # torch's own); the full checkpoints are {"model", "optimizer", "epoch", "args",
 # "fp16_scaler"?} where args is the training script's argparse.Namespace, whose values are
@@ -29,11 +31,6 @@ RELEASE_GLOBALS: tuple = (argparse.Namespace,)
 
 _TRUST_HINT = ("if you trust this file, --trust_file=True loads it with full pickle (which can "
                "run code)")
-
-
-class BadFileError(ValueError):
-    """A file trex_fast cannot use (refused, unreadable, of another model); its message is one
-    line that names the file and what is wrong with it."""
 
 
 class UnsafeFileError(BadFileError):
