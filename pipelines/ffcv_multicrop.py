@@ -63,7 +63,10 @@ def _per_sample(previous_state: State, n: int, dtype: str) -> tuple[State, Alloc
 
 
 class CanvasDecoder(Operation):
-    """JPEG/raw -> a packed uint8 slot of Hmax*Wmax*3 bytes per image, decoded once."""
+    """JPEG/raw -> a packed uint8 slot of Hmax*Wmax*3 bytes per image, decoded once, plus one
+    status byte at the end of the slot: 1 where libjpeg-turbo failed (a corrupt or truncated
+    JPEG: the slot then holds stale or partial pixels), 0 otherwise. The host reads it with
+    the batch (replace_corrupt): no device sync, no per-sample Python unless one failed."""
 
     def __init__(self, max_size: tuple[int, int] | None = None):
         super().__init__()
@@ -72,7 +75,7 @@ class CanvasDecoder(Operation):
     def declare_state_and_memory(self, previous_state: State):
         hmax, wmax = _canvas_size(self.metadata, self.max_size)
         self.canvas_shape = (hmax, wmax, 3)
-        return _per_sample(previous_state, hmax * wmax * 3, "<u1")
+        return _per_sample(previous_state, hmax * wmax * 3 + 1, "<u1")  # + the status byte
 
     def generate_code(self) -> Callable:
         mem_read = self.memory_read
@@ -87,10 +90,12 @@ class CanvasDecoder(Operation):
                 data = mem_read(field["data_ptr"], storage_state)
                 h, w = np.int64(field["height"]), np.int64(field["width"])
                 packed = destination[i][:h * w * 3]
-                if field["mode"] == jpg:
-                    imdecode_c(data, packed, h, w, h, w, 0, 0, 1, 1, False, False)
+                status = 0
+                if field["mode"] == jpg:  # libffcv's imdecode: tjDecompress2's 0 or -1
+                    status = imdecode_c(data, packed, h, w, h, w, 0, 0, 1, 1, False, False)
                 else:
                     memcpy_c(data, packed)
+                destination[i][-1] = 1 if status != 0 else 0
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -252,6 +257,25 @@ def _as_torch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.from_numpy(labels).view(-1).long())
 
 
+def replace_corrupt(data: torch.Tensor, sizes: torch.Tensor, labels: torch.Tensor,
+                    failed: np.ndarray) -> int:
+    """Overwrite each sample whose decode failed (failed[i] true) with another sample of the
+    batch, its bytes, size and label together (the next good one, cyclically), so the batch
+    keeps its size and every image trains under its own label; returns how many were
+    replaced. Host tensors only (the loader's buffers, before any copy to the device)."""
+    bad = np.flatnonzero(failed)
+    if not len(bad):
+        return 0
+    good = np.flatnonzero(~failed.astype(bool))
+    if not len(good):
+        raise RuntimeError(f"every image of a batch of {len(failed)} failed to decode: the "
+                           ".beton is corrupt; rerun tools/convert_in1k.py")
+    donors = good[np.searchsorted(good, bad) % len(good)]
+    for i, j in zip(bad.tolist(), donors.tolist()):
+        data[i], sizes[i], labels[i] = data[j], sizes[j], labels[j]
+    return len(bad)
+
+
 def _drain(iterator) -> None:
     """An FFCV epoch iterator left mid-epoch can abort the process at exit: close it."""
     close = getattr(iterator, "close", None)
@@ -282,6 +306,7 @@ class FfcvTrainData:
         self.loader.first_traversal_order = self.loader.next_traversal_order()
         self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
                                   settings.channels_last, settings.seed, rank=settings.rank)
+        self.corrupt_images = 0  # of the current epoch (see decoded)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -290,13 +315,20 @@ class FfcvTrainData:
     def decoded(self, epoch: int, start_step: int = 0
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The CPU side alone: (packed [B, Hmax*Wmax*3] uint8, sizes [B, 2], labels [B]);
-        with decode="gpu": (stored bytes [B, slot] uint8, info [B, 4], labels [B])."""
+        with decode="gpu": (stored bytes [B, slot] uint8, info [B, 4], labels [B]).
+        A JPEG that fails to decode (decode="cpu") is replaced by another sample of the batch
+        and counted in `self.corrupt_images` (this epoch's count, a host int: no sync)."""
         self.sampler.set_epoch(epoch, start_step)
         self.loader.next_epoch = epoch
+        self.corrupt_images = 0
         iterator = iter(self.loader)
         try:
             for batch in iterator:
-                yield _as_torch(batch)
+                data, sizes, labels = _as_torch(batch)
+                if self.decode == "cpu":  # the decoder's status byte, already on the host
+                    self.corrupt_images += replace_corrupt(data, sizes, labels,
+                                                           data[:, -1].numpy())
+                yield data, sizes, labels
         finally:
             _drain(iterator)
 
@@ -348,10 +380,14 @@ class FfcvValData:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         s = self.settings
+        self.corrupt_images = 0
         iterator = iter(self.loader)
         try:
             for batch in iterator:
                 data, sizes, labels = _as_torch(batch)
+                if self.decode == "cpu":
+                    self.corrupt_images += replace_corrupt(data, sizes, labels,
+                                                           data[:, -1].numpy())
                 canvas = _to_canvas(self.decode, data, sizes, self.decoder.canvas_shape,
                                     s.device)
                 sizes = sizes[:, :2]  # gpu mode's info: (height, width) first
