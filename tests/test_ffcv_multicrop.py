@@ -179,6 +179,7 @@ def test_a_corrupt_jpeg_is_counted_and_replaced_with_its_label(tmp_path, no_jit)
     from torchvision.datasets import ImageFolder
 
     from pipelines.ffcv_multicrop import FfcvTrainData
+    from trex_fast.data import epoch_data_counts
 
     corrupt, root = 5, str(tmp_path / "src")
     demo_data.write_dataset(root, train_per_class=3, val_per_class=1)  # 8 classes, 24 images
@@ -201,3 +202,6 @@ def test_a_corrupt_jpeg_is_counted_and_replaced_with_its_label(tmp_path, no_jit)
             assert (match[0] == index) == (index != corrupt)
             rows += 1
     assert rows == len(images) and data.corrupt_images == 1
+    # what the epoch's record in metrics.jsonl gets (train.py's end of epoch)
+    assert epoch_data_counts(data, torch.device("cpu")) == {"corrupt_images": 1}
+    assert epoch_data_counts(object(), torch.device("cpu")) == {}  # pipelines that stop

@@ -20,6 +20,7 @@ from trex_fast import checkpoint as ckpt_lib
 from trex_fast.build import build_state
 from trex_fast.cli import run_cli
 from trex_fast.config import FIELDS, Config, ConfigError, help_text, make_config
+from trex_fast.data import epoch_data_counts
 from trex_fast.loop import CheckpointClock, EpochTotals, StopSignal, train_one_epoch
 from trex_fast.model import backbone_state_dict
 from trex_fast.plan import RunPlan, plan_run
@@ -166,7 +167,8 @@ def _train(cfg: Config, plan: RunPlan, state: TrainState, train_data, val_data,
                 _save(plan, state, ckpts, epoch, outcome.stopped_at, elapsed(), outcome.totals)
                 return stopped(outcome.totals)
             start_step = 0
-            last = _end_of_epoch(cfg, plan, state, val_data, epoch, outcome, elapsed())
+            last = _end_of_epoch(cfg, plan, state, val_data, epoch, outcome, elapsed(),
+                                 epoch_data_counts(train_data, plan.torch_device))
             _save(plan, state, ckpts, epoch + 1, 0, elapsed())
             clock.reset()
             if stop.requested() is not None and epoch + 1 < cfg.epochs:  # at the epoch's end
@@ -189,9 +191,10 @@ def _profile(cfg: Config, plan: RunPlan, state: TrainState, train_data) -> dict:
 
 
 def _end_of_epoch(cfg: Config, plan: RunPlan, state: TrainState, val_data, epoch: int,
-                  outcome, elapsed: float) -> dict:
+                  outcome, elapsed: float, data_counts: dict) -> dict:
     record = {"epoch": epoch + 1, "step": state.step, **outcome.totals.summary(),
-              "lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2)}
+              "lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2),
+              **data_counts}  # e.g. corrupt_images (trex_fast.data.epoch_data_counts)
     last_epoch = epoch + 1 == cfg.epochs
     if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
         record.update(evaluate(state, val_data))
