@@ -42,7 +42,7 @@ from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 
-from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch
+from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch, replacement_pairs
 from pipelines.convert.beton import check_beton
 from pipelines.device_images import DeviceImages, from_packed
 from pipelines.gpu_decode import decode_images
@@ -235,12 +235,14 @@ def _pipelines(decoder: Operation, size_op: Operation) -> dict:
 
 
 def _to_images(decode: str, data: torch.Tensor, sizes: torch.Tensor,
-               canvas_shape: tuple[int, int, int], device: torch.device) -> DeviceImages:
+               canvas_shape: tuple[int, int, int], device: torch.device,
+               replaced: list | None = None) -> DeviceImages:
     """The loader's (bytes or packed decodes, sizes or info) -> the images on the device, in
-    the layout the stage reads in place (packed rows, or decoded planes)."""
+    the layout the stage reads in place (packed rows, or decoded planes). decode="gpu": see
+    gpu_decode.decode_images for `replaced` (the JPEGs that failed to decode)."""
     height, width, _ = canvas_shape
     if decode == "gpu":
-        return decode_images(data, sizes, height, width, device)
+        return decode_images(data, sizes, height, width, device, replaced)
     return from_packed(data.to(device, non_blocking=True), sizes[:, :2], height, width)
 
 
@@ -263,17 +265,12 @@ def replace_corrupt(data: torch.Tensor, sizes: torch.Tensor, labels: torch.Tenso
     batch, its bytes, size and label together (the next good one, cyclically), so the batch
     keeps its size and every image trains under its own label; returns how many were
     replaced. Host tensors only (the loader's buffers, before any copy to the device)."""
-    bad = np.flatnonzero(failed)
-    if not len(bad):
+    if not failed.any():  # the common case: one vectorised test per batch
         return 0
-    good = np.flatnonzero(~failed.astype(bool))
-    if not len(good):
-        raise RuntimeError(f"every image of a batch of {len(failed)} failed to decode: the "
-                           ".beton is corrupt; rerun tools/convert_in1k.py")
-    donors = good[np.searchsorted(good, bad) % len(good)]
-    for i, j in zip(bad.tolist(), donors.tolist()):
+    pairs = replacement_pairs(failed)
+    for i, j in pairs:
         data[i], sizes[i], labels[i] = data[j], sizes[j], labels[j]
-    return len(bad)
+    return len(pairs)
 
 
 def _drain(iterator) -> None:
@@ -345,7 +342,11 @@ class FfcvTrainData:
             sizes, labels = sizes.clone(), labels.clone()  # FFCV reuses these host buffers
             if self.decode == "cpu":
                 data = self.host_to_device(data, packed_prefix_bytes(sizes))
-            images = _to_images(self.decode, data, sizes, self.canvas_shape, device)
+            replaced = []  # decode="gpu": JPEGs the device decode failed on (decoded() did cpu)
+            images = _to_images(self.decode, data, sizes, self.canvas_shape, device, replaced)
+            for bad, donor in replaced:
+                labels[bad] = labels[donor]
+            self.corrupt_images += len(replaced)
             return self.stage(images, None, labels, epoch, step)
 
         decoded = self.decoded(epoch, start_step)
