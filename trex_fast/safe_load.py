@@ -97,9 +97,8 @@ def _torch_load(path: str, weights_only: bool):
         if weights_only and _is_refusal(e):
             raise _refusal(path, _reason(e)) from None
         raise _unreadable(path, e) from None
-    except (EOFError, RuntimeError, KeyError, IndexError, ValueError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
+    except (EOFError, RuntimeError, KeyError, IndexError, ValueError) as e:
+        # (an OSError, e.g. a permission, already names the file and says what is wrong)
         raise _unreadable(path, e) from None
 
 
