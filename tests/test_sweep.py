@@ -103,6 +103,13 @@ def test_a_bad_named_point_in_a_file_is_named(tmp_path):
         build_points({}, {}, load_file(str(spec))["points"], str(tmp_path))
 
 
+def test_a_bad_grid_value_is_blamed_not_the_valid_ones_before_it(tmp_path):
+    assert parse_grid("memory_size=64,128,abc g=(0.4,1.0),x") == {
+        "memory_size": [64, 128, "abc"], "g": [(0.4, 1.0), "x"]}
+    with pytest.raises(SweepError, match="point memory_size-abc: --memory_size='abc'"):
+        build_points({}, parse_grid("memory_size=64,128,abc"), [], str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------
 # a real sweep: 2 x 2 tiny 1-epoch runs on real JPEGs, one of them interrupted before
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from trex_fast import checkpoint as ckpt_lib
 from trex_fast.build import build_state
 from trex_fast.cli import run_cli
 from trex_fast.config import FIELDS, Config, ConfigError, help_text, make_config
-from trex_fast.data import close_data
+from trex_fast.data import close_data, epoch_data_counts
 from trex_fast.loop import (
     CheckpointClock,
     EpochTotals,
@@ -32,7 +32,7 @@ from trex_fast.loop import (
 )
 from trex_fast.model import backbone_state_dict
 from trex_fast.plan import RunPlan, output_dir, plan_run
-from trex_fast.safe_load import UnsafeFileError
+from trex_fast.safe_load import BadFileError
 from trex_fast.step import TrainState
 from trex_fast.validation import evaluate
 
@@ -188,7 +188,8 @@ def _train(cfg: Config, plan: RunPlan, state: TrainState, train_data, val_data,
                 _save(plan, state, ckpts, epoch, outcome.stopped_at, elapsed(), outcome.totals)
                 return stopped(outcome.totals)
             start_step = 0
-            last = _end_of_epoch(cfg, plan, state, val_data, epoch, outcome, elapsed())
+            last = _end_of_epoch(cfg, plan, state, val_data, epoch, outcome, elapsed(),
+                                 epoch_data_counts(train_data, plan.torch_device))
             _save(plan, state, ckpts, epoch + 1, 0, elapsed())
             clock.reset()
             if stop.requested() is not None and epoch + 1 < cfg.epochs:  # at the epoch's end
@@ -210,9 +211,10 @@ def _profile(cfg: Config, plan: RunPlan, state: TrainState, train_data) -> dict:
 
 
 def _end_of_epoch(cfg: Config, plan: RunPlan, state: TrainState, val_data, epoch: int,
-                  outcome, elapsed: float) -> dict:
+                  outcome, elapsed: float, data_counts: dict) -> dict:
     record = {"epoch": epoch + 1, "step": state.step, **outcome.totals.summary(),
-              "lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2)}
+              "lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2),
+              **data_counts}  # e.g. corrupt_images (trex_fast.data.epoch_data_counts)
     last_epoch = epoch + 1 == cfg.epochs
     if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
         record.update(evaluate(state, val_data))
@@ -245,7 +247,7 @@ def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict)
 # CLI (fire)
 # ---------------------------------------------------------------------------------------------
 # A user's errors: one line `trex_fast.train: error: ...`, no traceback, exit 2 (issue #15).
-USER_ERRORS = (UnsafeFileError, ckpt_lib.ResumeError, ckpt_lib.NotACheckpointError,
+USER_ERRORS = (BadFileError, ckpt_lib.ResumeError, ckpt_lib.NotACheckpointError,
                ckpt_lib.UnreadableCheckpointError, FileNotFoundError,
                availability.UnavailableError, run_lock.OutputDirError, run_lock.RunLockedError)
 # A run that failed for a reason its message explains: one line too, exit 1 (issue #26).
