@@ -87,6 +87,19 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
+def replacement_pairs(failed: np.ndarray) -> list[tuple[int, int]]:
+    """(bad, donor) for each sample of a batch whose image failed to decode: the donor is the
+    next good sample, cyclically. The bad sample takes the donor's image and label together
+    (issue #26), so the batch keeps its size and no image trains under another's label."""
+    failed = np.asarray(failed).astype(bool)
+    bad, good = np.flatnonzero(failed), np.flatnonzero(~failed)
+    if len(bad) and not len(good):
+        raise RuntimeError(f"every image of a batch of {len(failed)} failed to decode: the "
+                           "stored images are corrupt; rerun tools/convert_in1k.py")
+    donors = good[np.searchsorted(good, bad) % max(len(good), 1)] if len(bad) else bad
+    return list(zip(bad.tolist(), donors.tolist()))
+
+
 def whole_steps(n: int, batch_size: int, world_size: int) -> int:
     """Steps per epoch: each rank's share of n images cut to whole batches, so that every rank
     takes the same number of steps (the rule of every pipeline)."""
@@ -134,3 +147,4 @@ class LoaderSettings:
     device: torch.device
     dtype: torch.dtype
     channels_last: bool
+    stage_impl: str = "auto"  # the multi-crop stage: torch | triton | auto (see GpuMultiCrop)

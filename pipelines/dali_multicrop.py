@@ -40,6 +40,8 @@ from torch.utils.dlpack import from_dlpack
 from pipelines.batch import LoaderSettings, MultiCropBatch, derived_seed, whole_steps
 from pipelines.convert.options import ConvertOptions
 from pipelines.convert.report import load_meta
+from pipelines.convert.shards import check_shard
+from pipelines.errors import BadFileError
 from pipelines.gpu_multicrop import GpuMultiCrop
 from pipelines.photometric_numba import NUM_DRAWS, augment, spec_vector
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec, val_resize_size
@@ -71,8 +73,10 @@ def find_shards(folder: str) -> tuple[list[str], list[str], int]:
         with open(path) as f:
             head = f.readline().split()
         if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
-            raise ValueError(f"{path!r}: not a DALI wds2idx index (first line {head})")
+            raise BadFileError(f"{path}: not a DALI wds2idx index (first line {head})")
         total += int(head[1])
+    for tar, index in zip(tars, indexes, strict=True):
+        check_shard(tar, index)
     return tars, indexes, total
 
 
@@ -261,7 +265,8 @@ class DaliTrainData:
         self.stage = None
         if self.photometric == "stage":
             self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
-                                      settings.channels_last, settings.seed, rank=settings.rank)
+                                      settings.channels_last, settings.seed, rank=settings.rank,
+                                      impl=settings.stage_impl)
 
     @property
     def canvas_shape(self) -> tuple[int, int, int]:

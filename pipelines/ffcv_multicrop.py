@@ -42,7 +42,8 @@ from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 
-from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch
+from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch, replacement_pairs
+from pipelines.convert.beton import check_beton
 from pipelines.device_images import DeviceImages, from_packed
 from pipelines.gpu_decode import decode_images
 from pipelines.gpu_multicrop import GpuMultiCrop, normalize, val_resize_center_crop
@@ -62,7 +63,10 @@ def _per_sample(previous_state: State, n: int, dtype: str) -> tuple[State, Alloc
 
 
 class CanvasDecoder(Operation):
-    """JPEG/raw -> a packed uint8 slot of Hmax*Wmax*3 bytes per image, decoded once."""
+    """JPEG/raw -> a packed uint8 slot of Hmax*Wmax*3 bytes per image, decoded once, plus one
+    status byte at the end of the slot: 1 where libjpeg-turbo failed (a corrupt or truncated
+    JPEG: the slot then holds stale or partial pixels), 0 otherwise. The host reads it with
+    the batch (replace_corrupt): no device sync, no per-sample Python unless one failed."""
 
     def __init__(self, max_size: tuple[int, int] | None = None):
         super().__init__()
@@ -71,7 +75,7 @@ class CanvasDecoder(Operation):
     def declare_state_and_memory(self, previous_state: State):
         hmax, wmax = _canvas_size(self.metadata, self.max_size)
         self.canvas_shape = (hmax, wmax, 3)
-        return _per_sample(previous_state, hmax * wmax * 3, "<u1")
+        return _per_sample(previous_state, hmax * wmax * 3 + 1, "<u1")  # + the status byte
 
     def generate_code(self) -> Callable:
         mem_read = self.memory_read
@@ -86,10 +90,12 @@ class CanvasDecoder(Operation):
                 data = mem_read(field["data_ptr"], storage_state)
                 h, w = np.int64(field["height"]), np.int64(field["width"])
                 packed = destination[i][:h * w * 3]
-                if field["mode"] == jpg:
-                    imdecode_c(data, packed, h, w, h, w, 0, 0, 1, 1, False, False)
+                status = 0
+                if field["mode"] == jpg:  # libffcv's imdecode: tjDecompress2's 0 or -1
+                    status = imdecode_c(data, packed, h, w, h, w, 0, 0, 1, 1, False, False)
                 else:
                     memcpy_c(data, packed)
+                destination[i][-1] = 1 if status != 0 else 0
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -198,6 +204,7 @@ def _check_beton(path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r}: no such .beton file (make one with "
                                 "tools/convert_in1k.py)")
+    check_beton(path)  # a cut file is named here, not deep inside FFCV's reader
 
 
 def _check_decode(decode: str) -> None:
@@ -228,12 +235,14 @@ def _pipelines(decoder: Operation, size_op: Operation) -> dict:
 
 
 def _to_images(decode: str, data: torch.Tensor, sizes: torch.Tensor,
-               canvas_shape: tuple[int, int, int], device: torch.device) -> DeviceImages:
+               canvas_shape: tuple[int, int, int], device: torch.device,
+               replaced: list | None = None) -> DeviceImages:
     """The loader's (bytes or packed decodes, sizes or info) -> the images on the device, in
-    the layout the stage reads in place (packed rows, or decoded planes)."""
+    the layout the stage reads in place (packed rows, or decoded planes). decode="gpu": see
+    gpu_decode.decode_images for `replaced` (the JPEGs that failed to decode)."""
     height, width, _ = canvas_shape
     if decode == "gpu":
-        return decode_images(data, sizes, height, width, device)
+        return decode_images(data, sizes, height, width, device, replaced)
     return from_packed(data.to(device, non_blocking=True), sizes[:, :2], height, width)
 
 
@@ -248,6 +257,20 @@ def _as_torch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     canvas, labels, sizes = batch
     return (torch.from_numpy(canvas), torch.from_numpy(sizes),
             torch.from_numpy(labels).view(-1).long())
+
+
+def replace_corrupt(data: torch.Tensor, sizes: torch.Tensor, labels: torch.Tensor,
+                    failed: np.ndarray) -> int:
+    """Overwrite each sample whose decode failed (failed[i] true) with another sample of the
+    batch, its bytes, size and label together (the next good one, cyclically), so the batch
+    keeps its size and every image trains under its own label; returns how many were
+    replaced. Host tensors only (the loader's buffers, before any copy to the device)."""
+    if not failed.any():  # the common case: one vectorised test per batch
+        return 0
+    pairs = replacement_pairs(failed)
+    for i, j in pairs:
+        data[i], sizes[i], labels[i] = data[j], sizes[j], labels[j]
+    return len(pairs)
 
 
 def _drain(iterator) -> None:
@@ -279,7 +302,9 @@ class FfcvTrainData:
         self.loader.traversal_order = EpochOrder(self.loader, self.sampler)
         self.loader.first_traversal_order = self.loader.next_traversal_order()
         self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
-                                  settings.channels_last, settings.seed, rank=settings.rank)
+                                  settings.channels_last, settings.seed, rank=settings.rank,
+                                  impl=settings.stage_impl)
+        self.corrupt_images = 0  # of the current epoch (see decoded)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -288,13 +313,20 @@ class FfcvTrainData:
     def decoded(self, epoch: int, start_step: int = 0
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The CPU side alone: (packed [B, Hmax*Wmax*3] uint8, sizes [B, 2], labels [B]);
-        with decode="gpu": (stored bytes [B, slot] uint8, info [B, 4], labels [B])."""
+        with decode="gpu": (stored bytes [B, slot] uint8, info [B, 4], labels [B]).
+        A JPEG that fails to decode (decode="cpu") is replaced by another sample of the batch
+        and counted in `self.corrupt_images` (this epoch's count, a host int: no sync)."""
         self.sampler.set_epoch(epoch, start_step)
         self.loader.next_epoch = epoch
+        self.corrupt_images = 0
         iterator = iter(self.loader)
         try:
             for batch in iterator:
-                yield _as_torch(batch)
+                data, sizes, labels = _as_torch(batch)
+                if self.decode == "cpu":  # the decoder's status byte, already on the host
+                    self.corrupt_images += replace_corrupt(data, sizes, labels,
+                                                           data[:, -1].numpy())
+                yield data, sizes, labels
         finally:
             _drain(iterator)
 
@@ -311,7 +343,11 @@ class FfcvTrainData:
             sizes, labels = sizes.clone(), labels.clone()  # FFCV reuses these host buffers
             if self.decode == "cpu":
                 data = self.host_to_device(data, packed_prefix_bytes(sizes))
-            images = _to_images(self.decode, data, sizes, self.canvas_shape, device)
+            replaced = []  # decode="gpu": JPEGs the device decode failed on (decoded() did cpu)
+            images = _to_images(self.decode, data, sizes, self.canvas_shape, device, replaced)
+            for bad, donor in replaced:
+                labels[bad] = labels[donor]
+            self.corrupt_images += len(replaced)
             return self.stage(images, None, labels, epoch, step)
 
         decoded = self.decoded(epoch, start_step)
@@ -346,10 +382,14 @@ class FfcvValData:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         s = self.settings
+        self.corrupt_images = 0
         iterator = iter(self.loader)
         try:
             for batch in iterator:
                 data, sizes, labels = _as_torch(batch)
+                if self.decode == "cpu":
+                    self.corrupt_images += replace_corrupt(data, sizes, labels,
+                                                           data[:, -1].numpy())
                 canvas = _to_canvas(self.decode, data, sizes, self.decoder.canvas_shape,
                                     s.device)
                 sizes = sizes[:, :2]  # gpu mode's info: (height, width) first

@@ -306,14 +306,15 @@ def normalize(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch
 
 # ---------------------------------------------------------------- the stages
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """"auto": the Triton kernels on CUDA, plain torch elsewhere. "triton" off CUDA runs only in
+    """"auto": the Triton kernels on CUDA where Triton imports, plain torch elsewhere (decided
+    with the loss's auto, trex_fast.availability.kernel_impl). "triton" off CUDA runs only in
     Triton's interpreter (TRITON_INTERPRET=1, as the tests do)."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
     from trex_fast import availability
 
     if impl == "auto":
-        return "triton" if device.type == "cuda" and availability.has_triton() else "torch"
+        return availability.kernel_impl(device)
     if impl == "triton":
         if not availability.has_triton():
             raise RuntimeError("impl='triton' needs triton installed (pip install triton)")

@@ -13,8 +13,8 @@ the caching allocator does not hand its memory back to the side stream while the
 reads it. On the CPU there are no streams; the same look-ahead runs inline.
 
 `PinnedPrefixCopy` moves FFCV's packed decode rows (image b's h*w*3 bytes first in row b) to
-the device through reusable pinned staging buffers, non_blocking, and only the prefix of the
-rows that the batch's largest image uses.
+the device: only the prefix of the rows that the batch's largest image uses, gathered on the host
+into a contiguous pinned buffer, so that the copy is one asynchronous memcpy (issue 22, item 9).
 """
 from __future__ import annotations
 
@@ -88,48 +88,60 @@ def packed_prefix_bytes(sizes: torch.Tensor) -> int:
 
 
 class PinnedPrefixCopy:
-    """Packed rows [B, slot] uint8 on the host -> [B, slot] on `device`, copying only the
-    first `used` bytes of each row (one strided copy) from a pinned staging buffer, non_blocking
-    on the current stream. Bytes past `used` in the result are undefined: unpack_canvas reads
-    row b only below h_b*w_b*3.
+    """Packed rows [B, slot] uint8 on the host -> [B, slot] on `device`, moving only the first
+    `used` bytes of each row. Bytes past `used` in the result are undefined: unpack_canvas and
+    the stage read row b only below h_b*w_b*3.
 
-    `depth` staging buffers are reused round-robin; before one is refilled, the host waits for
-    the copy that last read it (issued depth batches earlier, so normally long done).
-    `last_bytes` is the bytes the last call moved to the device, `total_bytes` their sum.
+        packed[:, :used] --host memcpy--> staging [B, used], contiguous, pinned on CUDA
+                         --one copy, non_blocking--> [B, used] on the device
+                         --device copy--> the first `used` bytes of each [B, slot] row
+
+    Copying the strided view packed[:, :used] straight to the device would not do: torch
+    stages a non-contiguous host tensor through a fresh pageable contiguous temporary (the
+    size of the prefix, every batch) and a blocking copy, whatever non_blocking says.
+
+    `depth` staging buffers are reused round-robin and grown when a batch needs more bytes;
+    before one is refilled, the host waits for the copy that last read it (issued depth batches
+    earlier, so normally long done). `last_bytes` is the bytes the last call moved to the
+    device, `total_bytes` their sum.
     """
 
     def __init__(self, device: torch.device | str, depth: int = 2):
         self.device = torch.device(device)
         self.depth = depth
-        self.staging: list[torch.Tensor] = []
-        self.copied: list[torch.cuda.Event | None] = []
+        self.staging: list[torch.Tensor] = []  # flat uint8 buffers, one per turn
+        self.copied: list[torch.cuda.Event | None] = []  # the last copy out of each buffer
         self.turn = 0
         self.last_bytes = self.total_bytes = 0
 
-    def _staging(self, shape: torch.Size) -> int:
+    def _staging(self, nbytes: int) -> int:
+        """The index of the next buffer, free to overwrite and holding at least nbytes."""
         i, self.turn = self.turn, (self.turn + 1) % self.depth
         if i == len(self.staging):
             self.staging.append(None)
             self.copied.append(None)
-        if self.staging[i] is None or self.staging[i].shape != shape:
-            self.staging[i] = torch.empty(shape, dtype=torch.uint8,
-                                          pin_memory=self.device.type == "cuda")
-        elif self.copied[i] is not None:
+        if self.copied[i] is not None:
             self.copied[i].synchronize()  # host wait: that copy is depth batches old
+            self.copied[i] = None
+        if self.staging[i] is None or self.staging[i].numel() < nbytes:
+            self.staging[i] = torch.empty(nbytes, dtype=torch.uint8,
+                                          pin_memory=self.device.type == "cuda")
         return i
 
     def __call__(self, packed: torch.Tensor, used: int) -> torch.Tensor:
         if packed.dtype != torch.uint8 or packed.ndim != 2 or not 0 <= used <= packed.shape[1]:
             raise ValueError(f"packed must be uint8 [B, slot >= {used}], got {packed.dtype} "
                              f"{tuple(packed.shape)}")
-        i = self._staging(packed.shape)
-        staging = self.staging[i]
-        staging[:, :used].copy_(packed[:, :used])  # host memcpy: the loader may reuse packed
-        out = torch.empty(packed.shape, dtype=torch.uint8, device=self.device)
-        out[:, :used].copy_(staging[:, :used], non_blocking=True)
+        b = packed.shape[0]
+        i = self._staging(b * used)
+        staging = self.staging[i][:b * used].view(b, used)  # [B, used], contiguous
+        staging.copy_(packed[:, :used])  # host memcpy: the loader may reuse packed
+        moved = staging.to(self.device, non_blocking=True)  # [B, used] on the device
         if self.device.type == "cuda":
             self.copied[i] = torch.cuda.Event()
-            self.copied[i].record()
-        self.last_bytes = packed.shape[0] * used
+            self.copied[i].record()  # on the current stream, the one the copy was issued on
+        out = torch.empty(packed.shape, dtype=torch.uint8, device=self.device)  # [B, slot]
+        out[:, :used].copy_(moved)  # on the device (on the CPU, out of the reused staging)
+        self.last_bytes = b * used
         self.total_bytes += self.last_bytes
         return out

@@ -10,7 +10,9 @@ to load the sample, so a resumed run sees exactly the augmentations it would hav
 """
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -97,9 +99,32 @@ class MultiCropDataset(Dataset):
 def ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGINT/SIGTERM to the main process, which saves a checkpoint and then shuts
     them down (Ctrl-C and schedulers signal the whole process group; a worker killed first
-    would crash the loader before the checkpoint). A worker whose parent dies exits anyway."""
+    would crash the loader before the checkpoint). A worker whose parent dies exits anyway
+    (PyTorch's worker watchdog). So a worker ends only by end_workers (issue #26)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_workers(iterator) -> None:
+    """End a DataLoader iterator's worker processes now: PyTorch's own shutdown (a stop on each
+    index queue, then terminate()), then SIGKILL for a worker still busy with a batch, since
+    ours ignore SIGTERM. Left to interpreter exit, multiprocessing's exit handler would
+    terminate() them and join forever (issue #26). Idempotent; a no-op without workers."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is None:  # num_workers=0, or never iterated
+        return
+    shutdown()
+    for worker in iterator._workers:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
+
+
+# Every reference loader with workers, ended at interpreter exit even when something still
+# references it (a traceback's frames, a module that pinned them): registered after
+# multiprocessing's own exit handler, so it runs before it.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+atexit.register(lambda: [data.close() for data in list(_LIVE)])
 
 
 def collate_multicrop(samples) -> Uint8MultiCrops:
@@ -127,6 +152,7 @@ class ReferenceTrainData:
             collate_fn=collate_multicrop, num_workers=settings.num_workers,
             pin_memory=settings.device.type == "cuda", drop_last=True,
             persistent_workers=settings.num_workers > 0, worker_init_fn=ignore_stop_signals)
+        _LIVE.add(self)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -137,6 +163,10 @@ class ReferenceTrainData:
         self.sampler.set_epoch(epoch, start_step)
         for crops in self.loader:
             yield crops.to_batch(s.device, s.dtype, s.channels_last)
+
+    def close(self) -> None:
+        """End the workers (persistent: they live in the loader's one iterator)."""
+        end_workers(self.loader._iterator)
 
 
 def val_transform(global_size: int) -> T.Compose:
@@ -158,9 +188,16 @@ class ReferenceValData:
                                  num_workers=settings.num_workers,
                                  pin_memory=settings.device.type == "cuda",
                                  worker_init_fn=ignore_stop_signals)
+        self._iterator = None  # the pass in progress (its workers), for close()
+        _LIVE.add(self)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         s = self.settings
-        for images, labels in self.loader:
+        self._iterator = iter(self.loader)
+        for images, labels in self._iterator:
             yield (normalize_uint8(images, s.device, s.dtype, s.channels_last),
                    labels.to(s.device, non_blocking=True))
+
+    def close(self) -> None:
+        """End the workers of a pass that did not finish (a finished one has ended them)."""
+        end_workers(self._iterator)

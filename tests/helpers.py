@@ -7,7 +7,6 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from pipelines.batch import MultiCropBatch
-from pipelines.photometric_numba import order_of
 from trex_fast.build import build_state
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
@@ -78,6 +77,8 @@ def torchvision_photometric(image: np.ndarray, jitter=None, keys=(0, 1, 2, 3), g
     pipelines/photometric_numba.py's conventions: jitter = [b, c, s, hue] in the order of the
     keys, grayscale, Gaussian blur (window 2 * ceil(3 sigma) + 1), rounding to uint8, solarize.
     HWC uint8 in, HWC float64 (integer values) out."""
+    from pipelines.photometric_numba import order_of  # numba: imported by its tests only
+
     x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
     if jitter is not None:
         for op in order_of(keys):

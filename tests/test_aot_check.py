@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from trex_fast.kernels.aot import TARGETS, programs_per_sm
+
+triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "aot_check.py"
 FIELDS = {"kernel", "file", "target", "registers", "spill_bytes", "shared_bytes", "mma",
-          "production", "has_dot", "num_warps"}
+          "production", "has_dot", "num_warps", "num_stages", "programs_per_sm", "triton",
+          "ptxas"}
 MATRIX_KERNELS = ("prototype_ce_fwd", "prototype_ce_grad_z", "prototype_ce_grad_w")
 SHAPES = ("N=2304,C=1000", "N=16384,C=21841")
 
@@ -67,6 +70,46 @@ def test_prototype_ce_matrix_products_use_the_targets_tensor_core_instructions(c
     for rec in matrix:
         assert rec["mma"] == (expected if rec["production"] else "none"), rec
     assert sum(r["production"] for r in matrix) == len(MATRIX_KERNELS) * len(SHAPES)
+
+
+def test_launch_plans_assume_the_resident_programs_the_compiled_kernels_have(compiled):
+    """Item 8 of issue 22: plan_launch sizes its splits from BlockConfig.programs_per_sm
+    (forward, and dL/dz on the same grid) and grad_programs_per_sm (dL/dW). Those must be what
+    the compiled kernels allow on this target: at most, on sm_80 and sm_90a; exactly, for the
+    production (bf16) kernels on sm_90a, the H100 the plan is tuned for."""
+    import torch
+
+    from trex_fast.kernels.prototype_ce import _block_config
+
+    target, records = compiled
+    for rec in records:
+        name = rec["kernel"]
+        if not (rec["has_dot"] and name.startswith("prototype_ce")):
+            continue
+        assert rec["triton"] == triton.__version__ and rec["ptxas"]
+        blocks = _block_config(torch.bfloat16 if rec["production"] else torch.float32, 256,
+                               "cuda")
+        assumed = (blocks.programs_per_sm if name.startswith("prototype_ce_fwd")
+                   else blocks.grad_programs_per_sm)
+        assert 1 <= assumed <= rec["programs_per_sm"], rec
+        if rec["production"] and target == "sm_90a":
+            assert assumed == rec["programs_per_sm"], rec
+
+
+def test_programs_per_sm_from_registers_shared_memory_and_warps():
+    """The occupancy arithmetic on the H100's and A100's limits: the forward's 119 registers x
+    128 threads and 96 KB fit 2 per SM; a gradient kernel's 197 registers x 256 threads fit 1
+    (registers, not shared memory); 32 registers x 128 threads without shared memory stop at
+    the 2048-thread limit, 16; 128 KB fits 1 on both; 200 KB none on an A100 (over its
+    163 KB per block)."""
+    h100, a100 = TARGETS["sm_90a"], TARGETS["sm_80"]
+    assert programs_per_sm(h100, 119, 98304, 4) == 2
+    assert programs_per_sm(h100, 197, 98560, 8) == 1
+    assert programs_per_sm(h100, 32, 0, 4) == 16
+    assert programs_per_sm(h100, 119, 131072, 4) == programs_per_sm(a100, 119, 131072, 4) == 1
+    assert programs_per_sm(a100, 128, 66048, 4) == 2
+    assert programs_per_sm(a100, 64, 200 * 1024, 4) == 0
+    assert programs_per_sm(h100, 255, 0, 8) == 1  # 255 -> 256 per thread: 65536 / (256 x 256)
 
 
 BROKEN_KERNELS = '''

@@ -106,6 +106,29 @@ def test_compile_failure_is_reported_as_skipped(monkeypatch):
         assert rec["speedup_vs_torch"] is None
 
 
+def test_a_failed_measurement_fails_the_process(monkeypatch, capsys):
+    """Issue 22, item 4: an error record (here out of memory at the second shape) still ends
+    as a JSON line, and the process exits non-zero, so gpu_check.sh records a failed stage."""
+    bench = load_bench()
+
+    def measure(fn, inputs, iters, warmup):
+        if inputs[0].shape[0] == 17:
+            raise RuntimeError("CUDA out of memory")
+        return dict(fwd_ms=1.0, bwd_ms=2.0, total_ms=3.0, peak_mem_mb=None,
+                    extra_mem_mb=None, loss=0.5)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    for name in ("TRITON_INTERPRET", "TORCHINDUCTOR_COMPILE_THREADS"):  # main sets them
+        monkeypatch.setenv(name, "1")
+    argv = ["--device=cpu", "--n=8,17", "--c=5", "--d=16", "--impls=torch", "--iters=1"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert str(exit_info.value) == "bench_kernel: 1 record(s) not ok: torch at 17x5: error"
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["status"] for r in records] == ["ok", "error"]
+    bench.main(argv[:1] + ["--n=8"] + argv[2:])  # every record ok: a normal return
+
+
 def test_help_documents_every_flag(capsys):
     bench = load_bench()
     with pytest.raises(SystemExit):

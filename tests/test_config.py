@@ -1,7 +1,10 @@
 """Config presets and rejections: each names the flag and what is accepted."""
+import typing
+
 import pytest
 
-from trex_fast.config import PRESETS, ConfigError, check_world, make_config
+from trex_fast.cli import parse_flags
+from trex_fast.config import PRESETS, Config, ConfigError, check_world, make_config
 
 
 def test_presets_follow_the_recipe():
@@ -63,3 +66,21 @@ def test_memory_must_hold_the_global_batch_of_all_processes():
     check_world(cfg, 4)  # 256 == 4 x 64: fine
     with pytest.raises(ConfigError, match="global batch 512"):
         check_world(cfg, 8)
+
+
+FLOAT_FLAGS = [name for name, hint in typing.get_type_hints(Config).items()
+               if hint in (float, tuple[float, float])]
+
+
+@pytest.mark.parametrize("name", FLOAT_FLAGS)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_flag_must_be_finite(name, bad):
+    value = (0.1, bad) if name.endswith("_scale") else bad
+    with pytest.raises(ConfigError, match=f"--{name}=.*must be a finite number"):
+        make_config("demo", **{name: value})
+
+
+def test_1e999_is_refused_as_fire_parses_it():
+    assert parse_flags(["--lr=1e999"]) == {"lr": float("inf")}
+    with pytest.raises(ConfigError, match=r"--lr=inf: must be a finite number"):
+        make_config("demo", **parse_flags(["--lr=1e999"]))

@@ -7,6 +7,7 @@ worker processes or killing the converter.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import os
@@ -29,8 +30,10 @@ from pipelines.convert import convert as convert_mod
 from pipelines.convert import images
 from pipelines.convert.convert import convert
 from pipelines.convert.options import ConvertError, make_options
+from pipelines.convert.shards import check_shard
 from pipelines.convert.sources import scan
 from pipelines.convert.verify import verify
+from pipelines.errors import BadFileError
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_in1k.py"
 MAX_RES = 128
@@ -104,7 +107,7 @@ def test_order_and_labels_match_torchvision_imagefolder(tree):
     from torchvision.datasets import ImageFolder
 
     def listed(split, **kw):
-        plan = scan(make_options(src=str(tree), dst=str(tree / "unused"), **kw))
+        plan = scan(make_options(src=str(tree), dst=str(tree.parent / "unused"), **kw))
         return [(s.path, s.label) for s in plan.splits[split].samples], plan
 
     for split in ("train", "val"):
@@ -501,3 +504,129 @@ def test_chunk_files_unpickle_only_their_own_records(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         list(work.iter_records([chunk]))
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #26: a destination inside the source, real differences, empty classes, file system
+# errors, the .beton pages in the space estimate
+# ---------------------------------------------------------------------------------------------
+def _clean_class(tree: Path, tmp_path: Path) -> dict:
+    classes = tmp_path / "classes.txt"
+    classes.write_text(WNIDS[1] + "\n")
+    return {"classes": str(classes)}
+
+
+@pytest.mark.parametrize("inside", [".", "train", f"train/{WNIDS[0]}/out", "val/x"])
+def test_dst_inside_src_is_refused(tree, inside):
+    with pytest.raises(ConvertError, match="--dst=.* is inside --src=.*outside --src"):
+        make_options(src=str(tree), dst=str(tree / inside))
+
+
+def test_a_refused_rerun_names_only_real_differences(tree, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tree / "train" / WNIDS[1], src / "train" / WNIDS[1])
+    kw = {**_clean_class(tree, tmp_path), "splits": "train"}
+    _run(src, tmp_path / "o", **kw)
+    with pytest.raises(ConvertError) as changed:
+        _run(src, tmp_path / "o", **kw, jpeg_quality=80)
+    assert "jpeg_quality: 90 -> 80" in str(changed.value)
+    assert "formats" not in str(changed.value) and "splits" not in str(changed.value)
+    first = next((src / "train" / WNIDS[1]).iterdir())
+    shutil.copy(first, first.with_name("extra.JPEG"))  # same options, one more source file
+    with pytest.raises(ConvertError, match="made from other source files; choose another"):
+        _run(src, tmp_path / "o", **kw)
+
+
+@pytest.mark.parametrize("content", [None, "notes.txt"])
+def test_an_empty_class_folder_is_refused_as_imagefolder_does(tree, tmp_path, content):
+    src = tmp_path / "src"
+    shutil.copytree(tree, src, ignore=shutil.ignore_patterns("bad_noperm.JPEG"))
+    (src / "train" / "n99999999").mkdir()
+    if content:
+        (src / "train" / "n99999999" / content).write_text("no image")
+    with pytest.raises(ConvertError, match=r"train: 1 class folder\(s\) hold no image file "
+                                           r"\(n99999999;.*ImageFolder refuses"):
+        scan(make_options(src=str(src), dst=str(tmp_path / "o")))
+
+
+@pytest.mark.parametrize("code, words", [(errno.EROFS, "Read-only file system"),
+                                         (errno.ENOSPC, "No space left on device")])
+def test_a_read_only_or_full_dst_is_one_line_naming_the_path(tree, tmp_path, monkeypatch,
+                                                             code, words):
+    dst = tmp_path / "o"
+
+    def failing_write(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(convert_mod, "write_beton", failing_write)
+    with pytest.raises(ConvertError) as e:
+        _run(tree, dst, **_clean_class(tree, tmp_path))
+    message = str(e.value)
+    assert "\n" not in message and words in message
+    assert str(dst / "train.beton.partial") in message and "rerun the same command" in message
+
+
+def test_the_space_estimate_counts_beton_pages(converted):
+    opts, meta, _ = converted
+    outputs = Path(opts.dst)
+    written = sum(p.stat().st_size for p in outputs.rglob("*") if p.is_file())
+    estimate = convert_mod.estimate_bytes(opts, scan(opts), ["train", "val"])
+    assert written <= estimate <= 1.5 * written  # two 8 MiB pages per .beton dominate here
+    for split in ("train", "val"):
+        data = (outputs / f"{split}.beton").read_bytes()
+        header = np.frombuffer(data[:beton_layout.HEADER_TYPE.itemsize], beton_layout.HEADER_TYPE)
+        table = np.frombuffer(data[int(header["alloc_table_ptr"][0]):],
+                              beton_layout.ALLOC_TABLE_TYPE)
+        page_size = int(header["page_size"][0])
+        predicted = beton_layout.beton_size(len(table), table["size"].mean(), page_size)
+        assert len(data) <= predicted <= len(data) + page_size
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #26: a cut .beton, a cut shard and a broken meta.json are named before any loader runs
+# ---------------------------------------------------------------------------------------------
+def _cut_copy(path: Path, keep: int, out: Path) -> Path:
+    out.write_bytes(path.read_bytes()[:keep])
+    return out
+
+
+def test_a_truncated_beton_is_named_before_the_loader(converted, tmp_path):
+    opts, _, _ = converted
+    whole = Path(opts.dst) / "train.beton"
+    beton_layout.check_beton(str(whole))  # the whole file passes
+    size = whole.stat().st_size
+    for keep, says in [(10, "shorter than the FFCV header"), (size // 2, "allocation table at"),
+                       (size - 24, "truncated or damaged"), (size - 7, "allocation table at")]:
+        cut = _cut_copy(whole, keep, tmp_path / f"cut_{keep}.beton")
+        with pytest.raises(BadFileError, match=f"^{cut}: .*{says}"):
+            beton_layout.check_beton(str(cut))
+    notes = tmp_path / "notes.beton"
+    notes.write_bytes(b"x" * 100)
+    with pytest.raises(BadFileError, match="not an FFCV .beton"):
+        beton_layout.check_beton(str(notes))
+
+
+def test_a_truncated_dali_shard_is_named(converted, tmp_path):
+    opts, _, _ = converted
+    tar = Path(opts.dst) / "dali" / "train" / "shard-000000.tar"
+    index = tar.with_suffix(".idx")
+    check_shard(str(tar), str(index))
+    cut = _cut_copy(tar, tar.stat().st_size // 2, tmp_path / tar.name)
+    with pytest.raises(BadFileError, match=f"^{cut}: truncated: .* its index {index} puts"):
+        check_shard(str(cut), str(index))
+
+
+def test_an_invalid_meta_json_is_named_in_one_line(converted, tmp_path):
+    from trex_fast.data import count_classes
+
+    opts, _, _ = converted
+    dst = tmp_path / "o"
+    shutil.copytree(opts.dst, dst)
+    for text, says in [('{"classes": [', "not valid JSON"),
+                       ("[1, 2]", "expected the converter's JSON object, found list")]:
+        (dst / "meta.json").write_text(text)
+        for read in (lambda: count_classes(str(dst), "ffcv"),
+                     lambda: _run(Path(opts.src), dst)):
+            with pytest.raises(BadFileError, match=f"^{dst / 'meta.json'}: {says}") as e:
+                read()
+            assert "\n" not in str(e.value)

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trex_fast.costcount import HostSyncError, count_cost
+from trex_fast.costcount import HostSyncError, Transfer, count_cost
 
 
 @triton.jit
@@ -108,6 +108,23 @@ def test_float64_tensors_are_recorded():
     assert summary["float64_over_64k"] == 2
     assert summary["gb"] == pytest.approx(2 * cost.bytes / 1e9)
     assert summary["launches"] == cost.launches == 4
+
+
+def test_transfers_between_devices_and_host_allocations_are_recorded():
+    """"meta" stands in for a device: copies to it are transfers, host-side copies are not."""
+    host = torch.zeros(4, 6, dtype=torch.uint8)
+    device = torch.empty(4, 6, dtype=torch.uint8, device="meta")
+    with count_cost() as cost:
+        staging = torch.empty(12, dtype=torch.uint8)
+        staging.view(4, 3).copy_(host[:, :3])  # host to host
+        device[:, :3].copy_(host[:, :3], non_blocking=True)  # strided
+        staging.to("meta", non_blocking=True)
+        device.copy_(host)  # blocking
+        torch.empty(8, device="meta")
+    assert cost.transfers == [Transfer("cpu", "meta", 12, False, True),
+                              Transfer("cpu", "meta", 12, True, True),
+                              Transfer("cpu", "meta", 24, True, False)]
+    assert cost.host_allocations == [12]
 
 
 def test_triton_launch_counts_its_arguments_not_the_interpreter_copies():

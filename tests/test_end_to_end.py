@@ -40,6 +40,9 @@ def test_convert_then_train(converted, tmp_path, pipeline):
     config = json.loads((out / "config.json").read_text())
     assert config["pipeline"] == pipeline and config["resolved"]["num_classes"] == 8
     assert (out / "backbone.pth").is_file()
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    # the FFCV pipeline replaces and counts images that fail to decode (issue #26); DALI stops
+    assert record.get("corrupt_images") == (0 if pipeline == "ffcv" else None)
 
 
 @pytest.mark.parametrize("pipeline", [

@@ -37,7 +37,7 @@ def test_env_prints_every_backend_with_its_reason():
     assert proc.stdout.splitlines()[0].startswith("Python ")
     if not torch.cuda.is_available():
         assert proc.stdout.splitlines()[-1].split() == ["auto", "device=cpu", "precision=fp32",
-                                                        "loss_impl=torch"]
+                                                        "loss_impl=torch", "stage_impl=torch"]
         assert all(lines[n][0] == "no" for n in ("bf16", "dali_gpu", "triton", "nvjpeg"))
 
 

@@ -145,3 +145,63 @@ def test_compiled_path_matches_reference_decode(beton_root):
     assert torch.isfinite(batch.global_crops).all()
     for _ in data.epoch(0):  # exhaust: an abandoned FFCV iterator can abort at exit
         pass
+
+
+def _converted_with_one_corrupt_jpeg(root: str, out: str, corrupt: int) -> str:
+    """train.beton written by tools/convert_in1k.py (ImageFolder order, no resize), then the
+    JPEG of sample `corrupt` cut after its headers (zeros, as a bad sector reads)."""
+    import contextlib
+    import io
+
+    from pipelines.convert import beton as layout
+    from pipelines.convert.convert import convert
+    from pipelines.convert.options import make_options
+
+    opts = make_options(src=root, dst=out, formats="ffcv", splits="train", max_resolution=256,
+                        train_order="source", num_workers=0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(opts)
+    path = os.path.join(out, "train.beton")
+    data = bytearray(open(path, "rb").read())
+    header = np.frombuffer(bytes(data[:layout.HEADER_TYPE.itemsize]), layout.HEADER_TYPE)
+    table = np.frombuffer(bytes(data[int(header["alloc_table_ptr"][0]):]),
+                          layout.ALLOC_TABLE_TYPE)
+    entry = table[table["sample_id"] == corrupt][0]
+    start, size = int(entry["ptr"]), int(entry["size"])
+    data[start + size // 3:start + size] = bytes(size - size // 3)
+    open(path, "wb").write(bytes(data))
+    return path
+
+
+def test_a_corrupt_jpeg_is_counted_and_replaced_with_its_label(tmp_path, no_jit):
+    """Issue #26: the decoder's failure is no longer ignored. The corrupt sample becomes a
+    copy of another sample of its batch, pixels and label together, and is counted."""
+    from torchvision.datasets import ImageFolder
+
+    from pipelines.ffcv_multicrop import FfcvTrainData
+    from trex_fast.data import epoch_data_counts
+
+    corrupt, root = 5, str(tmp_path / "src")
+    demo_data.write_dataset(root, train_per_class=3, val_per_class=1)  # 8 classes, 24 images
+    beton = _converted_with_one_corrupt_jpeg(root, str(tmp_path / "conv"), corrupt)
+    images = _reference_images(root, "train")
+    labels_of = [y for _, y in ImageFolder(os.path.join(root, "train")).samples]
+    data = FfcvTrainData(beton, SPEC, _settings(8))
+    order = [i for _, i in data.sampler]
+    rows = 0
+    for step, (packed, sizes, labels) in enumerate(data.decoded(0)):
+        canvas = unpack_canvas(packed, sizes, *data.canvas_shape[:2])
+        for row in range(len(labels)):
+            index = order[step * 8 + row]
+            h, w = sizes[row].tolist()
+            shown = canvas[row, :h, :w].numpy().astype(float)
+            # the image in the row is some sample's, and the row's label is that sample's
+            match = [i for i, im in enumerate(images) if im.shape[:2] == (h, w)
+                     and np.abs(shown - im).mean() < 3.0]
+            assert match and labels_of[match[0]] == int(labels[row])
+            assert (match[0] == index) == (index != corrupt)
+            rows += 1
+    assert rows == len(images) and data.corrupt_images == 1
+    # what the epoch's record in metrics.jsonl gets (train.py's end of epoch)
+    assert epoch_data_counts(data, torch.device("cpu")) == {"corrupt_images": 1}
+    assert epoch_data_counts(object(), torch.device("cpu")) == {}  # pipelines that stop

@@ -146,3 +146,77 @@ def test_multicrop_stage_bf16_matches_torch_spec(device, monkeypatch):
             memory_format=torch.channels_last)
         assert_close_255(ours, ref, f"{device} {name}", mean_tol=MEAN_255[torch.bfloat16])
         assert_unbiased_255(ours, ref, f"{device} {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused prototype CE on its production path: bf16 autocast, wgmma kernels (issue 22, item 5)
+# ---------------------------------------------------------------------------------------------
+AUTOCAST_CE_SHAPES = [  # (N rows, C classes, D): the training step's at batch 256, and a tiny one
+    pytest.param("cuda", 2304, 1000, 256, marks=pytest.mark.gpu, id="cuda-production"),
+    pytest.param("cpu", 40, 23, 32, id="cpu-tiny"),
+]
+AUTOCAST_CE_GRAD_SCALE = 3.7  # a non-unit upstream gradient
+AUTOCAST_CE_NEAR_TIE = 1e-3  # rows whose top-2 logits are closer than this may disagree
+
+
+def _autocast_ce_inputs(device: str, n: int, c: int, d: int, learned: bool):
+    """bf16 projector outputs z [n, d] and fp32 W [c, d] (prototypes with absent classes, or a
+    learned classifier without), int64 labels [n]: what the bf16 training step passes."""
+    g = torch.Generator(device=device).manual_seed(22)
+    z = torch.randn(n, d, device=device, generator=g).bfloat16()
+    weight = torch.randn(c, d, device=device, generator=g)
+    if not learned:
+        weight[::20] = 0.0  # absent classes: zero prototypes
+    labels = torch.randint(0, c, (n,), device=device, generator=g)
+    return z, weight, labels
+
+
+def _autocast_ce_run(impl: str, z, weight, labels, learned: bool) -> dict:
+    """Forward under bf16 autocast and (loss * scale).backward() for one loss impl."""
+    z_leaf = z.clone().requires_grad_()
+    w_leaf = weight.clone().requires_grad_(learned)
+    with torch.autocast(z.device.type, dtype=torch.bfloat16):
+        loss, correct = prototype_ce_with_top1(z_leaf, w_leaf, labels, 0.1, impl)
+    (loss * AUTOCAST_CE_GRAD_SCALE).backward()
+    return dict(loss=loss.detach(), correct=correct, grad_z=z_leaf.grad, grad_w=w_leaf.grad)
+
+
+def _top2_gap(z, weight) -> torch.Tensor:
+    """Gap between each row's two largest cosine logits of the bf16-rounded operands [N]."""
+    zn = torch.nn.functional.normalize(z.double(), dim=1)
+    wn = torch.nn.functional.normalize(weight.bfloat16().double(), dim=1)
+    top = (zn @ wn.t() / 0.1).topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
+
+
+def _rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((value.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("device,n,c,d", AUTOCAST_CE_SHAPES)
+@pytest.mark.parametrize("learned", [False, True], ids=["prototypes", "learned"])
+def test_autocast_prototype_ce_matches_the_torch_reference(device, n, c, d, learned):
+    """The bf16 autocast path of the fused kernel (bf16 dot operands: wgmma on an H100) against
+    trex_fast.losses' torch reference, forward and backward with a non-unit upstream gradient.
+    The reference rounds the operands as the kernel does and computes in fp32, so the loss
+    agrees to fp32 summation order; gradients to bf16 storage (the kernel's backward dots take
+    bf16 dlogits, tests/test_prototype_ce_kernel.py's bound); top-1 wherever no near-tie."""
+    from trex_fast.kernels.prototype_ce import dot_dtype_for
+
+    z, weight, labels = _autocast_ce_inputs(device, n, c, d, learned)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert dot_dtype_for(z, weight) == torch.bfloat16  # the 16-bit (wgmma) kernels
+    ref = _autocast_ce_run("torch", z, weight, labels, learned)
+    out = _autocast_ce_run("triton", z, weight, labels, learned)
+    assert out["loss"].dtype == ref["loss"].dtype == torch.float32
+    assert _rel_err(out["loss"], ref["loss"]) <= 1e-5
+    clear = _top2_gap(z, weight) > AUTOCAST_CE_NEAR_TIE
+    assert clear.float().mean() > 0.9
+    assert torch.equal(out["correct"][clear], ref["correct"][clear])
+    assert out["grad_z"].dtype == ref["grad_z"].dtype == torch.bfloat16
+    assert _rel_err(out["grad_z"], ref["grad_z"]) <= 2.5e-2
+    if learned:
+        assert out["grad_w"].dtype == ref["grad_w"].dtype == torch.float32
+        assert _rel_err(out["grad_w"], ref["grad_w"]) <= 2.5e-2
+    else:
+        assert out["grad_w"] is None and ref["grad_w"] is None

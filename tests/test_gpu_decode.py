@@ -265,3 +265,33 @@ def test_compiled_gpu_mode_matches_cpu_mode(gd_root):
     assert torch.isfinite(batch.global_crops).all()
     for _ in data.epoch(0):  # exhaust: an abandoned FFCV iterator can abort at exit
         pass
+
+
+def test_a_corrupt_jpeg_is_replaced_by_another_sample_or_named():
+    """Issue #26: one corrupt stream fails torchvision's batched decode; the sample is found,
+    takes the next good sample's image and size, and is reported as (bad, donor)."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.gpu_decode import decode_images
+
+    rng = np.random.default_rng(0)
+    streams, shapes = [], [(24, 32), (16, 20), (30, 18)]
+    for h, w in shapes:
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(out, "JPEG")
+        streams.append(out.getvalue())
+    cut = len(streams[1]) // 3
+    streams[1] = streams[1][:cut] + bytes(len(streams[1]) - cut)  # zeros after the headers
+    slot = max(map(len, streams))
+    stored = torch.zeros(3, slot, dtype=torch.uint8)
+    for i, s in enumerate(streams):
+        stored[i, :len(s)] = torch.frombuffer(bytearray(s), dtype=torch.uint8)
+    info = torch.tensor([[h, w, len(s), 1] for (h, w), s in zip(shapes, streams)])
+    with pytest.raises(ValueError, match="sample 1: decoded nothing"):
+        decode_images(stored, info, 32, 32, "cpu")
+    replaced = []
+    canvas = decode_images(stored, info, 32, 32, "cpu", replaced).to_canvas()
+    assert replaced == [(1, 2)]
+    assert torch.equal(canvas[1], canvas[2]) and not torch.equal(canvas[0], canvas[2])

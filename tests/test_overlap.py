@@ -11,6 +11,7 @@ from pipelines.overlap import PinnedPrefixCopy, overlapped, packed_prefix_bytes
 from tests import test_ffcv_multicrop as ffcv_tests
 from tests.helpers import run_in_spawned_process
 from trex_fast import demo_data
+from trex_fast.costcount import Transfer, count_cost
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -84,6 +85,53 @@ def test_prefix_copy_moves_the_used_bytes_and_keeps_the_canvases(device):
     third = copy(packed, used)
     assert copy.staging[0].data_ptr() == first_buffer and len(copy.staging) == 2
     assert torch.equal(third[:, :used].cpu(), packed[:, :used])
+
+
+def test_prefix_copy_makes_one_contiguous_async_copy_and_no_slot_sized_host_buffer():
+    """Counted on the CPU with "meta" standing in for the GPU (a device whose memory is not the
+    host's): each batch crosses to the device as one contiguous, non_blocking copy of exactly
+    B x used bytes (a strided one would go through a pageable temporary and a blocking copy on
+    CUDA), and the host allocates only the reused staging buffers, never B x slot bytes."""
+    sizes = [torch.tensor(s, dtype=torch.int32) for s in
+             ([[3, 2], [5, 4], [1, 7]], [[2, 2], [5, 4], [4, 3]], [[6, 5], [1, 1], [2, 2]],
+              [[3, 2], [5, 4], [1, 7]], [[3, 3], [2, 2], [1, 1]])]
+    packed = _packed(sizes[0], 6, 8)  # [3, 144]: the loader's reused host rows
+    copy = PinnedPrefixCopy("meta")
+    per_batch = []
+    for batch_sizes in sizes:
+        used = packed_prefix_bytes(batch_sizes)
+        with count_cost() as cost:
+            moved = copy(packed, used)
+        per_batch.append((used, cost.transfers, cost.host_allocations))
+        assert moved.shape == packed.shape and moved.device.type == "meta"
+    assert [used for used, _, _ in per_batch] == [60, 60, 90, 60, 27]
+    for used, transfers, _ in per_batch:
+        assert transfers == [Transfer("cpu", "meta", 3 * used, contiguous=True,
+                                      non_blocking=True)]
+    # two staging buffers of 3 x 60 bytes, the first grown once to 3 x 90; then none
+    assert [alloc for _, _, alloc in per_batch] == [[180], [180], [270], [], []]
+    assert copy.total_bytes == 3 * (60 + 60 + 90 + 60 + 27)
+
+
+def test_prefix_copy_waits_for_a_buffers_last_copy_before_refilling_it():
+    """On CUDA the copy out of a staging buffer may still run when the host comes back to it:
+    the buffer is refilled only after that copy's event (faked here) has been waited for."""
+    sizes = torch.tensor([[3, 2], [5, 4], [1, 7]], dtype=torch.int32)
+    first, second = _packed(sizes, 6, 8, seed=1), _packed(sizes, 6, 8, seed=2)
+    used = packed_prefix_bytes(sizes)
+    copy, waits = PinnedPrefixCopy("cpu"), []
+
+    class InFlight:
+        def synchronize(self):  # what the buffer holds when the host waits
+            waits.append(copy.staging[0][:3 * used].clone())
+
+    copy(first, used)
+    copy.copied[0] = InFlight()  # as if buffer 0's copy to the device had not finished
+    copy(second, used)  # buffer 1: nothing to wait for
+    assert waits == []
+    third = copy(second, used)  # buffer 0 again
+    assert len(waits) == 1 and torch.equal(waits[0].view(3, used), first[:, :used])
+    assert copy.copied[0] is None and torch.equal(third[:, :used], second[:, :used])
 
 
 def test_prefix_copy_rejects_a_prefix_past_the_row():

@@ -240,6 +240,19 @@ def test_class_splits_match_one_split(splits):
     assert_matches(many, reference64(z, weight, labels), torch.float32)
 
 
+def test_grad_z_with_other_class_chunks_than_the_forward(monkeypatch):
+    """Issue 22, item 8: dL/dz has class chunks of its own (sized for its fewer programs per
+    SM). With 3 SMs, 4 forward and 1 gradient program per SM, 45 rows x 70 classes in 16-wide
+    tiles split 3 ways in the forward and not at all in dL/dz; the result is the reference's."""
+    monkeypatch.setattr(prototype_ce, "_sm_count", lambda device: 3)
+    blocks = BlockConfig(16, 16, programs_per_sm=4, grad_programs_per_sm=1)
+    plan = plan_launch(45, 70, 37, blocks, sms=3)
+    assert (plan.class_splits, plan.grad_class_splits) == (3, 1)
+    z, weight, labels = make_inputs(45, 70, 37, torch.float32, seed=15, zero_classes=(9,))
+    out = run_kernel(z, weight, labels, blocks=blocks)
+    assert_matches(out, reference64(z, weight, labels), torch.float32)
+
+
 def test_class_splits_keep_the_first_index_of_a_tie():
     """Classes 3 and 40 have the same prototype, in different chunks (32-class chunks with 3
     splits). Rows near that prototype have both as their top logit, so torch's argmax (the
@@ -258,19 +271,52 @@ def test_class_splits_keep_the_first_index_of_a_tie():
 
 def test_production_launch_fills_an_h100_with_wgmma_tiles():
     """Item 9 of issue 14: on CUDA, 16-bit operands get 64-row tiles and 4 or 8 warps (wgmma
-    needs a warpgroup, M >= 64), and the forward and dL/dz grids have at least one program per
-    SM of an H100 (132) at both production shapes, without an empty class chunk."""
+    needs a warpgroup, M >= 64), and no class chunk is empty. Item 8 of issue 22: the grids
+    fill whole waves of resident programs (2 forward programs per SM, 1 gradient program) or
+    nearly: at N=2304 the forward was 288 programs at one per SM, 3 waves with the last 18%
+    full; now one wave that gives every SM work, and dL/dz and dL/dW one wave of one per SM
+    each (dL/dz with class chunks of its own)."""
     blocks = prototype_ce._block_config(torch.bfloat16, 256, "cuda")
     assert blocks.block_n >= 64 and blocks.block_c >= 64
     assert blocks.num_warps in (4, 8) and blocks.grad_num_warps in (4, 8)
+    sms = 132
     for n, c in prototype_ce.PRODUCTION_SHAPES:
-        plan = plan_launch(n, c, 256, blocks, sms=132)
-        assert plan.row_blocks * plan.class_splits >= 132
-        assert plan.class_blocks * plan.weight_grad_splits >= 132
-        assert plan.class_chunk % blocks.block_c == 0
-        last_chunk_start = (plan.class_splits - 1) * plan.class_chunk
-        assert last_chunk_start < c <= last_chunk_start + plan.class_chunk
-    assert plan_launch(2304, 1000, 256, blocks, sms=132).class_splits > 1  # 36 row blocks only
+        plan = plan_launch(n, c, 256, blocks, sms=sms)
+        for programs, resident in ((plan.row_blocks * plan.class_splits, blocks.programs_per_sm),
+                                   (plan.row_blocks * plan.grad_class_splits,
+                                    blocks.grad_programs_per_sm),
+                                   (plan.class_blocks * plan.weight_grad_splits,
+                                    blocks.grad_programs_per_sm)):
+            slots = sms * resident
+            waves = programs / slots
+            assert math.ceil(waves) - waves <= 0.2 or waves > 2, (n, c, programs, slots)
+        for chunk, splits in ((plan.class_chunk, plan.class_splits),
+                              (plan.grad_class_chunk, plan.grad_class_splits)):
+            assert chunk % blocks.block_c == 0
+            assert (splits - 1) * chunk < c <= splits * chunk  # no empty chunk
+    plan = plan_launch(2304, 1000, 256, blocks, sms=sms)
+    assert sms <= plan.row_blocks * plan.class_splits <= sms * blocks.programs_per_sm
+    assert 0.8 * sms <= plan.row_blocks * plan.grad_class_splits <= sms  # dL/dz: 108
+    assert 0.9 * sms <= plan.class_blocks * plan.weight_grad_splits <= sms
+    big = plan_launch(16384, 21841, 256, blocks, sms=sms)  # fills the GPU unsplit: no partials
+    assert big.class_splits == big.grad_class_splits == big.weight_grad_splits == 1
+
+
+def test_wave_splits_minimise_whole_waves():
+    """_wave_splits against a brute force of its cost model, and the example of issue 22:
+    36 row blocks x 16 class blocks on 132 one-program SMs take 3 waves of 2 blocks at 8
+    splits (the old rule's choice) but 1 wave of 6 blocks at 3 splits (7 < 3 x 3 units)."""
+    assert prototype_ce._wave_splits(None, 36, 16, 132) == 3
+    assert prototype_ce._wave_cost(36, 3, 16, 132) < prototype_ce._wave_cost(36, 8, 16, 132)
+    assert prototype_ce._wave_splits(None, 36, 16, 264) == 6  # two per SM: 216 programs
+    assert prototype_ce._wave_splits(5, 36, 16, 132) == 5  # a requested count is kept
+    assert prototype_ce._wave_splits(None, 36, 16, None) == 1  # CPU
+    for other, most, slots in ((36, 16, 264), (16, 36, 132), (144, 63, 528), (7, 40, 100)):
+        best = min(prototype_ce._wave_cost(other, math.ceil(most / k), most, slots)
+                   for k in range(1, most + 1)
+                   if other * math.ceil(most / k) <= prototype_ce._MAX_SPLIT_WAVES * slots)
+        chosen = prototype_ce._wave_splits(None, other, most, slots)
+        assert prototype_ce._wave_cost(other, chosen, most, slots) == best
 
 
 def test_prototypes_are_rounded_once_per_call(monkeypatch):

@@ -13,11 +13,13 @@ import torchvision
 
 from tests.helpers import tiny_config
 from trex_fast import eval as eval_cli
+from trex_fast import train as train_cli
 from trex_fast.backbone_io import backbone_state
 from trex_fast.checkpoint import load_checkpoint, rng_state, set_rng_state
+from trex_fast.cli import parse_flags
 from trex_fast.config import ConfigError
 from trex_fast.demo_data import write_dataset
-from trex_fast.safe_load import UnsafeFileError, load_file
+from trex_fast.safe_load import UnreadableFileError, UnsafeFileError, load_file
 from trex_fast.train import run
 from trex_fast.transfer import cached_features
 from trex_fast.transfer_data import ImageList
@@ -93,6 +95,63 @@ def test_a_crafted_file_is_refused_naming_file_and_global(tmp_path, zip_format):
     assert "\n" not in message
     assert str(path) in message and "io.open" in message and "--trust_file=True" in message
     assert not marker.exists()
+
+
+def _cut_files(tmp_path) -> dict:
+    """An empty file, zip and legacy torch files cut in half, and a text file."""
+    whole = {}
+    for zip_format in (True, False):
+        path = tmp_path / f"whole_{zip_format}.pt"
+        torch.save({"w": torch.ones(64)}, path, _use_new_zipfile_serialization=zip_format)
+        whole[zip_format] = path.read_bytes()
+    files = {"empty.pt": b"", "cut_zip.pt": whole[True][:len(whole[True]) // 2],
+             "cut_legacy.pt": whole[False][:len(whole[False]) // 2],
+             "notes.pt": b"not a torch file\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+@pytest.mark.parametrize("trust_file", [False, True])
+def test_an_empty_or_truncated_file_is_named_in_one_line(tmp_path, trust_file):
+    for name, path in _cut_files(tmp_path).items():
+        with pytest.raises(UnreadableFileError) as e:
+            load_file(str(path), trust_file=trust_file)
+        message = str(e.value)
+        assert message.startswith(f"{path}: cannot be read: ") and "\n" not in message
+        expected = "the file is empty" if name == "empty.pt" else "truncated or not a torch file"
+        assert expected in message, message
+
+
+def _one_error_line(capsys, program: str, call) -> str:
+    with pytest.raises(SystemExit) as stop:
+        call()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith(f"{program}: error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_eval_and_train_report_an_empty_file_or_a_wrong_arch_in_one_line(trained, tmp_path,
+                                                                         capsys):
+    root, _ = trained
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    data = ["--num_workers=0", "--device=cpu", "--image_size=32",
+            f"--train={root / 'data' / 'train'}", f"--val={root / 'data' / 'val'}"]
+    line = _one_error_line(capsys, "trex_fast.eval", lambda: eval_cli.main(
+        ["knn", f"--backbone={empty}", "--arch=resnet18", *data]))
+    assert str(empty) in line and "empty" in line
+    backbone = root / "run" / "backbone.pth"  # a resnet18
+    line = _one_error_line(capsys, "trex_fast.eval", lambda: eval_cli.main(
+        ["knn", f"--backbone={backbone}", "--arch=resnet50", *data]))
+    assert str(backbone) in line and "--arch" in line
+    line = _one_error_line(capsys, "trex_fast.train", lambda: train_cli.main(
+        **parse_flags(ARCH_FLAGS), data=str(root / "data"), output_dir=str(tmp_path / "r"),
+        resume=str(empty)))
+    assert str(empty) in line and "empty" in line
 
 
 def test_trust_file_loads_the_crafted_file_only_when_asked(tmp_path):

@@ -111,3 +111,21 @@ def test_a_folder_with_nothing_measured_still_summarizes(tmp_path):
     (tmp_path / "bench_step_bs256.jsonl").write_text("")
     text = _summary(tmp_path)
     assert "1 failed: bench_step_bs256" in text and "## Projection" not in text
+
+
+def test_a_stage_whose_json_reports_a_failure_is_failed_even_with_exit_0(tmp_path):
+    """Issue 22, item 4: before the benchmarks exited 1 on an error record, stages.txt said 0."""
+    _write(tmp_path, "bench_step_bs256_compile.jsonl",
+           [json.dumps({"bench": "step", "compile": True, "error": "RuntimeError: no graph"})])
+    _write(tmp_path, "bench_kernel.jsonl",
+           [json.dumps({"impl": "triton", "status": "error", "total_ms": None, "n": 8, "c": 5,
+                        "reason": "OutOfMemoryError: CUDA out of memory"})])
+    _write(tmp_path, "bench_gpu_stage_torch.jsonl",
+           [json.dumps({"bench": "gpu_stage", "impl": "torch", "ms_per_batch": 2.0})])
+    _write(tmp_path, "stages.txt", ["bench_step_bs256_compile 0 40 120",
+                                    "bench_kernel 0 30 65", "bench_gpu_stage_torch 0 9 15"])
+    text = _summary(tmp_path)
+    assert "1 failed" not in text
+    assert "(3 of 3 recorded, 2 failed: bench_step_bs256_compile, bench_kernel)" in text
+    assert _row(text, "bench_kernel")[4] == "a JSON line reports a failure"
+    assert _row(text, "bench_gpu_stage_torch")[4] == ""

@@ -81,8 +81,9 @@ def test_resolved_config_is_the_plan(data, clocked):
     resolved = json.loads((clocked / "config.json").read_text())["resolved"]
     assert resolved == json.loads(json.dumps(plan.to_dict()))
     assert load_checkpoint(str(clocked / "checkpoint.pt"))["plan"] == plan.to_dict()
-    assert (plan.device, plan.precision, plan.loss_impl, plan.pipeline) == (
-        "cpu", "fp32", "torch", "reference")
+    assert (plan.device, plan.precision, plan.loss_impl, plan.stage_impl, plan.pipeline) == (
+        "cpu", "fp32", "torch", "torch", "reference")
+    assert resolved["stage_impl"] == "torch"
     assert (plan.global_batch, plan.steps_per_epoch, plan.total_steps, plan.num_classes,
             plan.warmup_steps) == (8, 4, 8, 8, 4)
     settings = plan.loader_settings()

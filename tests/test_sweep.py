@@ -103,6 +103,13 @@ def test_a_bad_named_point_in_a_file_is_named(tmp_path):
         build_points({}, {}, load_file(str(spec))["points"], str(tmp_path))
 
 
+def test_a_bad_grid_value_is_blamed_not_the_valid_ones_before_it(tmp_path):
+    assert parse_grid("memory_size=64,128,abc g=(0.4,1.0),x") == {
+        "memory_size": [64, 128, "abc"], "g": [(0.4, 1.0), "x"]}
+    with pytest.raises(SweepError, match="point memory_size-abc: --memory_size='abc'"):
+        build_points({}, parse_grid("memory_size=64,128,abc"), [], str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------
 # a real sweep: 2 x 2 tiny 1-epoch runs on real JPEGs, one of them interrupted before
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +254,55 @@ def test_sigterm_to_the_sweep_reaches_the_running_point_and_starts_no_more(tmp_p
     assert (tmp_path / "saved0").read_text() == "checkpoint"  # the point saved before exiting
     assert not (tmp_path / "up1").exists()  # the next point was never started
     assert "rerun the same command to continue" in output
+
+
+_SAVES_ON_SIGTERM = """
+    import signal, sys, time
+    def save(signum, frame):
+        open(sys.argv[1], "w").write("checkpoint")
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, save)
+    open(sys.argv[2], "w").write("started")
+    time.sleep(60)
+"""
+
+
+def _wait_for(path, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert time.time() < deadline, f"no {path.name} within {seconds} s"
+        time.sleep(0.05)
+
+
+def test_a_killed_sweep_stops_its_running_point_so_a_rerun_finds_no_orphan(tmp_path):
+    job = Job("p0", [*_child(_SAVES_ON_SIGTERM), str(tmp_path / "saved"), str(tmp_path / "up")],
+              str(tmp_path / "p0" / "train.log"))
+    runner = tmp_path / "runner.py"
+    runner.write_text("import pickle\nfrom trex_fast.sweep_launch import run_jobs\n"
+                      f"run_jobs(pickle.loads({pickle.dumps([job])!r}), [{{}}], poll_s=0.05)\n")
+    sweep = subprocess.Popen([sys.executable, str(runner)], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": REPO})
+    _wait_for(tmp_path / "up")
+    sweep.kill()  # SIGKILL: no handler of the sweep runs
+    sweep.wait(timeout=60)
+    _wait_for(tmp_path / "saved", 30)  # the point got SIGTERM and saved (it was orphaned)
+
+
+def test_an_error_in_the_sweep_ends_its_running_points(tmp_path, monkeypatch):
+    job = Job("p0", [*_child(_SAVES_ON_SIGTERM), str(tmp_path / "saved"), str(tmp_path / "up")],
+              str(tmp_path / "p0" / "train.log"))
+    real_sleep, failed = time.sleep, []
+
+    def failing_poll(seconds):  # the sweep's poll fails once the point runs
+        if (tmp_path / "up").exists() and not failed:
+            failed.append(True)
+            raise RuntimeError("the sweep fails while a point runs")
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", failing_poll)
+    with pytest.raises(RuntimeError, match="while a point runs"):
+        run_jobs([job], [{}], poll_s=0.05)
+    assert (tmp_path / "saved").read_text() == "checkpoint"  # SIGTERMed and waited for
 
 
 def test_slurm_point_job_checkpoint_stops_the_trainer_and_requeues_itself(tmp_path):

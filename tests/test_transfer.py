@@ -92,6 +92,14 @@ def test_unknown_name_and_absent_dataset_fail_clearly(tmp_path):
         resolve_all(["food101"], str(tmp_path))
 
 
+def test_every_missing_dataset_is_named_in_one_error(tmp_path):
+    with pytest.raises(DatasetNotReady) as err:
+        resolve_all(["food101", "pets"], str(tmp_path))
+    message = str(err.value)
+    assert message.startswith("2 of the 2 datasets are not ready")
+    assert "'food101'" in message and "'pets'" in message and "\n" not in message
+
+
 def test_imagefolder_paths_still_work(tmp_path):
     from trex_fast.demo_data import write_dataset
 

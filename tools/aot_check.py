@@ -2,12 +2,16 @@
 
 No GPU is needed: each kernel module's `aot_kernels()` (trex_fast/kernels/aot.py) lists its
 production launch configurations; each is compiled with triton.compile (an ASTSource for a
-GPUTarget) and its PTX assembled again with the wheel's own ptxas -v, which reports registers
-and spills. One JSON line per kernel and configuration goes to stdout as soon as it is built:
+GPUTarget) and its PTX assembled again by the installed triton's own cubin stage (its ptxas
+and its flags, whatever the triton version) with the ptxas log captured, which reports
+registers and spills. One JSON line per kernel and configuration goes to stdout as soon as it
+is built:
 
     kernel, file, target, registers, spill_bytes (bytes of spill stores), spill_load_bytes,
-    stack_bytes, shared_bytes (triton's shared memory per program), mma ("wgmma", "mma.sync"
-    or "none", read from the PTX), num_warps, num_stages, production, has_dot, constexprs
+    stack_bytes, shared_bytes (triton's shared memory per program), programs_per_sm (resident
+    at once on one SM of the target, from registers, shared memory and warps), mma ("wgmma",
+    "mma.sync" or "none", read from the PTX), num_warps, num_stages, production, has_dot,
+    constexprs, triton (version), ptxas (version)
 
 A kernel that fails to compile, or needs more shared memory than the target has, gets an
 "error" field instead and makes the exit status 1; the others still run. A module that is not
@@ -26,25 +30,24 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a bare checkout too
 
+from trex_fast.kernels.aot import TARGETS, programs_per_sm  # noqa: E402
+
 KERNEL_MODULES = ("trex_fast.kernels.prototype_ce", "pipelines.kernels.multicrop")
-# name -> (compute capability, max shared memory per block in bytes with the opt-in)
-TARGETS = {"sm_80": (80, 166912), "sm_86": (86, 101376), "sm_89": (89, 101376),
-           "sm_90a": (90, 232448)}
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -110,21 +113,37 @@ def _ast_source(kernel):
                      attrs=attrs)
 
 
+def _backend_and_options(target_name: str, num_warps: int, num_stages: int):
+    """triton's CUDA backend for the target and its compile options, as the JIT makes them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", TARGETS[target_name].capability, 32)
+    backend = triton.compiler.make_backend(target)
+    return backend, backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+
+
 @functools.cache  # the same PTX at several shapes is assembled once
-def _ptxas_report(ptx: str, capability: int) -> dict:
-    """registers / spills / stack from `ptxas -v` on the PTX triton generated."""
+def _ptxas_report(ptx: str, target_name: str, num_warps: int, num_stages: int) -> dict:
+    """registers / spills / stack from the ptxas log of triton's own cubin stage on the PTX it
+    generated: the installed triton's ptxas with the installed triton's flags (issue 22, item
+    7: they differ between triton versions), its log printed under dump_ptxas_log."""
+    from triton import knobs
     from triton.backends.nvidia.compiler import get_ptxas
 
-    arch = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)  # e.g. sm_90a
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
-        src.write_text(ptx)
-        cmd = [get_ptxas(capability).path, "-v", "-lineinfo", "--regAllocOptLevel=2",
-               f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "kernel.cubin")]
-        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
-    stack, stores, loads = (int(x) for x in _SPILLS.search(log).groups())
-    return dict(registers=int(_REGS.search(log).group(1)), spill_bytes=stores,
-                spill_load_bytes=loads, stack_bytes=stack)
+    backend, options = _backend_and_options(target_name, num_warps, num_stages)
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        backend.make_cubin(ptx, {}, options, backend.target.arch)
+    text = log.getvalue()
+    spills = _SPILLS.search(text)
+    if spills is None:
+        raise RuntimeError(f"no ptxas -v report in triton's log: {text[:300]!r}")
+    stack, stores, loads = (int(x) for x in spills.groups())
+    return dict(registers=int(_REGS.search(text).group(1)), spill_bytes=stores,
+                spill_load_bytes=loads, stack_bytes=stack,
+                ptxas=str(get_ptxas(backend.target.arch).version))
 
 
 def mma_kind(ptx: str) -> str:
@@ -138,21 +157,22 @@ def mma_kind(ptx: str) -> str:
 def check_kernel(kernel, target_name: str) -> dict:
     """Compile one configuration and describe it; raises on a compile failure."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
-    capability, max_shared = TARGETS[target_name]
-    target = GPUTarget("cuda", capability, 32)
-    options = triton.compiler.make_backend(target).parse_options(
-        {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
+    limits = TARGETS[target_name]
+    backend, options = _backend_and_options(target_name, kernel.num_warps, kernel.num_stages)
     start = time.perf_counter()
-    compiled = triton.compile(_ast_source(kernel), target=target, options=options.__dict__)
+    compiled = triton.compile(_ast_source(kernel), target=backend.target,
+                              options=options.__dict__)
     ptx = compiled.asm["ptx"]
-    record = dict(**_ptxas_report(ptx, capability), shared_bytes=compiled.metadata.shared,
-                  mma=mma_kind(ptx))
+    record = dict(**_ptxas_report(ptx, target_name, kernel.num_warps, kernel.num_stages),
+                  shared_bytes=compiled.metadata.shared, mma=mma_kind(ptx),
+                  triton=triton.__version__)
+    record["programs_per_sm"] = programs_per_sm(limits, record["registers"],
+                                                record["shared_bytes"], kernel.num_warps)
     record["compile_s"] = round(time.perf_counter() - start, 2)
-    if record["shared_bytes"] > max_shared:
+    if record["shared_bytes"] > limits.shared_per_block:
         record["error"] = (f"needs {record['shared_bytes']} bytes of shared memory, "
-                           f"{target_name} has {max_shared}")
+                           f"{target_name} has {limits.shared_per_block}")
     return record
 
 

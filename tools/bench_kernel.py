@@ -29,7 +29,9 @@ sizes are practical there, e.g.
     python tools/bench_kernel.py --device=cpu --n=64 --c=50 --impls=torch,eager_bf16,triton
 
 Progress goes to stderr; each JSON record goes to stdout (flushed) as soon as it is measured,
-so a run cut short by a time limit keeps the lines it has printed.
+so a run cut short by a time limit keeps the lines it has printed. The process exits 1 when
+any record is not "ok" (an error, or a compile that failed): a benchmark that did not measure
+what it was asked is a failed stage of tools/gpu_check.sh (issue 22).
 """
 from __future__ import annotations
 
@@ -317,7 +319,10 @@ def main(argv: list[str] | None = None) -> None:
         # Inductor compiles in-process. Observed on the 2-core CPU machine: with its compile
         # worker pool alive, steps of the compiled reference took ~110 ms instead of ~0.15 ms.
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    run(args)
+    failed = [f"{r['impl']} at {r['n']}x{r['c']}: {r['status']}" for r in run(args)
+              if r["status"] != "ok"]
+    if failed:
+        raise SystemExit(f"bench_kernel: {len(failed)} record(s) not ok: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

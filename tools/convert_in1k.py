@@ -16,6 +16,7 @@ import fire
 from pipelines.convert.convert import convert
 from pipelines.convert.options import ConvertError, ConvertOptions, make_options
 from pipelines.convert.verify import verify as verify_outputs
+from pipelines.errors import BadFileError
 
 
 def main(src=None, dst=None, formats=None, splits=None, max_resolution=None, jpeg_quality=None,
@@ -60,7 +61,7 @@ def main(src=None, dst=None, formats=None, splits=None, max_resolution=None, jpe
         opts = make_options(**given)
         convert(opts)
         problems = verify_outputs(opts) if opts.verify else []
-    except ConvertError as e:
+    except (ConvertError, BadFileError) as e:  # BadFileError: an unreadable <dst>/meta.json
         print(f"convert_in1k: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

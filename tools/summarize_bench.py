@@ -101,11 +101,24 @@ def fastest_steps(steps: list[dict]) -> dict[int, dict]:
     return best
 
 
-def stages_section(plan, records) -> str:
-    rows = [[r["stage"], r["rc"], r["seconds"], r["limit"], r["note"]] for r in records]
+def failed_rows(rows: list[dict]) -> list[dict]:
+    """JSON lines that report a failed measurement: an "error", or a kernel record not "ok"."""
+    return [r for r in rows if r.get("error") or r.get("status", "ok") != "ok"]
+
+
+def stages_section(plan, records, stages_with_errors: set[str]) -> str:
+    """A stage failed when its command's exit code is neither 0 nor skip, or when one of its
+    JSON lines reports a failure (issue 22: older scripts exited 0 after an error record)."""
+    rows, failed = [], []
+    for r in records:
+        note = r["note"]
+        if r["rc"] != "skip" and r["stage"] in stages_with_errors:
+            note = "; ".join(filter(None, [note, "a JSON line reports a failure"]))
+        if r["rc"] not in ("0", "skip") or note != r["note"]:
+            failed.append(r["stage"])
+        rows.append([r["stage"], r["rc"], r["seconds"], r["limit"], note])
     done = {r["stage"] for r in records}
     rows += [[name, "-", "-", limit, "not reached"] for name, limit in plan if name not in done]
-    failed = [r["stage"] for r in records if r["rc"] not in ("0", "skip")]
     verdict = (f"{len(failed)} failed: {', '.join(failed)}" if failed else "none failed")
     return (f"## Stages ({len(records)} of {len(plan) or len(records)} recorded, {verdict})\n"
             "Exit code of each stage's own command (124: its time limit).\n\n"
@@ -189,9 +202,10 @@ def summarize(folder: str) -> str:
     if os.path.isfile(env):
         parts.append(f"## Environment\n```\n{open(env).read().strip()}\n```")
     plan, records = read_stage_records(folder)
-    if plan or records:
-        parts.append(stages_section(plan, records))
     by_kind, notes = load_rows(folder)
+    if plan or records:
+        errors = {r["stage"] for rows in by_kind.values() for r in failed_rows(rows)}
+        parts.append(stages_section(plan, records, errors))
     best = fastest_steps(by_kind["step"])
     if by_kind["step"]:
         parts.append(step_section(by_kind["step"]))

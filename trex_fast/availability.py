@@ -152,17 +152,17 @@ def probe_dali_gpu() -> Probe:
 def probe_triton() -> Probe:
     error = _import_error("triton")
     if error:
-        return Probe("triton", False, f"{error}: only loss_impl=torch and the torch multi-crop "
-                     "stage (loss_impl=auto still picks triton on CUDA)")
+        return Probe("triton", False, f"{error}: loss_impl=auto and the multi-crop stage are "
+                     "torch")
     import triton
 
     if not probe_cuda().ok:
         return Probe("triton", False, f"triton {triton.__version__} is installed but there is no "
                      "CUDA device: its kernels run only in the interpreter (TRITON_INTERPRET=1, "
-                     "the tests); loss_impl=auto is torch")
+                     "the tests); loss_impl=auto and the multi-crop stage are torch")
     major, minor = torch.cuda.get_device_capability(0)
     return Probe("triton", True, f"triton {triton.__version__}: the fused kernels compile for "
-                 f"sm_{major}{minor}; loss_impl=auto is triton")
+                 f"sm_{major}{minor}; loss_impl=auto and the multi-crop stage are triton")
 
 
 @functools.cache
@@ -244,13 +244,17 @@ def resolve_precision(flag: str, device: torch.device) -> str:
     return flag
 
 
+def kernel_impl(device: torch.device | str) -> str:
+    """What every kernel "auto" resolves to, the loss and the multi-crop stage alike (so they
+    fall back together): "triton" on a GPU where Triton imports (probe_triton), else "torch"."""
+    return "triton" if torch.device(device).type == "cuda" and probe_triton().ok else "torch"
+
+
 def resolve_loss_impl(flag: str, device: torch.device | str) -> str:
-    """--loss_impl: auto = the fused Triton kernel on CUDA, the torch reference elsewhere."""
+    """--loss_impl: auto = kernel_impl (the fused Triton kernel, or the torch reference)."""
     if flag not in ("auto", "torch", "triton"):
         raise ValueError(f"loss_impl={flag!r} is not one of ('auto', 'torch', 'triton')")
-    if flag == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
-    return flag
+    return kernel_impl(device) if flag == "auto" else flag
 
 
 def resolve_pipeline(flag: str, root: str) -> str:

@@ -14,13 +14,13 @@ import torch.nn as nn
 
 from trex_fast import atomic
 from trex_fast.model import build_backbone
-from trex_fast.safe_load import RELEASE_GLOBALS, load_file
+from trex_fast.safe_load import RELEASE_GLOBALS, BadFileError, load_file
 
 _CONTAINERS = ("online", "core", "state_dict", "model", "teacher", "student")
 _PREFIXES = ("module.", "model.", "encoder.", "backbone.", "_orig_mod.")
 
 
-def _unwrap(obj) -> dict:
+def _unwrap(obj, path: str) -> dict:
     """The innermost dict of tensors: follow the usual container keys."""
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _CONTAINERS if isinstance(obj.get(k), dict)), None)
@@ -28,7 +28,8 @@ def _unwrap(obj) -> dict:
             break
         obj = inner
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a state_dict (a dict of tensors), found {type(obj).__name__}")
+        raise BadFileError(f"--backbone={path!r}: expected a state_dict (a dict of tensors), "
+                           f"found {type(obj).__name__}")
     return obj
 
 
@@ -48,18 +49,18 @@ def backbone_state(path: str, arch: str, trust_file: bool = False) -> dict[str, 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--backbone={path!r}: no such file")
     raw = load_file(path, trust_file=trust_file, allowed=RELEASE_GLOBALS)
-    tensors = {_strip(k): v for k, v in _unwrap(raw).items() if isinstance(v, torch.Tensor)}
+    tensors = {_strip(k): v for k, v in _unwrap(raw, path).items() if isinstance(v, torch.Tensor)}
     reference, _ = build_backbone(arch)
     wanted = reference.state_dict()
     missing = [k for k in wanted if k not in tensors]
     if missing:
-        raise ValueError(f"--backbone={path!r} has no weights for {len(missing)} of the "
+        raise BadFileError(f"--backbone={path!r} has no weights for {len(missing)} of the "
                          f"{len(wanted)} tensors of a torchvision {arch} (e.g. {missing[:3]}); "
                          "is --arch right?")
     wrong = [k for k in wanted if tensors[k].shape != wanted[k].shape]
     if wrong:
         k = wrong[0]
-        raise ValueError(f"--backbone={path!r} does not fit --arch={arch}: {k} has shape "
+        raise BadFileError(f"--backbone={path!r} does not fit --arch={arch}: {k} has shape "
                          f"{tuple(tensors[k].shape)}, {arch} needs {tuple(wanted[k].shape)}")
     return {k: tensors[k] for k in wanted}
 

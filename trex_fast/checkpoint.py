@@ -164,34 +164,45 @@ class CheckpointDir:
         newest = [self.newest] if os.path.isfile(self.newest) else []
         return newest + [path for _, path in self._older()]
 
-    def load_latest(self, trust_file: bool = False, log=print) -> tuple[str, dict] | None:
+    def load_latest(self, trust_file: bool = False, log=print,
+                    fresh_start: bool = False) -> tuple[str, dict] | None:
         """The newest checkpoint that loads; one that does not (e.g. truncated by a full disk)
-        is reported by name and the one before it is tried. None if there is none."""
+        is reported by name and the one before it is tried. None if there is none. When there
+        are checkpoints but none loads, UnreadableCheckpointError names them (a fresh run would
+        overwrite them), unless fresh_start (--fresh_start) says to start from step 0."""
+        unreadable = []
         for path in self.candidates():
             try:
                 ckpt = load_checkpoint(path, trust_file)
             except UnsafeFileError:
                 raise  # a crafted file is the user's to decide about, not to skip silently
             except Exception as e:  # any unreadable file: fall back to the previous one
-                log(f"{path}: cannot be loaded ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
-                    "trying the previous checkpoint")
+                log(f"{path}: cannot be loaded ({_first_line(e)}); trying the previous "
+                    "checkpoint")
+                unreadable.append(path)
                 continue
             if path == self.newest:
                 self._newest_step = ckpt["step"]
             return path, ckpt
+        if unreadable and not fresh_start:
+            raise UnreadableCheckpointError(
+                f"no checkpoint of {self.out_dir} can be loaded ({', '.join(unreadable)}); "
+                "they are left as they are. Pass --fresh_start=True to start from step 0 and "
+                "replace them, or use another --output_dir")
+        if unreadable:
+            log(f"--fresh_start=True: starting from step 0; {', '.join(unreadable)} will be "
+                "replaced")
         return None
 
     def save(self, ckpt: dict) -> str:
         """Write ckpt as checkpoint.pt; the previous one becomes checkpoint-step<N>.pt, and
         only the newest `keep` survive. Each step is an atomic rename, so a kill at any moment
-        leaves every checkpoint under its final name complete."""
+        leaves every checkpoint under its final name complete (a kill mid-write leaves a
+        temporary file, which the next run's start removes: atomic.remove_stale_temps).
+        Non-finite weights are refused (check_finite_weights)."""
+        check_finite_weights(ckpt, self.newest)
         os.makedirs(self.out_dir, exist_ok=True)
-        for name in os.listdir(self.out_dir):  # what a killed save left (one writer: rank 0)
-            if name.startswith(f".{CHECKPOINT_NAME}."):
-                os.remove(os.path.join(self.out_dir, name))
-        staged = os.path.join(self.out_dir, f".{CHECKPOINT_NAME}.staged")
-        atomic.save_torch(ckpt, staged)
+        staged = atomic.write_temp(self.newest, lambda f: torch.save(ckpt, f))
         if os.path.isfile(self.newest):
             previous_step = (self._newest_step if self._newest_step is not None
                              else _step_of(self.newest))
@@ -203,6 +214,46 @@ class CheckpointDir:
         for _, path in self._older()[max(self.keep - 1, 0):]:
             os.remove(path)
         return self.newest
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}"
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights to checkpoint hold inf or NaN; nothing was written."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """Checkpoints exist in the output directory but none loads."""
+
+
+def _float_tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _float_tensors(value)
+
+
+def left_behind(newest: str) -> str:
+    """What a run that stops on an error leaves, for its message; newest: the output
+    directory's checkpoint.pt."""
+    if os.path.isfile(newest):
+        return f"the last checkpoint ({newest}) is intact"
+    return f"there is no checkpoint yet ({newest}): a rerun starts from step 0"
+
+
+def check_finite_weights(ckpt: dict, newest: str) -> None:
+    """Refuse to write a checkpoint whose networks or memory bank hold inf/NaN. One host sync
+    per save (a save already copies every tensor to the host), never in the step."""
+    tensors = [t for key in ("online", "ema", "memory") for t in _float_tensors(ckpt.get(key))]
+    if tensors and not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+        raise NonFiniteWeightsError(
+            f"the weights became non-finite (inf or NaN) by global step {ckpt['step']}; this "
+            f"checkpoint was not written and {left_behind(newest)}. Try a lower --lr, "
+            "--precision=fp32, or check the data.")
 
 
 def _step_of(path: str) -> int | None:

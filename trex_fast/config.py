@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -89,6 +90,9 @@ class Config:
     reschedule: bool = _f(False, "on resume, accept a change of epochs, warmup_epochs, lr or "
                                  "min_lr (the LR schedule is recomputed: the run then differs "
                                  "from an uninterrupted one; the LR before and after is printed)")
+    fresh_start: bool = _f(False, "when output_dir holds checkpoints but none of them loads "
+                                  "(e.g. truncated), start from step 0 and replace them at the "
+                                  "first save; default: stop, naming them, and touch nothing")
     checkpoint_every_min: float = _f(20.0, "also checkpoint mid-epoch, at the first metric read "
                                            "after this many minutes (no extra host sync); 0 = "
                                            "only at epoch ends")
@@ -121,6 +125,17 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(name: str, given, number: float) -> float:
+    """Every float flag is finite: 1e999 parses as inf, which no comparison below refuses."""
+    if not math.isfinite(number):
+        raise ConfigError(f"--{name}={given!r}: must be a finite number")
+    return number
+
+
 def _coerce(name: str, value):
     """Check one flag's type (fire has parsed it as a Python literal) and normalise it."""
     hint = _HINTS[name]
@@ -133,8 +148,8 @@ def _coerce(name: str, value):
             return value
         raise ConfigError(f"--{name}={value!r}: expected an integer")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if _is_number(value):
+            return _finite(name, value, float(value))
         raise ConfigError(f"--{name}={value!r}: expected a number")
     if hint is str:
         if isinstance(value, str):
@@ -143,9 +158,8 @@ def _coerce(name: str, value):
             return str(value)  # e.g. --data=123 parsed as a number by fire
         raise ConfigError(f"--{name}={value!r}: expected a string")
     # tuple[float, float]: fire gives a tuple or list for "0.2,1.0"
-    if (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        return (float(value[0]), float(value[1]))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value)):
+        return (_finite(name, value, float(value[0])), _finite(name, value, float(value[1])))
     raise ConfigError(f"--{name}={value!r}: expected two numbers, e.g. --{name}=0.25,1.0")
 
 

@@ -18,6 +18,11 @@ every Triton launch by a patch of the launcher's `run` for the duration of the c
   (`torch.tensor([...])`), plus `Tensor.tolist()` / `Tensor.item()` calls.
   `count_cost(strict=True)` raises HostSyncError at the first one instead.
 - float64_tensors: numel of every float64 tensor an op produces.
+- transfers: every copy between two devices (`copy_`, `.to()`), with its bytes and whether
+  source and destination are both contiguous. A strided host-to-device copy is the costly
+  kind: on CUDA torch stages it through a fresh pageable contiguous temporary and a blocking
+  copy, whatever non_blocking says.
+- host_allocations: bytes of every tensor allocated in host memory inside the context.
 
 Under TRITON_INTERPRET=1 the interpreter copies each launch's tensors with aten ops; counting is
 suspended while a launch runs, so only the launch itself is counted. The counts are a cost
@@ -103,6 +108,33 @@ def _distinct_tensors(values):
     return list(seen.values())
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """One copy from one device's memory to another's, as it was asked for."""
+    source: str  # device type, e.g. "cpu"
+    target: str
+    bytes: int
+    contiguous: bool  # both sides contiguous: a single memcpy, no temporaries
+    non_blocking: bool
+
+
+def _transfer(func, args, kwargs, out) -> Transfer | None:
+    """The copy `copy_(dst, src)` or `_to_copy(src) -> out` makes, when it crosses devices."""
+    name = _op_name(func)
+    if name == "copy_":
+        source, target = args[1], args[0]
+        non_blocking = bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+    elif name == "_to_copy":
+        source, target = args[0], out
+        non_blocking = bool(kwargs.get("non_blocking", False))
+    else:
+        return None
+    if not isinstance(source, torch.Tensor) or source.device.type == target.device.type:
+        return None
+    return Transfer(source.device.type, target.device.type, tensor_bytes(target),
+                    source.is_contiguous() and target.is_contiguous(), non_blocking)
+
+
 @dataclass
 class Cost:
     strict: bool = False
@@ -111,6 +143,8 @@ class Cost:
     host_syncs: list[str] = field(default_factory=list)
     float64_tensors: list[int] = field(default_factory=list)
     triton_launches: list[tuple[str, int]] = field(default_factory=list)
+    transfers: list[Transfer] = field(default_factory=list)
+    host_allocations: list[int] = field(default_factory=list)
     ops: collections.Counter = field(default_factory=collections.Counter)
     suspended: int = 0  # > 0 while a Triton launch runs (the interpreter's copies are not ours)
 
@@ -126,8 +160,13 @@ class Cost:
         view = _is_view(func)
         if not view or name.startswith("lift_fresh"):  # a view makes no new tensor
             self.float64_tensors += [t.numel() for t in outputs if t.dtype == torch.float64]
+        if name in _ALLOCATION_OPS:
+            self.host_allocations += [tensor_bytes(t) for t in outputs if t.device.type == "cpu"]
         if view or name in _ALLOCATION_OPS:
             return
+        transfer = _transfer(func, args, kwargs, out)
+        if transfer is not None:
+            self.transfers.append(transfer)
         inputs = tree_flatten((args, kwargs))[0]
         self.bytes += sum(tensor_bytes(t) for t in _distinct_tensors(inputs + outputs))
         self.launches += name not in _SYNC_NO_LAUNCH

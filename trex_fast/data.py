@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torchvision.datasets.folder import find_classes
 
 from pipelines.convert.report import load_meta
+from pipelines.errors import BadFileError
 from pipelines.reference import ReferenceTrainData, ReferenceValData
 from pipelines.spec import multicrop_spec
-from trex_fast import demo_data
+from trex_fast import demo_data, distributed
 from trex_fast.config import Config
 
 
@@ -46,7 +48,8 @@ def count_classes(root: str, pipeline: str) -> int:
                                 "data converted by tools/convert_in1k.py, which writes it last")
     classes = load_meta(Path(root)).get("classes")
     if not classes:
-        raise ValueError(f"{root}/meta.json lists no classes; rerun tools/convert_in1k.py")
+        raise BadFileError(f"{os.path.join(root, 'meta.json')}: lists no classes; rerun "
+                           "tools/convert_in1k.py")
     return len(classes)
 
 
@@ -81,3 +84,24 @@ def build_data(cfg: Config, plan):
     train = ReferenceTrainData(os.path.join(root, "train"), multicrop_spec(cfg), settings)
     val = ReferenceValData(os.path.join(root, "val"), cfg.global_size, settings)
     return train, val
+
+
+def close_data(*datas) -> None:
+    """End the loaders' worker processes now (the reference pipeline's; FFCV and DALI load in
+    threads): a run that ends, however it ends, leaves none behind (issue #26)."""
+    for data in datas:
+        close = getattr(data, "close", None)
+        if close is not None:
+            close()
+
+
+def epoch_data_counts(train_data, device: torch.device) -> dict:
+    """What the train pipeline counted this epoch, summed over ranks, for the epoch's metrics:
+    {"corrupt_images": n} where it replaces images that fail to decode (FFCV, decode="cpu"),
+    nothing for pipelines that stop on such an image instead. Read once at the epoch's end
+    (one collective under DDP), never per batch."""
+    count = getattr(train_data, "corrupt_images", None)
+    if count is None:
+        return {}
+    total = distributed.all_reduce_sum(torch.tensor([int(count)], device=device))
+    return {"corrupt_images": int(total.item())}  # .item(): the epoch's end, not the hot path

@@ -24,13 +24,15 @@ def versions() -> str:
 
 
 def auto_choices() -> str:
-    """device, precision and loss_impl as a run with the default flags resolves them."""
+    """device, precision, loss_impl and the multi-crop stage as a run with the default flags
+    resolves them."""
     from trex_fast.config import make_config
 
     cfg = make_config()
     device = availability.resolve_device(cfg.device)
     return (f"device={device} precision={availability.resolve_precision(cfg.precision, device)} "
-            f"loss_impl={availability.resolve_loss_impl(cfg.loss_impl, device)}")
+            f"loss_impl={availability.resolve_loss_impl(cfg.loss_impl, device)} "
+            f"stage_impl={availability.kernel_impl(device)}")
 
 
 def report() -> list[str]:

@@ -38,7 +38,7 @@ from trex_fast.distributed import DistInfo
 from trex_fast.plan import make_plan
 from trex_fast.probes import TRIALS
 from trex_fast.runlog import device_name, git_revision, library_versions
-from trex_fast.safe_load import UnsafeFileError
+from trex_fast.safe_load import BadFileError
 from trex_fast.transfer import TransferSettings, backbone_tag, run_transfer
 from trex_fast.transfer_data import DatasetNotReady, resolve_all
 from trex_fast.transfer_report import markdown, write_outputs
@@ -252,10 +252,10 @@ def export(checkpoint: str, out: str, arch: str = "", trust_file: bool = False) 
 def main(argv: list[str] | None = None) -> None:
     try:
         run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export}, argv)
-    except (UnsafeFileError, FileNotFoundError, NotACheckpointError, UnavailableError,
+    except (BadFileError, FileNotFoundError, NotACheckpointError, UnavailableError,
             DatasetNotReady) as e:
-        # a user's error (a refused, missing or foreign file, an unusable device, a missing
-        # dataset): one line
+        # a user's error (a refused, unreadable, missing or foreign file, a backbone of another
+        # --arch, an unusable device, a missing dataset): one line
         print(f"trex_fast.eval: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -18,17 +18,27 @@ from dataclasses import dataclass, field
 import torch
 
 from trex_fast import distributed
+from trex_fast.checkpoint import left_behind
 from trex_fast.step import TrainState, train_step
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The training loss is inf or NaN; the message says which checkpoint the run leaves."""
+
+
+class SecondSignal(KeyboardInterrupt):
+    """A second SIGTERM/SIGINT: exit now without saving, with code 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag (a second signal kills). Alone, the loop stops after
-    the step it is in; under DDP a signal may reach one rank only, or the ranks at different
-    steps, so they stop where a metric read has agreed on it (`agreed`), all at one step."""
+    """Turns SIGTERM/SIGINT into a flag (a second signal raises SecondSignal). Alone, the loop
+    stops after the step it is in; under DDP a signal may reach one rank only, or the ranks at
+    different steps, so they stop where a metric read has agreed on it (`agreed`), all at one
+    step."""
 
     def __init__(self):
         self.received: int | None = None  # the signal this process got
@@ -47,7 +57,7 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         if self.received is not None:  # asked twice: give up saving
             signal.signal(signum, self._previous[signum])
-            raise KeyboardInterrupt
+            raise SecondSignal(signum)
         self.received = signum
         when = ("at the next metric read (within --log_every steps), with every rank"
                 if distributed.is_distributed() else "after this step")
@@ -94,9 +104,8 @@ def check_finite(read: dict, step: int, checkpoint_path: str) -> None:
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(
             f"the training loss became non-finite ({mean_loss}) within the {read['steps']} steps "
-            f"before global step {step}; stopped without saving, so the last good checkpoint "
-            f"({checkpoint_path}) is intact. Try a lower --lr, --precision=fp32, or check the "
-            "data.")
+            f"before global step {step}; stopped without saving: {left_behind(checkpoint_path)}. "
+            "Try a lower --lr, --precision=fp32, or check the data.")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The RunPlan: every fact of a run resolved once (issue #15), then read, never re-derived.
 
 `plan_run(cfg, dist_info)` asks trex_fast.availability to decide each "auto" flag (device,
-precision, loss_impl, pipeline, decode, workers, SyncBN), counts the dataset's classes
+precision, loss_impl, pipeline, decode, workers, SyncBN) and the multi-crop stage's impl (with
+loss_impl=auto's one fact, so both fall back to torch together), counts the dataset's classes
 (trex_fast.data.count_classes), builds the loaders from the plan's loader view, and freezes the
 plan with the steps per epoch the train loader takes. config.json's "resolved" block is
 `plan.to_dict()`; each checkpoint stores it, and resume compares the stored plan with the new
@@ -28,6 +29,7 @@ class RunPlan:
     device: str  # e.g. "cpu", "cuda:3": this process's device
     precision: str  # bf16 | fp16 | fp32
     loss_impl: str  # torch | triton
+    stage_impl: str  # torch | triton: the multi-crop stage (FFCV, DALI); falls back with the loss
     pipeline: str  # reference | ffcv | dali
     decode: str  # cpu | gpu (FFCV's JPEG decode; the other pipelines record it unused)
     sync_bn: bool
@@ -59,7 +61,8 @@ class RunPlan:
     def loader_settings(self) -> LoaderSettings:
         """The part of the plan every pipeline's loader reads."""
         return LoaderSettings(self.batch_size, self.workers, self.seed, self.rank,
-                              self.world_size, self.torch_device, self.dtype, self.channels_last)
+                              self.world_size, self.torch_device, self.dtype, self.channels_last,
+                              self.stage_impl)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,6 +96,7 @@ def make_plan(cfg: Config, dist_info: DistInfo, num_classes: int, steps_per_epoc
         device=str(device),
         precision=availability.resolve_precision(cfg.precision, device),
         loss_impl=availability.resolve_loss_impl(cfg.loss_impl, device),
+        stage_impl=availability.kernel_impl(device),
         pipeline=pipeline,
         decode=availability.resolve_decode(cfg.decode, device),
         sync_bn=availability.resolve_sync_bn(cfg.sync_bn, device, dist_info.world_size),

@@ -67,12 +67,29 @@ def parse_base(base) -> dict:
         raise SweepError(f"--base: {e}") from None
 
 
-def _values(key: str, text: str) -> list:
-    """'1,3' -> [1, 3]; '(0.25,1.0),(0.4,1.0)' -> two tuples; 'trex,plain' -> two strings."""
+def _top_level_parts(text: str) -> list[str]:
+    """'64,(0.4,1.0),abc' -> ['64', '(0.4,1.0)', 'abc']: commas inside brackets stay."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p.strip() for p in parts + [text[start:]] if p.strip()]
+
+
+def _literal_or_text(part: str):
     try:
-        values = ast.literal_eval(f"[{text}]")
+        return ast.literal_eval(part)
     except (ValueError, SyntaxError):
-        values = [v for v in (part.strip() for part in text.split(",")) if v]
+        return part
+
+
+def _values(key: str, text: str) -> list:
+    """'1,3' -> [1, 3]; '(0.25,1.0),(0.4,1.0)' -> two tuples; 'trex,plain' -> two strings;
+    each value is read on its own, so in '64,128,abc' only 'abc' stays a string (and the
+    config check blames it, not 64)."""
+    values = [_literal_or_text(part) for part in _top_level_parts(text)]
     if not values:
         raise SweepError(f"--grid: {key} has no values")
     return values

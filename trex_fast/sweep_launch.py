@@ -10,6 +10,7 @@ is requeued, and the requeued job resumes.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import signal
@@ -24,6 +25,7 @@ from trex_fast.sweep import Point, SweepError
 LAUNCHERS = ("local", "torchrun", "slurm")
 CLUSTERS = ("slurm", "local", "debug")  # submitit executors; local/debug need no Slurm
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+END_GRACE_S = 120.0  # a trainer's time to save after SIGTERM when the sweep ends, then SIGKILL
 
 
 @dataclass(frozen=True)
@@ -104,23 +106,51 @@ class Job:
     log_path: str
 
 
+def _stop_with_parent() -> None:
+    """In a point's process, before it runs: SIGTERM when the sweep dies, even by SIGKILL
+    (Linux's parent-death signal), so a killed sweep leaves no orphan trainer (issue #26)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the sweep's own exit path still ends it
+        pass
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:  # it ended between the poll and the signal
+            pass
+
+
+def end_jobs(procs: list[subprocess.Popen], grace_s: float = END_GRACE_S) -> None:
+    """End running points' process groups: SIGTERM (they save and exit), then SIGKILL for a
+    group still there after grace_s."""
+    for proc in procs:
+        _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
+
 def run_jobs(jobs: list[Job], slots: list[dict], poll_s: float = 0.2) -> dict[str, int]:
     """Run jobs, len(slots) at a time, each with its slot's environment; returns exit codes.
 
     A SIGTERM or SIGINT to the sweep is passed on as SIGTERM to every running job's process
     group (its loader workers, torchrun's workers), which checkpoint and exit; then the sweep
-    exits too, without starting more. Rerunning the sweep continues them."""
+    exits too, without starting more. Rerunning the sweep continues them. However else the
+    sweep ends (an error, or killed: see _stop_with_parent), its jobs end with it."""
     queue, running, codes = list(jobs), {}, {}
     received: list[int] = []
 
     def on_signal(signum, frame):
         received.append(signum)
         for proc, _ in running.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:  # it ended between the poll and the signal
-                    pass
+            _signal_group(proc, signal.SIGTERM)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -132,7 +162,8 @@ def run_jobs(jobs: list[Job], slots: list[dict], poll_s: float = 0.2) -> dict[st
                 log = open(job.log_path, "a")
                 print(f"[trex_fast.sweep] start {job.name} {slots[slot] or ''}", flush=True)
                 proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
-                                        env=child_env(slots[slot]), start_new_session=True)
+                                        env=child_env(slots[slot]), start_new_session=True,
+                                        preexec_fn=_stop_with_parent)
                 running[slot] = (proc, job)
                 log.close()  # the child holds its own descriptor
             for slot, (proc, job) in list(running.items()):
@@ -144,6 +175,7 @@ def run_jobs(jobs: list[Job], slots: list[dict], poll_s: float = 0.2) -> dict[st
                 break
             time.sleep(poll_s)
     finally:
+        end_jobs([proc for proc, _ in running.values()])  # only left on an error
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if received:

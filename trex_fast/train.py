@@ -10,20 +10,29 @@ import inspect
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from trex_fast import atomic, availability, bottleneck, distributed, runlog
+from trex_fast import atomic, availability, bottleneck, distributed, run_lock, runlog
 from trex_fast import checkpoint as ckpt_lib
 from trex_fast.build import build_state
 from trex_fast.cli import run_cli
 from trex_fast.config import FIELDS, Config, ConfigError, help_text, make_config
-from trex_fast.loop import CheckpointClock, EpochTotals, StopSignal, train_one_epoch
+from trex_fast.data import close_data, epoch_data_counts
+from trex_fast.loop import (
+    CheckpointClock,
+    EpochTotals,
+    NonFiniteLossError,
+    SecondSignal,
+    StopSignal,
+    train_one_epoch,
+)
 from trex_fast.model import backbone_state_dict
-from trex_fast.plan import RunPlan, plan_run
-from trex_fast.safe_load import UnsafeFileError
+from trex_fast.plan import RunPlan, output_dir, plan_run
+from trex_fast.safe_load import BadFileError
 from trex_fast.step import TrainState
 from trex_fast.validation import evaluate
 
@@ -50,7 +59,7 @@ def _find_checkpoint(cfg: Config, plan: RunPlan, ckpts: ckpt_lib.CheckpointDir):
     if cfg.resume:
         found = cfg.resume, ckpt_lib.load_checkpoint(cfg.resume, trust_file=cfg.trust_file)
     else:
-        found = ckpts.load_latest(cfg.trust_file, log=_log)
+        found = ckpts.load_latest(cfg.trust_file, log=_log, fresh_start=cfg.fresh_start)
     if found is None:
         return None
     path, ckpt = found
@@ -111,7 +120,21 @@ def _run(cfg: Config, dist_info, device: torch.device) -> dict:
 
 
 def _run_stoppable(cfg: Config, dist_info, device: torch.device, stop: StopSignal) -> dict:
-    plan, train_data, val_data = plan_run(cfg, dist_info, device)
+    # one run per output directory: rank 0, which writes the outputs, holds its lock before
+    # any loader or model is built and before anything is written there (issue #26)
+    out_dir = output_dir(cfg)
+    with run_lock.held(out_dir, _log) if dist_info.is_main else nullcontext():
+        if dist_info.is_main:
+            for path in atomic.remove_stale_temps(out_dir):
+                _log(f"removed {path}, left by a writer that was killed")
+        plan, train_data, val_data = plan_run(cfg, dist_info, device)
+        try:
+            return _run_planned(cfg, plan, train_data, val_data, stop)
+        finally:  # however the run ends, its loaders' workers end with it
+            close_data(train_data, val_data)
+
+
+def _run_planned(cfg: Config, plan: RunPlan, train_data, val_data, stop: StopSignal) -> dict:
     ckpts = ckpt_lib.CheckpointDir(plan.output_dir, cfg.keep_checkpoints)
     if cfg.profile_steps:  # a fresh state: the run's own checkpoints are not touched
         return _profile(cfg, plan, build_state(cfg, plan), train_data)
@@ -119,7 +142,6 @@ def _run_stoppable(cfg: Config, dist_info, device: torch.device, stop: StopSigna
     state = build_state(cfg, plan)
     resumed = _resume(cfg, plan, state, found)
     if plan.is_main:
-        os.makedirs(plan.output_dir, exist_ok=True)
         runlog.write_run_info(plan.output_dir, cfg, plan.torch_device,
                               {"resolved": plan.to_dict()})
         runlog.truncate_metrics(plan.output_dir, completed_epochs=resumed.epoch)
@@ -166,7 +188,8 @@ def _train(cfg: Config, plan: RunPlan, state: TrainState, train_data, val_data,
                 _save(plan, state, ckpts, epoch, outcome.stopped_at, elapsed(), outcome.totals)
                 return stopped(outcome.totals)
             start_step = 0
-            last = _end_of_epoch(cfg, plan, state, val_data, epoch, outcome, elapsed())
+            last = _end_of_epoch(cfg, plan, state, val_data, epoch, outcome, elapsed(),
+                                 epoch_data_counts(train_data, plan.torch_device))
             _save(plan, state, ckpts, epoch + 1, 0, elapsed())
             clock.reset()
             if stop.requested() is not None and epoch + 1 < cfg.epochs:  # at the epoch's end
@@ -181,7 +204,6 @@ def _profile(cfg: Config, plan: RunPlan, state: TrainState, train_data) -> dict:
     warmup = max(3, cfg.profile_steps // 2)  # CPU and cuDNN warm up over several steps
     report = bottleneck.measure(state, train_data, plan.pipeline, cfg.profile_steps, warmup)
     if plan.is_main:
-        os.makedirs(plan.output_dir, exist_ok=True)
         runlog.write_json(os.path.join(plan.output_dir, "bottleneck.json"), report)
         _log(f"profile over {cfg.profile_steps} steps: {report}")
         _log(report["verdict"])
@@ -189,9 +211,10 @@ def _profile(cfg: Config, plan: RunPlan, state: TrainState, train_data) -> dict:
 
 
 def _end_of_epoch(cfg: Config, plan: RunPlan, state: TrainState, val_data, epoch: int,
-                  outcome, elapsed: float) -> dict:
+                  outcome, elapsed: float, data_counts: dict) -> dict:
     record = {"epoch": epoch + 1, "step": state.step, **outcome.totals.summary(),
-              "lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2)}
+              "lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2),
+              **data_counts}  # e.g. corrupt_images (trex_fast.data.epoch_data_counts)
     last_epoch = epoch + 1 == cfg.epochs
     if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
         record.update(evaluate(state, val_data))
@@ -223,22 +246,37 @@ def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict)
 # ---------------------------------------------------------------------------------------------
 # CLI (fire)
 # ---------------------------------------------------------------------------------------------
-# A user's errors: one line `trex_fast.train: error: ...`, no traceback (issue #15).
-USER_ERRORS = (UnsafeFileError, ckpt_lib.ResumeError, ckpt_lib.NotACheckpointError,
-               FileNotFoundError, availability.UnavailableError)
+# A user's errors: one line `trex_fast.train: error: ...`, no traceback, exit 2 (issue #15).
+USER_ERRORS = (BadFileError, ckpt_lib.ResumeError, ckpt_lib.NotACheckpointError,
+               ckpt_lib.UnreadableCheckpointError, FileNotFoundError,
+               availability.UnavailableError, run_lock.OutputDirError, run_lock.RunLockedError)
+# A run that failed for a reason its message explains: one line too, exit 1 (issue #26).
+RUN_FAILURES = (NonFiniteLossError, ckpt_lib.NonFiniteWeightsError, atomic.NoSpaceError)
+
+
+def _exit(message: str, code: int):
+    print(f"trex_fast.train: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+EXIT_CODES = ("Exit codes: 0 done; 2 a user's error; 1 a failed run; 128 + the signal when "
+              "SIGTERM/SIGINT stopped it (saved after one signal, not after a second).")
 
 
 def main(**flags) -> None:
     try:
         cfg = make_config(**flags)
     except ConfigError as e:
-        print(f"trex_fast.train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"error: {e}", 2)
     try:
         result = run(cfg)
     except (*USER_ERRORS, ConfigError) as e:  # ConfigError: the checks that need the world size
-        print(f"trex_fast.train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"error: {e}", 2)
+    except RUN_FAILURES as e:
+        _exit(f"error: {e}", 1)
+    except SecondSignal as e:
+        _exit(f"stopped by a second signal ({e.signum}) without saving; rerun the same "
+              "command to continue from the last checkpoint", 128 + e.signum)
     if result.get("signal"):  # preempted: saved, but tell the scheduler the job did not finish
         sys.exit(128 + result["signal"])
 
@@ -253,6 +291,8 @@ main.__doc__ = f"""Train t-ReX / t-ReX* (RECIPE.md); with no flags, the CPU demo
 
 Flags (a flag given explicitly overrides the preset's value):
 {help_text()}
+
+{EXIT_CODES}
 """
 
 

@@ -288,9 +288,21 @@ def resolve(entry: str, data_root: str) -> Labelled:
 
 
 def resolve_all(entries: list[str], data_root: str) -> list[Labelled]:
-    """Every entry read and checked (nothing extracted yet); unknown names list the known."""
+    """Every entry read and checked (nothing extracted yet); unknown names list the known.
+    Every entry that is not ready is named, in one error, so that one rerun finds them all."""
     for entry in entries:
         if is_path(entry) and not os.path.isdir(entry) and os.sep not in entry:
             raise DatasetNotReady(f"--datasets: {entry!r} is neither a dataset name "
                                   f"({', '.join(SPECS)}) nor a directory")
-    return [resolve(entry, data_root) for entry in entries]
+    resolved, problems = [], []
+    for entry in entries:
+        try:
+            resolved.append(resolve(entry, data_root))
+        except DatasetNotReady as e:
+            problems.append(str(e))
+    if len(problems) > 1:
+        raise DatasetNotReady(f"{len(problems)} of the {len(entries)} datasets are not ready: "
+                              + "; ".join(problems))
+    if problems:
+        raise DatasetNotReady(problems[0])
+    return resolved

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.errors import BadFileError
+
 from .images import Encoded
 
 FFCV_VERSION = 2  # ffcv.types.CURRENT_VERSION
@@ -49,6 +51,23 @@ def _align(offset: int, page_size: int) -> int:
     return -(-offset // page_size) * page_size
 
 
+def _head_bytes(num_samples: int) -> int:
+    """Header, field descriptors and per-sample metadata (before the padding to a page)."""
+    return (HEADER_TYPE.itemsize + len(FIELD_NAMES) * FIELD_DESC_TYPE.itemsize
+            + num_samples * METADATA_TYPE.itemsize)
+
+
+def beton_size(num_samples: int, mean_sample: float, page_size: int) -> int:
+    """The size of a .beton of `num_samples` samples of `mean_sample` bytes on average, as
+    write_beton lays it out: the head padded to a page, whole pages (a sample that does not fit
+    starts a new page, so a page loses up to one sample: counted as one mean sample), and the
+    allocation table. A small split still takes two full pages (16 MiB at the default)."""
+    mean_sample = min(max(mean_sample, 1.0), page_size / 2)
+    pages = max(1, -(-int(num_samples * mean_sample) // int(page_size - mean_sample)))
+    return (_align(_head_bytes(num_samples), page_size) + pages * page_size
+            + num_samples * ALLOC_TABLE_TYPE.itemsize)
+
+
 def _header_parts(num_samples: int, page_size: int):
     header = np.zeros(1, dtype=HEADER_TYPE)
     header["version"] = FFCV_VERSION
@@ -67,7 +86,7 @@ def write_beton(path: Path, samples: Iterable[tuple[int, Encoded]], num_samples:
     """Write `num_samples` (label, Encoded) pairs to `path` (the caller renames it into place)."""
     header, descriptors, metadata = _header_parts(num_samples, page_size)
     image_meta, labels = metadata["f0"], metadata["f1"]  # numpy names the unnamed fields f0, f1
-    data_start = _align(header.nbytes + descriptors.nbytes + metadata.nbytes, page_size)
+    data_start = _align(_head_bytes(num_samples), page_size)
     allocations = []
     page, used, page_index = bytearray(page_size), 0, -1
     with open(path, "wb") as f:
@@ -98,3 +117,38 @@ def write_beton(path: Path, samples: Iterable[tuple[int, Encoded]], num_samples:
         f.write(header.tobytes() + descriptors.tobytes() + metadata.tobytes())
         f.flush()
         os.fsync(f.fileno())
+
+
+def _read_at(f, offset: int, dtype: np.dtype, count: int = 1) -> np.ndarray:
+    f.seek(offset)
+    return np.frombuffer(f.read(dtype.itemsize * count), dtype=dtype)
+
+
+def check_beton(path: str) -> None:
+    """Raise BadFileError naming `path` when it is not a whole FFCV .beton: a header of another
+    format, or a file shorter than its header says (the allocation table, which FFCV reads
+    at the end, missing or cut, or a sample pointing past the data)."""
+    size = os.path.getsize(path)
+    if size < HEADER_TYPE.itemsize:
+        raise BadFileError(f"{path}: truncated or not a .beton ({size} bytes, shorter than the "
+                           "FFCV header)")
+    with open(path, "rb") as f:
+        header = _read_at(f, 0, HEADER_TYPE)[0]
+        if int(header["version"]) != FFCV_VERSION or int(header["page_size"]) <= 0:
+            raise BadFileError(f"{path}: not an FFCV .beton (version {int(header['version'])}, "
+                               f"page size {int(header['page_size'])})")
+        table_at, entry = int(header["alloc_table_ptr"]), ALLOC_TABLE_TYPE.itemsize
+        if table_at > size or (size - table_at) % entry:
+            raise BadFileError(f"{path}: truncated: {size} bytes, but its header puts the "
+                               f"allocation table at byte {table_at} (a whole file ends on a "
+                               f"{entry}-byte table entry after it); rerun tools/convert_in1k.py")
+        table = _read_at(f, table_at, ALLOC_TABLE_TYPE, (size - table_at) // entry)
+        types = _read_at(f, HEADER_TYPE.itemsize, FIELD_DESC_TYPE, int(header["num_fields"]))
+    has_image = FIELD_TYPE_IDS[0] in types["type_id"]  # each sample's image is one allocation
+    if (has_image and len(table) < int(header["num_samples"])) or (
+            len(table) and int((table["ptr"] + table["size"]).max()) > table_at):
+        raise BadFileError(f"{path}: truncated or damaged: its allocation table holds "
+                           f"{len(table)} entries, pointing up to byte "
+                           f"{int((table['ptr'] + table['size']).max(initial=0))} of {table_at}, "
+                           f"for {int(header['num_samples'])} samples; rerun "
+                           "tools/convert_in1k.py")

@@ -6,6 +6,7 @@ chunks. A rerun with the same arguments reuses them; other arguments are refused
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .atomic import replace_durably, write_bytes_atomic
-from .beton import page_size_for, write_beton
+from .beton import beton_size, page_size_for, write_beton
 from .images import EncodeSpec
 from .options import SPLITS, TOOL_VERSION, ConvertError, ConvertOptions
 from .report import build_meta, load_meta, output_paths, print_summary, write_meta
@@ -57,9 +58,27 @@ def convert(opts: ConvertOptions, timings: dict | None = None) -> dict:
 
     `timings`, if given, receives the wall time of the phases (encode_s, write_s), the CPU time
     of the encode phase over all processes (encode_cpu_s) and the number of images encoded by
-    this run (encoded), for benchmarks; meta.json never holds timings.
+    this run (encoded), for benchmarks; meta.json never holds timings. A file system error (a
+    read-only or full --dst) is a ConvertError naming the path: one line, resumable.
     """
-    timings = {} if timings is None else timings
+    try:
+        return _convert(opts, {} if timings is None else timings)
+    except OSError as e:
+        raise _os_error(e, opts) from None
+
+
+def _os_error(e: OSError, opts: ConvertOptions) -> ConvertError:
+    where = e.filename or opts.dst
+    reason = e.strerror or str(e)
+    hint = {errno.ENOSPC: "free some space (or choose another --dst)",
+            errno.EDQUOT: "free some space (or choose another --dst)",
+            errno.EROFS: "choose a writable --dst",
+            errno.EACCES: "choose a --dst you can write to"}.get(e.errno, "fix it")
+    return ConvertError(f"{where}: {reason}; {hint}, then rerun the same command: finished work "
+                        "is kept and resumed")
+
+
+def _convert(opts: ConvertOptions, timings: dict) -> dict:
     plan = scan(opts)
     dst = Path(opts.dst)
     fp = fingerprint(opts, plan)
@@ -236,32 +255,47 @@ def _write_shard_dir(final: Path, chunks: list[Path], shard_size: int, bar: tqdm
     replace_durably(partial, final)
 
 
-def check_disk(dst: Path, opts: ConvertOptions, plan: SourcePlan, splits: list[str]) -> None:
-    """Refuse to start when the estimated work files plus outputs do not fit."""
-    samples = [s for name in splits for s in plan.splits[name].samples]
-    if not samples:
-        return
-    step = max(1, len(samples) // 200)  # stat a deterministic spread, not every file
-    sizes = [_size(os.path.join(opts.src, s.path)) for s in samples[::step]]
-    jpeg = sum(sizes) / len(sizes)  # re-encoded ImageNet JPEGs stay close to the source size
+def estimate_bytes(opts: ConvertOptions, plan: SourcePlan, splits: list[str]) -> int:
+    """Disk space the conversion of `splits` needs at its peak (work files and outputs), with
+    DISK_MARGIN; each .beton counted page by page (beton_size), since its padding dominates
+    small splits."""
     raw_share = {"jpg": 0.0, "raw": 1.0, "smart": 1.0,
                  "proportion": 1.0 - opts.compress_probability}[opts.write_mode]
     raw = raw_share * opts.max_resolution ** 2 * 3 * 0.75  # 4:3 image at the longest side
-    ffcv = raw + (1.0 - raw_share) * jpeg if "ffcv" in opts.formats else 0.0
-    dali = jpeg if "dali" in opts.formats else 0.0
-    # Until a split is written, its chunk files hold the JPEG (and raw pixels) once more.
-    work = (raw if ffcv else 0.0) + (jpeg if dali or (ffcv and raw_share < 1) else 0.0)
-    per_image = work + ffcv + dali
-    need = DISK_MARGIN * per_image * len(samples)
+    page_size = page_size_for(opts.max_resolution ** 2 * 3 if raw_share else 0)
+    total = 0.0
+    for name in splits:
+        samples = plan.splits[name].samples
+        if not samples:
+            continue
+        step = max(1, len(samples) // 200)  # stat a deterministic spread, not every file
+        sizes = [_size(os.path.join(opts.src, s.path)) for s in samples[::step]]
+        jpeg = sum(sizes) / len(sizes)  # re-encoded ImageNet JPEGs stay close to the source
+        ffcv = "ffcv" in opts.formats
+        dali = jpeg if "dali" in opts.formats else 0.0
+        # Until a split is written, its chunk files hold the JPEG (and raw pixels) once more.
+        work = (raw if ffcv else 0.0) + (jpeg if dali or (ffcv and raw_share < 1) else 0.0)
+        total += len(samples) * (work + dali)
+        if ffcv:
+            total += beton_size(len(samples), raw + (1.0 - raw_share) * jpeg, page_size)
+    return int(DISK_MARGIN * total)
+
+
+def check_disk(dst: Path, opts: ConvertOptions, plan: SourcePlan, splits: list[str]) -> None:
+    """Refuse to start when the estimated work files plus outputs do not fit."""
+    images = sum(len(plan.splits[name].samples) for name in splits)
+    if not images:
+        return
+    need = estimate_bytes(opts, plan, splits)
     probe = dst if dst.exists() else next(p for p in dst.parents if p.exists())
     free = shutil.disk_usage(probe).free
-    print(f"disk: about {need / 1e9:.2f} GB needed for {len(samples)} images, "
+    print(f"disk: about {need / 1e9:.2f} GB needed for {images} images, "
           f"{free / 1e9:.2f} GB free at {probe}")
     if need > free:
         raise ConvertError(
             f"not enough free disk space at {probe}: about {need / 1e9:.1f} GB needed "
-            f"({len(samples)} images x {per_image / 1e3:.0f} kB for the work files and the "
-            f"{'+'.join(opts.formats)} outputs), {free / 1e9:.1f} GB free. Free some space, "
+            f"({images} images: the work files and the {'+'.join(opts.formats)} outputs, "
+            f".beton pages included), {free / 1e9:.1f} GB free. Free some space, "
             "choose another --dst, or pass --check_disk=False to skip this estimate")
 
 

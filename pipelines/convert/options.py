@@ -6,6 +6,7 @@ the fingerprint that lets a rerun resume (or refuse) safely. Runtime-only settin
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -49,8 +50,10 @@ class ConvertOptions:
     check_disk: bool = True
 
     def output_options(self) -> dict:
-        """Everything that decides the output bytes (the fingerprint's and meta.json's view)."""
-        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
+        """Everything that decides the output bytes (the fingerprint's and meta.json's view),
+        as meta.json holds them (JSON values: tuples are lists), so the two compare equal."""
+        kept = {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
+        return json.loads(json.dumps(kept))
 
     @property
     def workers(self) -> int:
@@ -104,6 +107,7 @@ def make_options(**kwargs: object) -> ConvertOptions:
     kw = dict(kwargs)
     kw["src"] = str(Path(str(kw["src"])).expanduser().resolve())
     kw["dst"] = str(Path(str(kw["dst"])).expanduser().resolve())
+    _check_dst_outside_src(kw["src"], kw["dst"])
     kw["formats"] = _as_names("formats", kw.get("formats", FORMATS), FORMATS)
     kw["splits"] = _as_names("splits", kw.get("splits", SPLITS), SPLITS)
     kw["val_labels"] = _existing_file("val_labels", kw.get("val_labels"))
@@ -112,6 +116,13 @@ def make_options(**kwargs: object) -> ConvertOptions:
     _validate_numbers(opts)
     # 1 and 1.0 must give the same fingerprint.
     return replace(opts, compress_probability=float(opts.compress_probability))
+
+
+def _check_dst_outside_src(src: str, dst: str) -> None:
+    """Outputs inside the source would become part of it (under train/, a new class folder)."""
+    if Path(dst).is_relative_to(src):
+        raise ConvertError(f"--dst={dst} is inside --src={src}: the outputs would become part "
+                           "of the source it reads; choose a --dst outside --src")
 
 
 def _validate_numbers(opts: ConvertOptions) -> None:

@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
+from pipelines.errors import BadFileError
+
 from .atomic import write_bytes_atomic
 from .issues import KINDS
 from .options import TOOL_VERSION, ConvertOptions
@@ -56,7 +58,18 @@ def write_meta(dst: Path, meta: dict) -> None:
 
 
 def load_meta(dst: Path) -> dict:
-    return json.loads((dst / "meta.json").read_text())
+    """<dst>/meta.json, the one reader of it; a file that is not the converter's JSON object
+    is a BadFileError naming it."""
+    path = dst / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadFileError(f"{path}: not valid JSON ({e}); tools/convert_in1k.py writes it "
+                           "last: rerun the conversion") from None
+    if not isinstance(meta, dict):
+        raise BadFileError(f"{path}: expected the converter's JSON object, found "
+                           f"{type(meta).__name__}; rerun tools/convert_in1k.py")
+    return meta
 
 
 def print_summary(meta: dict, dst: Path, out: TextIO | None = None) -> None:

@@ -12,6 +12,8 @@ import os
 import tarfile
 from pathlib import Path
 
+from pipelines.errors import BadFileError
+
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # archives end on a record boundary, as GNU tar and tarfile write
 INDEX_VERSION = "v1.2"
@@ -76,3 +78,17 @@ class ShardWriter:
         """Finish the last shard; return the number of shards written."""
         self._close_shard()
         return self.shards
+
+
+def check_shard(tar: str, index: str) -> None:
+    """Raise BadFileError naming `tar` when it is shorter than its index says (a copy cut
+    short): DALI would fail mid-epoch, or read zeros, at the first sample past the end."""
+    with open(index) as f:
+        lines = [line for line in f.read().split("\n")[1:] if line.strip()]
+    last = lines[-1].split() if lines else []  # samples are indexed in file order: the last
+    ends = [int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last) - 2, 4)
+            if last[i + 1].isdigit() and last[i + 2].isdigit()]
+    size = os.path.getsize(tar)
+    if ends and max(ends) > size:
+        raise BadFileError(f"{tar}: truncated: {size} bytes, but its index {index} puts sample "
+                           f"data up to byte {max(ends)}; rerun tools/convert_in1k.py")

@@ -131,7 +131,23 @@ def _list_folders(root: Path, name: str, classes: tuple[str, ...], all_classes: 
                     found.append((rel, label))
                 else:
                     issues.append(Issue(name, rel, "ignored_extension"))
+    _refuse_empty_classes(split_dir, classes, found)
     return found, issues
+
+
+def _refuse_empty_classes(split_dir: Path, classes: tuple[str, ...],
+                          found: list[tuple[str, int]]) -> None:
+    """A class folder without an image file: torchvision's ImageFolder, which the reference
+    pipeline reads the same source with, refuses it ("Found no valid file"), so the converter
+    does too rather than keep a class no image of the split carries."""
+    labelled = {label for _, label in found}
+    empty = [wnid for label, wnid in enumerate(classes)
+             if label not in labelled and (split_dir / wnid).is_dir()]
+    if empty:
+        raise ConvertError(f"{split_dir}: {len(empty)} class folder(s) hold no image file "
+                           f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; "
+                           f"extensions {', '.join(IMG_EXTENSIONS)}), which torchvision's "
+                           "ImageFolder refuses too: add images or remove the folders")
 
 
 def _read_val_labels(csv_path: str) -> dict[str, str]:

@@ -14,8 +14,10 @@ step, not one per program). Norms come from the unrounded inputs, products accum
 
 Work split (issue 14, item 9). The forward tiles the rows of z by BLOCK_N and cuts the classes
 into contiguous chunks along a second grid axis, so that the production N = 2304 fills a
-132-SM GPU. Each program keeps, per row and over its chunk, a running max, a sum of
-exponentials (flash-attention style), the target logit and the first argmax; a merge kernel
+132-SM GPU; the split counts fill whole waves of the programs an SM holds at once, dL/dz
+with class chunks of its own (issue 22, item 8: `plan_launch`). Each program keeps, per row
+and over its chunk, a running max, a sum of exponentials (flash-attention style), the target
+logit and the first argmax; a merge kernel
 combines chunk s's (m_s, l_s): lse = M + log(sum_s l_s * exp(m_s - M)) with M = max_s m_s;
 argmax = the lowest index among the chunks that reach M; target = the sum over chunks (0 off
 the label's chunk). The backward recomputes the logit tiles: dL/dz per (row block, class chunk)
@@ -30,6 +32,7 @@ the host: the upstream gradient is read from device memory inside the backward k
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -320,13 +323,16 @@ _INTERPRETED = type(_forward_kernel).__name__ == "InterpretedFunction"
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """Tile sizes and work split (block sizes: powers of two, >= 16, tl.dot's smallest tile).
+    """Tile sizes, pipelining and work split (block sizes: powers of two, >= 16, tl.dot's
+    smallest tile).
 
-    block_n: rows of z per tile; block_c: classes per tile; num_warps: warps per program of
-    the forward; grad_num_warps: of the two gradient kernels (their [64, 256] fp32
-    accumulators want 8 warps); class_splits: class chunks of the forward and of dL/dz (grid
-    axis 1); weight_grad_splits: row-block groups of dL/dW. A split count of None means enough
-    programs to fill the GPU (1 on CPU). Defaults come from `default_block_config`.
+    block_n: rows of z per tile; block_c: classes per tile; num_warps / num_stages: warps and
+    software-pipeline stages per program of the forward; grad_num_warps / grad_num_stages: of
+    the two gradient kernels (their [64, 256] fp32 accumulators want 8 warps); class_splits:
+    class chunks of the forward and of dL/dz (grid axis 1); weight_grad_splits: row-block
+    groups of dL/dW. A split count of None means: sized to fill whole waves of the GPU (1 on
+    CPU), a wave being programs_per_sm (forward) or grad_programs_per_sm (dL/dW) resident
+    programs on every SM (issue 22, item 8). Defaults come from `default_block_config`.
     """
 
     block_n: int = 64
@@ -335,33 +341,49 @@ class BlockConfig:
     grad_num_warps: int = 8
     class_splits: int | None = None
     weight_grad_splits: int | None = None
+    num_stages: int = 2
+    grad_num_stages: int = 3
+    programs_per_sm: int = 1
+    grad_programs_per_sm: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_c"):
             size = getattr(self, name)
             if size < 16 or size & (size - 1):
                 raise ValueError(f"{name}={size} must be a power of two >= 16")
+        for name in ("num_stages", "grad_num_stages", "programs_per_sm", "grad_programs_per_sm"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 def _block_config(dot_dtype: torch.dtype, dim: int, device_type: str) -> BlockConfig:
     """Default tiles for this operand dtype and feature dim on this device type.
 
     CPU (TRITON_INTERPRET=1): every tile op is one numpy call, so large tiles mean fewer
-    interpreted iterations. CUDA: 16-bit operands take BLOCK_N = BLOCK_C = 64 with 4 warps in
-    the forward and 8 in the gradient kernels: one warpgroup per 64-row (or 64-class) tile
-    side, which wgmma needs on sm_90a (M >= 64), and no spills on sm_90a or sm_80 at D = 256
-    (tools/aot_check.py, docs/KERNELS.md). fp32 operands (exact fp32 dots on CUDA cores)
-    take 32 x 32 tiles. block_c halves per doubling of D past 256. Not yet timed on a GPU:
-    tools/bench_kernel.py takes --block_n/--block_c/--num_warps to tune them.
+    interpreted iterations. CUDA (tools/aot_check.py, docs/KERNELS.md: no spills on sm_90a or
+    sm_80 at D = 256 under triton 3.6 and 3.8):
+    - 16-bit operands: BLOCK_N = BLOCK_C = 64, one warpgroup per 64-row (or 64-class) tile
+      side, which wgmma needs on sm_90a (M >= 64). The forward takes 4 warps and 2 stages:
+      ~96 KB of shared memory, so 2 programs per SM on an H100 or A100 (3 stages took 128 KB:
+      one). The gradient kernels take 8 warps and 3 stages: their ~200-250 registers per
+      thread allow one program per SM whatever the stages.
+    - fp32 operands (exact fp32 dots on CUDA cores): 16 x 16 tiles, 4 warps, 2 stages in
+      every kernel. Larger tiles spill under triton 3.6 (32 x 32 with 8 warps: 7-9 KB in
+      the gradient kernels on sm_90a, issue 22 item 7); these keep 4 programs per SM.
+    block_c halves per doubling of D past 256. programs_per_sm values are those of both
+    sm_90a and sm_80 (tests/test_aot_check.py checks them against the compiled kernels).
+    Not yet timed on a GPU: tools/bench_kernel.py takes --block_n/--block_c/--num_warps.
     """
     if device_type != "cuda":
         return BlockConfig(block_n=256, block_c=256, num_warps=4, grad_num_warps=4)
     block_d = _block_d(dim)
     if dot_dtype == torch.float32:
-        return BlockConfig(block_n=32, block_c=max(16, 32 * 256 // max(block_d, 256)),
-                           num_warps=4, grad_num_warps=8)
+        return BlockConfig(block_n=16, block_c=16, num_warps=4, grad_num_warps=4,
+                           num_stages=2, grad_num_stages=2, programs_per_sm=4,
+                           grad_programs_per_sm=4)
     return BlockConfig(block_n=64, block_c=max(16, 64 * 256 // max(block_d, 256)),
-                       num_warps=4, grad_num_warps=8)
+                       num_warps=4, grad_num_warps=8, num_stages=2, grad_num_stages=3,
+                       programs_per_sm=2, grad_programs_per_sm=1)
 
 
 def default_block_config(z: torch.Tensor, weight: torch.Tensor) -> BlockConfig:
@@ -385,14 +407,32 @@ def _elementwise_rows(block_d: int) -> int:
     return max(1, 4096 // block_d)
 
 
-def _fill_splits(requested: int | None, other_axis: int, most: int, sms: int | None) -> int:
-    """Programs along a grid's split axis: `requested` if given, else about two programs per
-    SM in total; never more than `most` (the blocks there are to split) and 1 on CPU."""
+# A split grid adds fp32 partial sums (splits x rows x BLOCK_D) and merge work: splits are
+# taken only while the grid has at most this many waves, enough to fill a GPU's SMs.
+_MAX_SPLIT_WAVES = 4
+
+
+def _wave_cost(programs_per_split: int, splits: int, work: int, slots: int) -> int:
+    """Time of a grid in units of one block's work: whole waves of `slots` resident
+    programs, each wave as long as its longest program (its share of `work` blocks split
+    `splits` ways, plus one block for the program's fixed loads and stores)."""
+    return triton.cdiv(programs_per_split * splits, slots) * (triton.cdiv(work, splits) + 1)
+
+
+def _wave_splits(requested: int | None, other_axis: int, most: int,
+                 slots: int | None) -> int:
+    """Programs along a grid's split axis: `requested` if given (at most `most`, the blocks
+    there are to split), 1 on CPU (slots None); else, among the split counts whose grid of
+    other_axis x splits programs has at most _MAX_SPLIT_WAVES waves of `slots`, the one of
+    least `_wave_cost`, the fewest programs among equals. Only the counts ceil(most / k) are
+    distinct splits of `most` blocks into chunks of k."""
     if requested is not None:
         return max(1, min(requested, most))
-    if sms is None:
+    if slots is None:
         return 1
-    return max(1, min(most, triton.cdiv(2 * sms, other_axis)))
+    candidates = {triton.cdiv(most, chunk) for chunk in range(1, most + 1)}
+    candidates = [s for s in candidates if s == 1 or other_axis * s <= _MAX_SPLIT_WAVES * slots]
+    return min(candidates, key=lambda s: (_wave_cost(other_axis, s, most, slots), s))
 
 
 @dataclass(frozen=True)
@@ -404,23 +444,42 @@ class LaunchPlan:
     block_d: int
     row_blocks: int  # ceil(N / block_n)
     class_blocks: int  # ceil(C / block_c)
-    class_chunk: int  # classes per chunk of the forward and dL/dz: a multiple of block_c
+    class_chunk: int  # classes per chunk of the forward: a multiple of block_c
     class_splits: int  # ceil(C / class_chunk): no empty chunk
     weight_grad_splits: int
+    grad_class_chunk: int  # the same for dL/dz, whose programs are fewer per SM
+    grad_class_splits: int
 
 
+def _class_chunking(requested: int | None, row_blocks: int, n_classes: int, block_c: int,
+                    slots: int | None) -> tuple[int, int]:
+    """(classes per chunk, chunks) of a grid of row_blocks x chunks programs."""
+    class_blocks = triton.cdiv(n_classes, block_c)
+    splits = _wave_splits(requested, row_blocks, class_blocks, slots)
+    chunk = triton.cdiv(class_blocks, splits) * block_c
+    return chunk, triton.cdiv(n_classes, chunk)
+
+
+@functools.lru_cache(maxsize=64)  # called once per step at a handful of shapes
 def plan_launch(n: int, n_classes: int, dim: int, blocks: BlockConfig,
                 sms: int | None) -> LaunchPlan:
-    """sms: streaming multiprocessors of the GPU (None on CPU)."""
+    """sms: streaming multiprocessors of the GPU (None on CPU). The forward's class splits
+    fill waves of sms x blocks.programs_per_sm programs, those of dL/dz and dL/dW waves of
+    sms x blocks.grad_programs_per_sm; blocks.class_splits, if set, is taken by both."""
     row_blocks = triton.cdiv(n, blocks.block_n)
     class_blocks = triton.cdiv(n_classes, blocks.block_c)
-    splits = _fill_splits(blocks.class_splits, row_blocks, class_blocks, sms)
-    chunk = triton.cdiv(class_blocks, splits) * blocks.block_c
+    slots = None if sms is None else sms * blocks.programs_per_sm
+    grad_slots = None if sms is None else sms * blocks.grad_programs_per_sm
+    chunk, splits = _class_chunking(blocks.class_splits, row_blocks, n_classes, blocks.block_c,
+                                    slots)
+    grad_chunk, grad_splits = _class_chunking(blocks.class_splits, row_blocks, n_classes,
+                                              blocks.block_c, grad_slots)
     return LaunchPlan(
         blocks=blocks, block_d=_block_d(dim), row_blocks=row_blocks, class_blocks=class_blocks,
-        class_chunk=chunk, class_splits=triton.cdiv(n_classes, chunk),
-        weight_grad_splits=_fill_splits(blocks.weight_grad_splits, class_blocks, row_blocks,
-                                        sms))
+        class_chunk=chunk, class_splits=splits,
+        weight_grad_splits=_wave_splits(blocks.weight_grad_splits, class_blocks, row_blocks,
+                                        grad_slots),
+        grad_class_chunk=grad_chunk, grad_class_splits=grad_splits)
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -447,14 +506,14 @@ class _Operands:
     w_norm: torch.Tensor | None = None  # [C] fp32, ||w_c||
     lse: torch.Tensor | None = None  # [N] fp32, log-sum-exp of row i's logits
 
-    def meta(self, num_warps: int) -> dict:
+    def meta(self, num_warps: int, num_stages: int) -> dict:
         """Compile-time arguments of the tiled kernels."""
         return dict(
             BLOCK_N=self.plan.blocks.block_n, BLOCK_C=self.plan.blocks.block_c,
             BLOCK_D=self.plan.block_d,
             # fp32 operands: exact fp32 products (no TF32), so fp32 matches the reference.
             DOT_PRECISION="ieee", UPCAST=_INTERPRETED and self.z_op.dtype != torch.float32,
-            num_warps=num_warps,
+            num_warps=num_warps, num_stages=num_stages,
         )
 
 
@@ -480,7 +539,7 @@ def _forward(ops: _Operands) -> tuple[torch.Tensor, torch.Tensor]:
     _forward_kernel[(plan.row_blocks, plan.class_splits)](
         ops.z_op, ops.w_op, ops.z_norm, ops.w_norm, ops.labels, stats, best,
         n, n_classes, dim, ops.z_op.stride(0), ops.w_op.stride(0), plan.class_chunk,
-        ops.inv_tau, NORM_EPS, **ops.meta(plan.blocks.num_warps),
+        ops.inv_tau, NORM_EPS, **ops.meta(plan.blocks.num_warps, plan.blocks.num_stages),
     )
     ops.lse = torch.empty(n, device=device, dtype=torch.float32)
     loss_rows = torch.empty(n, device=device, dtype=torch.float32)
@@ -513,13 +572,14 @@ def _grad_z(ops: _Operands, grad_loss: torch.Tensor) -> torch.Tensor:
     """dL/dz [N, D] in z's dtype; grad_loss: [1] fp32 upstream gradient of the mean loss."""
     n, dim = ops.z.shape
     plan = ops.plan
-    partial = torch.empty((plan.class_splits, n, plan.block_d), device=ops.z.device,
+    partial = torch.empty((plan.grad_class_splits, n, plan.block_d), device=ops.z.device,
                           dtype=torch.float32)
-    radial = torch.empty((plan.class_splits, n), device=ops.z.device, dtype=torch.float32)
-    _grad_z_partial_kernel[(plan.row_blocks, plan.class_splits)](
+    radial = torch.empty((plan.grad_class_splits, n), device=ops.z.device, dtype=torch.float32)
+    _grad_z_partial_kernel[(plan.row_blocks, plan.grad_class_splits)](
         ops.z_op, ops.w_op, ops.z_norm, ops.w_norm, ops.labels, ops.lse, partial, radial,
-        n, ops.weight.shape[0], dim, ops.z_op.stride(0), ops.w_op.stride(0), plan.class_chunk,
-        ops.inv_tau, NORM_EPS, **ops.meta(plan.blocks.grad_num_warps),
+        n, ops.weight.shape[0], dim, ops.z_op.stride(0), ops.w_op.stride(0),
+        plan.grad_class_chunk, ops.inv_tau, NORM_EPS,
+        **ops.meta(plan.blocks.grad_num_warps, plan.blocks.grad_num_stages),
     )
     return _finish_grad(ops.z, ops.z_norm, partial, radial, grad_loss, ops.inv_tau, n)
 
@@ -536,7 +596,7 @@ def _grad_weight(ops: _Operands, grad_loss: torch.Tensor) -> torch.Tensor:
     _grad_w_partial_kernel[(plan.class_blocks, splits)](
         ops.z_op, ops.w_op, ops.z_norm, ops.w_norm, ops.labels, ops.lse, partial, radial,
         n, n_classes, dim, ops.z_op.stride(0), ops.w_op.stride(0), ops.inv_tau, NORM_EPS,
-        **ops.meta(plan.blocks.grad_num_warps),
+        **ops.meta(plan.blocks.grad_num_warps, plan.blocks.grad_num_stages),
     )
     return _finish_grad(ops.weight, ops.w_norm, partial, radial, grad_loss, ops.inv_tau, n)
 
@@ -663,17 +723,20 @@ def _aot_variant(n: int, c: int, tag: str, z_dtype: torch.dtype, w_dtype: torch.
             dict(x_ptr=x_dtype, norm_ptr=f32), dict(ints, n_rows=rows), rowwise, production))
     kernels.append(_aot_kernel(
         f"prototype_ce_fwd[{tag}]", _forward_kernel, pointers, ints, tiled,
-        production, num_warps=blocks.num_warps, has_dot=True))
+        production, num_warps=blocks.num_warps, num_stages=blocks.num_stages, has_dot=True))
     kernels.append(_aot_kernel(
         f"prototype_ce_merge[{tag}]", _merge_kernel, pointers,
         dict(n_rows=n, n_splits=plan.class_splits), dict(BLOCK_R=1024), production))
     kernels.append(_aot_kernel(
-        f"prototype_ce_grad_z[{tag}]", _grad_z_partial_kernel, pointers, ints, tiled,
-        production, num_warps=blocks.grad_num_warps, has_dot=True))
+        f"prototype_ce_grad_z[{tag}]", _grad_z_partial_kernel, pointers,
+        dict(ints, chunk=plan.grad_class_chunk), tiled,
+        production, num_warps=blocks.grad_num_warps, num_stages=blocks.grad_num_stages,
+        has_dot=True))
     kernels.append(_aot_kernel(
         f"prototype_ce_grad_w[{tag}]", _grad_w_partial_kernel, pointers, ints, tiled,
-        production, num_warps=blocks.grad_num_warps, has_dot=True))
-    for what, x_dtype, rows, splits in (("z", z_dtype, n, plan.class_splits),
+        production, num_warps=blocks.grad_num_warps, num_stages=blocks.grad_num_stages,
+        has_dot=True))
+    for what, x_dtype, rows, splits in (("z", z_dtype, n, plan.grad_class_splits),
                                         ("w", w_dtype, c, plan.weight_grad_splits)):
         kernels.append(_aot_kernel(
             f"prototype_ce_grad_finish_{what}[{tag}]", _grad_finish_kernel,
