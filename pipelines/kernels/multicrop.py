@@ -46,6 +46,7 @@ TILE = 32  # output tile side (both kernels)
 CHUNK = 32  # source window chunk of the resize kernel
 NUM_WARPS = 4
 RESIZE_WARPS = 8  # six 32x32 fp32 accumulators: 4 warps need 255 registers and spill on sm_80
+PHOTOMETRIC_WARPS = 8  # at 4, triton 3.6 (the GPU image's) spills 4-16 B at 255 registers
 
 # Triton reads module globals only as constexprs: the numbers of their one home, wrapped.
 _P_TOP = tl.constexpr(D.P_TOP)
@@ -579,7 +580,7 @@ def photometric(mid: torch.Tensor, partial: torch.Tensor, table: torch.Tensor, g
         CHANNELS_LAST=channels_last, TILES_X=tiles_x,
         TILES_PAD=triton.next_power_of_2(tiles_x * tiles_x), BO=TILE,
         BH=triton.next_power_of_2(TILE + 2 * radius), DOT_PRECISION=_dot_precision(mid.device),
-        num_warps=NUM_WARPS)
+        num_warps=PHOTOMETRIC_WARPS)
     return out
 
 
@@ -634,5 +635,5 @@ def aot_kernels() -> list:
              "CHANNELS_LAST": True, "TILES_X": tiles_x,
              "TILES_PAD": triton.next_power_of_2(tiles_x * tiles_x), "BO": TILE,
              "BH": triton.next_power_of_2(TILE + 2 * radius), "DOT_PRECISION": "tf32"},
-            num_warps=NUM_WARPS, has_dot=True))
+            num_warps=PHOTOMETRIC_WARPS, has_dot=True))
     return kernels
