@@ -227,17 +227,20 @@ def test_parallel_local_gives_each_running_point_its_own_gpu(tmp_path):
     assert start2 >= min(end0, end1)  # p2 waited for a free slot
 
 
+_SAVES_ON_SIGTERM = """
+    import signal, sys, time
+    def save(signum, frame):
+        open(sys.argv[1], "w").write("checkpoint")
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, save)
+    open(sys.argv[2], "w").write("started")
+    time.sleep(60)
+"""
+
+
 def test_sigterm_to_the_sweep_reaches_the_running_point_and_starts_no_more(tmp_path):
-    child = """
-        import signal, sys, time
-        def save(signum, frame):
-            open(sys.argv[1], "w").write("checkpoint")
-            sys.exit(128 + signum)
-        signal.signal(signal.SIGTERM, save)
-        open(sys.argv[2], "w").write("started")
-        time.sleep(60)
-    """
-    jobs = [Job(f"p{i}", [*_child(child), str(tmp_path / f"saved{i}"), str(tmp_path / f"up{i}")],
+    jobs = [Job(f"p{i}", [*_child(_SAVES_ON_SIGTERM), str(tmp_path / f"saved{i}"),
+                          str(tmp_path / f"up{i}")],
                 str(tmp_path / f"p{i}" / "train.log")) for i in range(2)]
     runner = tmp_path / "runner.py"
     runner.write_text("import pickle, sys\nfrom trex_fast.sweep_launch import run_jobs\n"
@@ -256,15 +259,6 @@ def test_sigterm_to_the_sweep_reaches_the_running_point_and_starts_no_more(tmp_p
     assert "rerun the same command to continue" in output
 
 
-_SAVES_ON_SIGTERM = """
-    import signal, sys, time
-    def save(signum, frame):
-        open(sys.argv[1], "w").write("checkpoint")
-        sys.exit(128 + signum)
-    signal.signal(signal.SIGTERM, save)
-    open(sys.argv[2], "w").write("started")
-    time.sleep(60)
-"""
 
 
 def _wait_for(path, seconds: float = 60) -> None:
