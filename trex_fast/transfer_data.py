@@ -2,9 +2,14 @@
 
 Every dataset resolves to two labelled image lists, train and test, through the torchvision
 class that reads its official layout (download=False), so that its split is the one the
-dataset's authors published. Three have none that torchvision reads (EuroSAT, SUN397,
-ImageNet-CoG): their split is drawn per class with a fixed seed (SPLIT_SEED), the same on every
-machine. docs/TRANSFER.md lists the split of every dataset.
+dataset's authors published. Three have splits torchvision does not read; they follow the t-ReX
+authors' transfer code (naver/trex, transfer/data/; Sariyildiz et al., ICLR 2023):
+SUN397 reads the official partition 1 (Training_01.txt / Testing_01.txt) when it is on disk,
+EuroSAT takes per class 810 test images and 540 val + the rest as train, and ImageNet-CoG reads
+the benchmark's split file (cog_concepts_split_file.pkl) when it is on disk. Only where no
+official split exists is the split drawn per class with a fixed seed (SPLIT_SEED), the same on
+every machine. Each Labelled names its split. docs/TRANSFER.md lists the split of every dataset
+next to the authors' counts (AUTHORS_COUNTS).
 
 `resolve_all` reads and checks every requested dataset before any feature is extracted: a
 missing folder, split file or image fails at once, naming the dataset, the layout it expects and
@@ -13,7 +18,9 @@ val/), as before.
 """
 from __future__ import annotations
 
+import collections
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,9 +29,27 @@ import torch
 import torchvision.datasets as tvd
 from torchvision.datasets.folder import default_loader
 
-SPLIT_SEED = 0  # the seeded splits of EuroSAT, SUN397 and ImageNet-CoG (docs/TRANSFER.md)
-SEEDED_TEST_FRACTION = 0.2  # EuroSAT, SUN397: a fifth of each class is the test split
-COG_TEST_PER_CONCEPT = 50  # ImageNet-CoG: 50 test images per concept (a fifth when fewer)
+SPLIT_SEED = 0  # the seeded splits: EuroSAT's, and SUN397's and CoG's without split files
+SEEDED_TEST_FRACTION = 0.2  # SUN397 without partition files: a fifth of each class is test
+COG_TEST_PER_CONCEPT = 50  # ImageNet-CoG without split file: 50 test images per concept
+# EuroSAT, the authors' per-class counts (after Feng et al., ICLR 2022: 13,500 / 5,400 / 8,100):
+# test, then val; the rest is train. The authors probe on train + val (18,900), as we do.
+EUROSAT_PER_CLASS = {"test": 810, "val": 540}
+SUN397_PARTITION = ("Training_01.txt", "Testing_01.txt")  # official partition 1
+COG_SPLIT_FILE = "cog_concepts_split_file.pkl"  # the ImageNet-CoG benchmark's (naver/cog)
+
+# The images the authors' loaders assert per split (naver/trex, transfer/data/*.py):
+# (train, val folded into train for the probe or None, test). One home for these numbers.
+AUTHORS_COUNTS: dict[str, tuple[int, int | None, int]] = {
+    "aircraft": (3334, 3333, 3333), "cars": (8144, None, 8041), "dtd": (1880, 1880, 1880),
+    "eurosat": (13500, 5400, 8100), "flowers": (1020, 1020, 6149), "pets": (3680, None, 3669),
+    "food101": (75750, None, 25250), "sun397": (19850, None, 19850),
+    "inat2018": (437513, None, 24426), "inat2019": (265213, None, 3030),
+    "in1k": (1281167, None, 50000),
+    "cog_l1": (1118804, None, 50000), "cog_l2": (1115788, None, 50000),
+    "cog_l3": (1095203, None, 50000), "cog_l4": (1107128, None, 50000),
+    "cog_l5": (1091654, None, 50000),
+}
 
 Pairs = list[tuple[str, int]]  # (image path, label)
 
@@ -37,6 +62,7 @@ class Labelled:
     test: Pairs
     num_classes: int
     probe: str  # "lbfgs" (small datasets, raw features) or "sgd" (large, L2-normalised)
+    split: str = "official"  # which split this is (recorded in transfer.json)
 
 
 class DatasetNotReady(ValueError):
@@ -97,16 +123,30 @@ def _cog_test(n: int) -> int:
     return min(COG_TEST_PER_CONCEPT, _fifth(n))
 
 
+def _eurosat_split(pairs: Pairs) -> tuple[Pairs, Pairs]:
+    """The authors' EuroSAT split: per class, sorted then shuffled (SPLIT_SEED), the first
+    810 images test, the next 540 val, the rest train; train + val is returned as train (the
+    probe searches on its own 20 % of it, as the authors do)."""
+    counts = collections.Counter(label for _, label in pairs)
+    needed = EUROSAT_PER_CLASS["test"] + EUROSAT_PER_CLASS["val"]
+    short = {label: n for label, n in counts.items() if n <= needed}
+    if short:
+        raise RuntimeError(f"classes {sorted(short)[:5]} have {min(short.values())} images; "
+                           f"the authors' split takes {EUROSAT_PER_CLASS['test']} test + "
+                           f"{EUROSAT_PER_CLASS['val']} val per class (27,000 images in all)")
+    return seeded_split(pairs, lambda n: EUROSAT_PER_CLASS["test"])
+
+
 # ----------------------------------------------------------------------------- the datasets
 def _aircraft(root):
     kw = dict(annotation_level="variant", download=False)
     return (_pairs(tvd.FGVCAircraft(root, split="trainval", **kw)),
-            _pairs(tvd.FGVCAircraft(root, split="test", **kw)))
+            _pairs(tvd.FGVCAircraft(root, split="test", **kw)), "official trainval / test")
 
 
 def _cars(root):
     return (_pairs(tvd.StanfordCars(root, split="train", download=False)),
-            _pairs(tvd.StanfordCars(root, split="test", download=False)))
+            _pairs(tvd.StanfordCars(root, split="test", download=False)), "official train / test")
 
 
 def _dtd(root):
@@ -114,11 +154,15 @@ def _dtd(root):
               for s in ("train", "val", "test")}
     if not splits["train"].classes == splits["val"].classes == splits["test"].classes:
         raise RuntimeError("train1.txt, val1.txt and test1.txt do not name the same classes")
-    return _pairs(splits["train"]) + _pairs(splits["val"]), _pairs(splits["test"])
+    return (_pairs(splits["train"]) + _pairs(splits["val"]), _pairs(splits["test"]),
+            "official partition 1: train1 + val1 / test1")
 
 
 def _eurosat(root):
-    return seeded_split(_pairs(tvd.EuroSAT(root, download=False)), _fifth)
+    n = EUROSAT_PER_CLASS
+    return (*_eurosat_split(_pairs(tvd.EuroSAT(root, download=False))),
+            f"authors' per class: {n['test']} test, {n['val']} val + the rest train "
+            f"(seed {SPLIT_SEED})")
 
 
 class _Flowers102(tvd.Flowers102):
@@ -132,21 +176,49 @@ class _Flowers102(tvd.Flowers102):
 
 def _flowers(root):
     return (_pairs(_Flowers102(root, split="train")) + _pairs(_Flowers102(root, split="val")),
-            _pairs(_Flowers102(root, split="test")))
+            _pairs(_Flowers102(root, split="test")), "official train + val / test")
 
 
 def _pets(root):
     return (_pairs(tvd.OxfordIIITPet(root, split="trainval", download=False)),
-            _pairs(tvd.OxfordIIITPet(root, split="test", download=False)))
+            _pairs(tvd.OxfordIIITPet(root, split="test", download=False)),
+            "official trainval / test")
 
 
 def _food(root):
     return (_pairs(tvd.Food101(root, split="train", download=False)),
-            _pairs(tvd.Food101(root, split="test", download=False)))
+            _pairs(tvd.Food101(root, split="test", download=False)), "official train / test")
+
+
+def _sun_partition_folder(base: str) -> str | None:
+    """Where Training_01.txt and Testing_01.txt are: SUN397/Partitions/ or SUN397/ itself."""
+    for folder in (os.path.join(base, "Partitions"), base):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in SUN397_PARTITION):
+            return folder
+    return None
+
+
+def _listed(pairs: Pairs, base: str, listing: str) -> Pairs:
+    """The pairs a split file names, one image per line relative to `base` ("/a/abbey/x.jpg")."""
+    by_name = {os.path.relpath(path, base).replace(os.sep, "/"): (path, label)
+               for path, label in pairs}
+    with open(listing) as f:
+        names = [line.strip().strip("/") for line in f if line.strip()]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images of {listing} are not in {base}, "
+                                f"e.g. {missing[0]}")
+    return [by_name[n] for n in names]
 
 
 def _sun(root):
-    return seeded_split(_pairs(tvd.SUN397(root, download=False)), _fifth)
+    pairs, base = _pairs(tvd.SUN397(root, download=False)), os.path.join(root, "SUN397")
+    folder = _sun_partition_folder(base)
+    if folder is None:
+        return (*seeded_split(pairs, _fifth),
+                f"seeded 80/20 per class (seed {SPLIT_SEED}; no {SUN397_PARTITION[0]} found)")
+    train, test = (_listed(pairs, base, os.path.join(folder, f)) for f in SUN397_PARTITION)
+    return train, test, "official partition 1: Training_01 / Testing_01"
 
 
 def _inat(version: str):
@@ -170,17 +242,48 @@ def _inat(version: str):
                 raise FileNotFoundError(f"{len(missing)} images of {split}{version}.json are "
                                         f"not in {ds.root}, e.g. {missing[0]}")
             out.append([(os.path.join(ds.root, n), by_file[n]) for n in rel])
-        return tuple(out)
+        return (*out, f"official train{version}.json / val{version}.json")
     return read
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists and numpy arrays, nothing else (the split file is a download)."""
+
+    def find_class(self, module, name):
+        if (module.split(".")[0], name) in {("numpy", "_reconstruct"), ("numpy", "ndarray"),
+                                            ("numpy", "dtype"), ("numpy", "scalar"),
+                                            ("_codecs", "encode")}:  # protocol-2 bytes
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CoG split file")
+
+
+def _cog_split_file(root: str, wnids: list[str], path: str) -> tuple[Pairs, Pairs]:
+    """The benchmark's split: {wnid: {"train": [file, ...], "test": [...]}}, files relative to
+    the IN-21K folder; each concept's files sorted."""
+    with open(path, "rb") as f:
+        by_concept = _ArraysOnly(f).load()
+    absent = [w for w in wnids if w not in by_concept]
+    if absent:
+        raise KeyError(f"{len(absent)} concepts are not in {path}, e.g. {absent[0]}")
+    out = ([], [])
+    for label, wnid in enumerate(wnids):
+        for pairs, split in zip(out, ("train", "test")):
+            pairs += [(os.path.join(root, "imagenet21k", str(name).strip("/\\")), label)
+                      for name in sorted(by_concept[wnid][split])]
+    return out
 
 
 def _cog(level: int):
     """ImageNet-CoG level L: the user's concept list imagenet_cog/L<level>.txt (one IN-21K
-    wnid per line, first token), images from imagenet21k/<wnid>/; seeded split per concept."""
+    wnid per line, first token), images from imagenet21k/<wnid>/; the split of the benchmark's
+    imagenet_cog/cog_concepts_split_file.pkl when present, else seeded per concept."""
     def read(root):
         listing = os.path.join(root, "imagenet_cog", f"L{level}.txt")
         with open(listing) as f:
             wnids = [line.split()[0] for line in f if line.strip()]
+        split_file = os.path.join(root, "imagenet_cog", COG_SPLIT_FILE)
+        if os.path.isfile(split_file):
+            return *_cog_split_file(root, wnids, split_file), f"official {COG_SPLIT_FILE}"
         pairs = []
         for label, wnid in enumerate(wnids):
             folder = os.path.join(root, "imagenet21k", wnid)
@@ -188,19 +291,21 @@ def _cog(level: int):
             if not files:
                 raise FileNotFoundError(f"concept {wnid} of {listing}: no images in {folder}")
             pairs += [(os.path.join(folder, n), label) for n in files]
-        return seeded_split(pairs, _cog_test)
+        return (*seeded_split(pairs, _cog_test),
+                f"seeded, {COG_TEST_PER_CONCEPT} test per concept (seed {SPLIT_SEED}; "
+                f"no {COG_SPLIT_FILE} found)")
     return read
 
 
 def _in1k(root):
     base = os.path.join(root, "imagenet")
     return (_pairs(tvd.ImageFolder(os.path.join(base, "train"))),
-            _pairs(tvd.ImageFolder(os.path.join(base, "val"))))
+            _pairs(tvd.ImageFolder(os.path.join(base, "val"))), "official train / val")
 
 
 @dataclass(frozen=True)
 class Spec:
-    reader: Callable[[str], tuple[Pairs, Pairs]]
+    reader: Callable[[str], tuple[Pairs, Pairs, str]]  # (train, test, the split's name)
     reads_with: str  # the class that reads the layout (named in errors)
     layout: str  # what must exist under --data_root
     probe: str
@@ -242,13 +347,13 @@ PAPER_DATASETS = ("cog_l1", "cog_l2", "cog_l3", "cog_l4", "cog_l5", "aircraft", 
                   "eurosat", "flowers", "pets", "food101", "sun397")
 
 
-def _image_folder(path: str) -> tuple[Pairs, Pairs]:
+def _image_folder(path: str) -> tuple[Pairs, Pairs, str]:
     test = "test" if os.path.isdir(os.path.join(path, "test")) else "val"
     train_ds = tvd.ImageFolder(os.path.join(path, "train"))
     test_ds = tvd.ImageFolder(os.path.join(path, test))
     if test_ds.classes != train_ds.classes:
         raise RuntimeError(f"train/ and {test}/ hold different class folders")
-    return _pairs(train_ds), _pairs(test_ds)
+    return _pairs(train_ds), _pairs(test_ds), f"ImageFolder train/ / {test}/"
 
 
 def is_path(entry: str) -> bool:
@@ -267,7 +372,7 @@ def resolve(entry: str, data_root: str) -> Labelled:
         name, reader, where = entry, spec.reader, data_root
         reads_with, layout, kind = spec.reads_with, spec.layout, spec.probe
     try:
-        train, test = reader(where)
+        train, test, split = reader(where)
         missing = [p for p, _ in train + test if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} listed images are missing, e.g. "
@@ -284,7 +389,7 @@ def resolve(entry: str, data_root: str) -> Labelled:
             f"({reason}); "
             f"expected layout: {layout}; read by {reads_with} with download=False") from None
     num_classes = max(y for _, y in train + test) + 1
-    return Labelled(name, train, test, num_classes, kind)
+    return Labelled(name, train, test, num_classes, kind, split)
 
 
 def resolve_all(entries: list[str], data_root: str) -> list[Labelled]:
