@@ -382,7 +382,8 @@ def resolve(entry: str, data_root: str) -> Labelled:
         unseen = sorted({y for _, y in test} - {y for _, y in train})
         if unseen:
             raise RuntimeError(f"test classes {unseen[:5]} have no training image")
-    except (OSError, RuntimeError, KeyError, ValueError, IndexError) as e:
+    except (OSError, RuntimeError, KeyError, ValueError, IndexError,
+            pickle.UnpicklingError) as e:
         reason = str(e).split(". You can use download=True")[0]  # we never download
         raise DatasetNotReady(
             f"dataset {name!r} under {os.path.abspath(where)} is missing or incomplete "
