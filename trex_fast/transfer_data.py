@@ -314,7 +314,8 @@ class Spec:
 _INAT_LAYOUT = ("inaturalist/{y}/<supercategory>/<category id>/*.jpg (train_val{y}.tar.gz, "
                 "its folder renamed {y}) + inaturalist/train{y}.json + inaturalist/val{y}.json")
 _COG_LAYOUT = ("imagenet_cog/L{l}.txt (the level's IN-21K wnids, one per line) + "
-               "imagenet21k/<wnid>/*.JPEG for each of them")
+               "imagenet21k/<wnid>/*.JPEG for each of them (+ imagenet_cog/"
+               f"{COG_SPLIT_FILE} for the official split)")
 SPECS: dict[str, Spec] = {
     "aircraft": Spec(_aircraft, "torchvision.datasets.FGVCAircraft", "fgvc-aircraft-2013b/data/"
                      "{images/*.jpg, variants.txt, images_variant_trainval.txt, "
@@ -333,7 +334,8 @@ SPECS: dict[str, Spec] = {
     "food101": Spec(_food, "torchvision.datasets.Food101", "food-101/{images/<class>/*.jpg, "
                     "meta/train.json, meta/test.json}", "lbfgs"),
     "sun397": Spec(_sun, "torchvision.datasets.SUN397", "SUN397/{ClassName.txt, "
-                   "<letter>/<class>/sun_*.jpg}", "lbfgs"),
+                   "<letter>/<class>/sun_*.jpg} (+ SUN397/Partitions/{Training_01,Testing_01}"
+                   ".txt for the official split)", "lbfgs"),
     "inat2018": Spec(_inat("2018"), "torchvision.datasets.INaturalist (version 2018)",
                      _INAT_LAYOUT.format(y=2018), "sgd"),
     "inat2019": Spec(_inat("2019"), "torchvision.datasets.INaturalist (version 2019)",
