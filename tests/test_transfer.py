@@ -118,6 +118,22 @@ def test_cog_follows_the_benchmarks_split_file(tmp_path):
     assert (len(seeded.train), len(seeded.test)) == (24, 6) and "seeded" in seeded.split
 
 
+def test_cog_concepts_from_the_benchmarks_levels_file(tmp_path):
+    import pickle
+
+    root = str(tmp_path)
+    fixture.cog(root, level=2, classes=3, per_class=10)
+    listing = tmp_path / "imagenet_cog" / "L2.txt"
+    wnids = listing.read_text().split()
+    listing.unlink()
+    with open(tmp_path / "imagenet_cog" / "cog_levels_mapping_file.pkl", "wb") as f:
+        pickle.dump([["n1"], wnids[::-1], [], [], []], f)  # the authors sort each level
+    data = resolve("cog_l2", root)
+    assert data.num_classes == 3 and len(data.train) + len(data.test) == 30
+    for path, label in data.train + data.test:
+        assert os.path.basename(os.path.dirname(path)) == wnids[label]
+
+
 def test_cog_split_file_may_hold_only_arrays(tmp_path):
     import pickle
 

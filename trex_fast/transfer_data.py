@@ -37,6 +37,7 @@ COG_TEST_PER_CONCEPT = 50  # ImageNet-CoG without split file: 50 test images per
 EUROSAT_PER_CLASS = {"test": 810, "val": 540}
 SUN397_PARTITION = ("Training_01.txt", "Testing_01.txt")  # official partition 1
 COG_SPLIT_FILE = "cog_concepts_split_file.pkl"  # the ImageNet-CoG benchmark's (naver/cog)
+COG_LEVELS_FILE = "cog_levels_mapping_file.pkl"  # its concepts of the five levels
 
 # The images the authors' loaders assert per split (naver/trex, transfer/data/*.py):
 # (train, val folded into train for the probe or None, test). One home for these numbers.
@@ -273,14 +274,25 @@ def _cog_split_file(root: str, wnids: list[str], path: str) -> tuple[Pairs, Pair
     return out
 
 
+def _cog_concepts(root: str, level: int) -> tuple[list[str], str]:
+    """(the level's IN-21K wnids, the file they come from): imagenet_cog/L<level>.txt (one wnid
+    per line, first token) if present, else the level's entry of the benchmark's
+    cog_levels_mapping_file.pkl (a list of five lists), sorted as the authors do."""
+    listing = os.path.join(root, "imagenet_cog", f"L{level}.txt")
+    mapping = os.path.join(root, "imagenet_cog", COG_LEVELS_FILE)
+    if not os.path.isfile(listing) and os.path.isfile(mapping):
+        with open(mapping, "rb") as f:
+            return sorted(str(w) for w in _ArraysOnly(f).load()[level - 1]), mapping
+    with open(listing) as f:
+        return [line.split()[0] for line in f if line.strip()], listing
+
+
 def _cog(level: int):
-    """ImageNet-CoG level L: the user's concept list imagenet_cog/L<level>.txt (one IN-21K
-    wnid per line, first token), images from imagenet21k/<wnid>/; the split of the benchmark's
-    imagenet_cog/cog_concepts_split_file.pkl when present, else seeded per concept."""
+    """ImageNet-CoG level L: its concepts (_cog_concepts), images from imagenet21k/<wnid>/; the
+    split of the benchmark's imagenet_cog/cog_concepts_split_file.pkl when present, else
+    seeded per concept."""
     def read(root):
-        listing = os.path.join(root, "imagenet_cog", f"L{level}.txt")
-        with open(listing) as f:
-            wnids = [line.split()[0] for line in f if line.strip()]
+        wnids, listing = _cog_concepts(root, level)
         split_file = os.path.join(root, "imagenet_cog", COG_SPLIT_FILE)
         if os.path.isfile(split_file):
             return *_cog_split_file(root, wnids, split_file), f"official {COG_SPLIT_FILE}"
@@ -313,7 +325,8 @@ class Spec:
 
 _INAT_LAYOUT = ("inaturalist/{y}/<supercategory>/<category id>/*.jpg (train_val{y}.tar.gz, "
                 "its folder renamed {y}) + inaturalist/train{y}.json + inaturalist/val{y}.json")
-_COG_LAYOUT = ("imagenet_cog/L{l}.txt (the level's IN-21K wnids, one per line) + "
+_COG_LAYOUT = ("imagenet_cog/L{l}.txt (the level's IN-21K wnids, one per line; or "
+               f"imagenet_cog/{COG_LEVELS_FILE}) + "
                "imagenet21k/<wnid>/*.JPEG for each of them (+ imagenet_cog/"
                f"{COG_SPLIT_FILE} for the official split)")
 SPECS: dict[str, Spec] = {
