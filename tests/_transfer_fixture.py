@@ -206,16 +206,17 @@ def cog(root, level=1, classes=3, per_class=10):
     return classes * (per_class - 2), classes * 2, classes
 
 
-def cog_split_file(root, level=1, train=4, test=2):
-    """The benchmark's cog_concepts_split_file.pkl over a cog() layout: per concept of the
-    level, `train` then `test` of its images (shuffled, as numpy string arrays like the
-    original), the rest in neither; plus a concept of another level. Returns the two lists of
-    absolute paths."""
+def cog_split_file(root, levels=(1,), train=4, test=2):
+    """The benchmark's cog_concepts_split_file.pkl over cog() layouts: per concept of the
+    levels, `train` then `test` of its images (shuffled, as numpy string arrays like the
+    original), the rest in neither; plus a concept of no level here. Returns the two lists of
+    absolute paths, level after level."""
     import pickle
 
-    rng = np.random.default_rng(_RNG_SEED)
-    with open(os.path.join(root, "imagenet_cog", f"L{level}.txt")) as f:
-        wnids = [line.split()[0] for line in f if line.strip()]
+    rng, wnids = np.random.default_rng(_RNG_SEED), []
+    for level in levels:
+        with open(os.path.join(root, "imagenet_cog", f"L{level}.txt")) as f:
+            wnids += [line.split()[0] for line in f if line.strip()]
     split, listed = {"n00000001": {"train": np.array(["n00000001/x.JPEG"]),
                                    "test": np.array(["n00000001/y.JPEG"])}}, ([], [])
     for wnid in wnids:

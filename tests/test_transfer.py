@@ -108,7 +108,7 @@ def test_eurosat_takes_the_authors_test_and_val_counts_per_class(layouts, monkey
 def test_cog_follows_the_benchmarks_split_file(tmp_path):
     root = str(tmp_path)
     fixture.cog(root, level=1, classes=3, per_class=10)
-    train, test = fixture.cog_split_file(root, level=1, train=4, test=2)
+    train, test = fixture.cog_split_file(root, levels=(1,), train=4, test=2)
     data = resolve("cog_l1", root)
     assert [p for p, _ in data.train] == train and [p for p, _ in data.test] == test
     assert collections.Counter(y for _, y in data.train) == {0: 4, 1: 4, 2: 4}
@@ -116,6 +116,28 @@ def test_cog_follows_the_benchmarks_split_file(tmp_path):
     os.remove(tmp_path / "imagenet_cog" / "cog_concepts_split_file.pkl")
     seeded = resolve("cog_l1", root)  # without it: the seeded split, all images used
     assert (len(seeded.train), len(seeded.test)) == (24, 6) and "seeded" in seeded.split
+
+
+def test_cog_split_file_is_read_once_for_all_levels(tmp_path, monkeypatch):
+    from trex_fast import transfer_data
+
+    root, loads = str(tmp_path), []
+    for level in (1, 5):
+        fixture.cog(root, level=level, classes=3, per_class=10)
+    train, test = fixture.cog_split_file(root, levels=(1, 5), train=4, test=2)
+
+    class Counting(transfer_data._ArraysOnly):
+        def load(self):
+            loads.append(1)
+            return super().load()
+
+    monkeypatch.setattr(transfer_data, "_ArraysOnly", Counting)
+    l1, l5 = resolve_all(["cog_l1", "cog_l5"], root)
+    assert len(loads) == 1
+    assert [p for p, _ in l1.train + l5.train] == train
+    assert [p for p, _ in l1.test + l5.test] == test
+    resolve_all(["cog_l1"], root)  # a new run reads the file again
+    assert len(loads) == 2
 
 
 def test_cog_concepts_from_the_benchmarks_levels_file(tmp_path):

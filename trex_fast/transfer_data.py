@@ -19,6 +19,7 @@ val/), as before.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import pickle
 from collections.abc import Callable
@@ -258,11 +259,18 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CoG split file")
 
 
+@functools.lru_cache(maxsize=1)  # the five levels share one load; resolve_all empties it
+def _load_restricted(path: str, stamp: tuple[int, int]):
+    """The file unpickled by _ArraysOnly; `stamp` (mtime, size) keys the cache."""
+    with open(path, "rb") as f:
+        return _ArraysOnly(f).load()
+
+
 def _cog_split_file(root: str, wnids: list[str], path: str) -> tuple[Pairs, Pairs]:
     """The benchmark's split: {wnid: {"train": [file, ...], "test": [...]}}, files relative to
     the IN-21K folder; each concept's files sorted."""
-    with open(path, "rb") as f:
-        by_concept = _ArraysOnly(f).load()
+    info = os.stat(path)
+    by_concept = _load_restricted(path, (info.st_mtime_ns, info.st_size))
     absent = [w for w in wnids if w not in by_concept]
     if absent:
         raise KeyError(f"{len(absent)} concepts are not in {path}, e.g. {absent[0]}")
@@ -421,6 +429,7 @@ def resolve_all(entries: list[str], data_root: str) -> list[Labelled]:
             resolved.append(resolve(entry, data_root))
         except DatasetNotReady as e:
             problems.append(str(e))
+    _load_restricted.cache_clear()  # the CoG split file is large
     if len(problems) > 1:
         raise DatasetNotReady(f"{len(problems)} of the {len(entries)} datasets are not ready: "
                               + "; ".join(problems))
