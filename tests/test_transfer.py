@@ -369,9 +369,14 @@ def test_transfer_run_writes_table_json_csv_plot_and_reuses_the_cache(layouts, t
     assert report["log_odds_mean"] == pytest.approx(
         sum(r["log_odds"] for r in report["datasets"]) / 2)
     assert report["in1k_top1"] == 70.5 and report["seeds"] == 2 and report["trials"] == 2
+    assert report["in1k_probe_top1"] is None and report["log_odds_datasets"] == ["dtd", "textures"]
+    dtd_row = report["datasets"][0]
+    assert dtd_row["split"] == "official partition 1: train1 + val1 / test1"
+    assert (dtd_row["n_train"] + dtd_row["n_val"], dtd_row["n_test"]) == (12, 6)
     rows = list(csv.DictReader(open(out / "transfer.csv")))
     assert [r["dataset"] for r in rows] == ["dtd", "textures", "mean_log_odds"]
     assert float(rows[0]["top1_mean"]) == pytest.approx(report["datasets"][0]["top1_mean"])
+    assert int(rows[0]["n_val"]) == dtd_row["n_val"] and rows[1]["split"].startswith("ImageFolder")
     table = (out / "transfer.md").read_text()
     assert "| dtd | lbfgs | 3 |" in table and "mean log-odds (2 transfer datasets)" in table
     assert (out / "trade_off.png").read_bytes()[:4] == b"\x89PNG"
