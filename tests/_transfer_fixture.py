@@ -16,7 +16,7 @@ from trex_fast.demo_data import PATTERNS, make_image
 
 _RNG_SEED = 7
 # The authors' EuroSAT counts per class (810 test, 540 val) scaled down to this fixture's classes
-# of 10 images; tests set trex_fast.transfer_data.EUROSAT_PER_CLASS to it.
+# of 10 images; tests set trex_fast.transfer_splits.EUROSAT_PER_CLASS to it.
 EUROSAT_SMALL = {"test": 3, "val": 2}
 
 

@@ -24,9 +24,9 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def small_eurosat(monkeypatch):
     """The authors' EuroSAT counts per class, scaled down to the fixture's 10 images a class."""
-    from trex_fast import transfer_data
+    from trex_fast import transfer_splits
 
-    monkeypatch.setattr(transfer_data, "EUROSAT_PER_CLASS", fixture.EUROSAT_SMALL)
+    monkeypatch.setattr(transfer_splits, "EUROSAT_PER_CLASS", fixture.EUROSAT_SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +93,14 @@ def test_sun397_partition_naming_a_missing_image_fails(tmp_path):
 
 
 def test_eurosat_takes_the_authors_test_and_val_counts_per_class(layouts, monkeypatch):
-    from trex_fast import transfer_data
+    from trex_fast import transfer_splits
 
     root, _ = layouts
     data = resolve("eurosat", root)
     assert collections.Counter(y for _, y in data.test) == {0: 3, 1: 3, 2: 3}
     assert collections.Counter(y for _, y in data.train) == {0: 7, 1: 7, 2: 7}  # 2 val + 5
     assert "3 test, 2 val" in data.split
-    monkeypatch.setattr(transfer_data, "EUROSAT_PER_CLASS", {"test": 810, "val": 540})
+    monkeypatch.setattr(transfer_splits, "EUROSAT_PER_CLASS", {"test": 810, "val": 540})
     with pytest.raises(DatasetNotReady, match="810 test \\+ 540 val per class"):
         resolve("eurosat", root)  # 10 images a class cannot be the authors' split
 
@@ -119,19 +119,19 @@ def test_cog_follows_the_benchmarks_split_file(tmp_path):
 
 
 def test_cog_split_file_is_read_once_for_all_levels(tmp_path, monkeypatch):
-    from trex_fast import transfer_data
+    from trex_fast import transfer_splits
 
     root, loads = str(tmp_path), []
     for level in (1, 5):
         fixture.cog(root, level=level, classes=3, per_class=10)
     train, test = fixture.cog_split_file(root, levels=(1, 5), train=4, test=2)
 
-    class Counting(transfer_data._ArraysOnly):
+    class Counting(transfer_splits.ArraysOnly):
         def load(self):
             loads.append(1)
             return super().load()
 
-    monkeypatch.setattr(transfer_data, "_ArraysOnly", Counting)
+    monkeypatch.setattr(transfer_splits, "ArraysOnly", Counting)
     l1, l5 = resolve_all(["cog_l1", "cog_l5"], root)
     assert len(loads) == 1
     assert [p for p, _ in l1.train + l5.train] == train

@@ -10,7 +10,7 @@ import os
 
 from trex_fast import atomic
 from trex_fast.transfer import NOT_IN_MEAN
-from trex_fast.transfer_data import AUTHORS_COUNTS
+from trex_fast.transfer_splits import AUTHORS_COUNTS
 
 # The paper's Table/Figure 1 (ResNet-50, 100 epochs): (IN1K top-1 %, mean log-odds over the
 # 15 datasets of the authors' model zoo, IN1K not among them). One home for these numbers.
