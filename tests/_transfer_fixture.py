@@ -15,6 +15,9 @@ import numpy as np
 from trex_fast.demo_data import PATTERNS, make_image
 
 _RNG_SEED = 7
+# The authors' EuroSAT counts per class (810 test, 540 val) scaled down to this fixture's classes
+# of 10 images; tests set trex_fast.transfer_splits.EUROSAT_PER_CLASS to it.
+EUROSAT_SMALL = {"test": 3, "val": 2}
 
 
 def _jpeg(path: str, label: int, rng) -> None:
@@ -87,7 +90,8 @@ def eurosat(root, classes=3, per_class=10):
     for c, name in enumerate(names):
         for i in range(per_class):
             _jpeg(os.path.join(root, "eurosat", "2750", name, f"{name}_{i + 1}.jpg"), c, rng)
-    return classes * (per_class - 2), classes * 2, classes  # a fifth of 10 is test
+    n_test = EUROSAT_SMALL["test"]
+    return classes * (per_class - n_test), classes * n_test, classes
 
 
 def flowers(root, classes=3, train=4, test=2):
@@ -153,6 +157,25 @@ def sun397(root, classes=3, per_class=10):
     return classes * (per_class - 2), classes * 2, classes
 
 
+def sun397_partitions(root, train=3, test=4, folder="Partitions"):
+    """Training_01.txt / Testing_01.txt over a sun397() layout: per class, the first `train`
+    images (by name) train, the next `test` test, the rest in neither. Returns the two lists
+    of absolute paths."""
+    base = os.path.join(root, "SUN397")
+    with open(os.path.join(base, "ClassName.txt")) as f:
+        names = [line.strip() for line in f if line.strip()]
+    listed = {"Training": [], "Testing": []}
+    for name in names:
+        files = sorted(os.listdir(os.path.join(base, *name.strip("/").split("/"))))
+        listed["Training"] += [f"{name}/{n}" for n in files[:train]]
+        listed["Testing"] += [f"{name}/{n}" for n in files[train:train + test]]
+    for split, lines in listed.items():
+        _lines(os.path.join(base, folder, f"{split}_01.txt"), lines)
+        _lines(os.path.join(base, folder, f"{split}_02.txt"), lines[::-1])  # other partitions
+    return tuple([os.path.join(base, *line.strip("/").split("/")) for line in lines]
+                 for lines in listed.values())
+
+
 def inat(root, year="2018", classes=3, train=4, test=2):
     rng, base = np.random.default_rng(_RNG_SEED), os.path.join(root, "inaturalist")
     supers = ["Animalia", "Plantae"]
@@ -181,6 +204,31 @@ def cog(root, level=1, classes=3, per_class=10):
         for i in range(per_class):
             _jpeg(os.path.join(root, "imagenet21k", wnid, f"{wnid}_{i}.JPEG"), c, rng)
     return classes * (per_class - 2), classes * 2, classes
+
+
+def cog_split_file(root, levels=(1,), train=4, test=2):
+    """The benchmark's cog_concepts_split_file.pkl over cog() layouts: per concept of the
+    levels, `train` then `test` of its images (shuffled, as numpy string arrays like the
+    original), the rest in neither; plus a concept of no level here. Returns the two lists of
+    absolute paths, level after level."""
+    import pickle
+
+    rng, wnids = np.random.default_rng(_RNG_SEED), []
+    for level in levels:
+        with open(os.path.join(root, "imagenet_cog", f"L{level}.txt")) as f:
+            wnids += [line.split()[0] for line in f if line.strip()]
+    split, listed = {"n00000001": {"train": np.array(["n00000001/x.JPEG"]),
+                                   "test": np.array(["n00000001/y.JPEG"])}}, ([], [])
+    for wnid in wnids:
+        files = [f"{wnid}/{n}" for n in rng.permutation(sorted(
+            os.listdir(os.path.join(root, "imagenet21k", wnid))))]
+        parts = files[:train], files[train:train + test]
+        split[wnid] = {"train": np.array(parts[0]), "test": np.array(parts[1])}
+        for out, part in zip(listed, parts):
+            out.extend(os.path.join(root, "imagenet21k", n) for n in sorted(part))
+    with open(os.path.join(root, "imagenet_cog", "cog_concepts_split_file.pkl"), "wb") as f:
+        pickle.dump(split, f, protocol=2)
+    return listed
 
 
 WRITERS = {"aircraft": aircraft, "cars": cars, "dtd": dtd, "eurosat": eurosat,

@@ -21,6 +21,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def small_eurosat(monkeypatch):
+    """The authors' EuroSAT counts per class, scaled down to the fixture's 10 images a class."""
+    from trex_fast import transfer_splits
+
+    monkeypatch.setattr(transfer_splits, "EUROSAT_PER_CLASS", fixture.EUROSAT_SMALL)
+
+
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
     """Every supported layout, fabricated once under one data root."""
@@ -54,6 +62,145 @@ def test_labels_follow_the_images_class(layouts):
         for path, label in data.train + data.test:
             assert owner.setdefault(key(path), label) == label, name
         assert len(owner) == data.num_classes
+
+
+# ----------------------------------------------------------------------------- the authors' splits
+@pytest.mark.parametrize("folder", ["Partitions", ""])
+def test_sun397_reads_official_partition_1_when_present(tmp_path, folder):
+    root = str(tmp_path)
+    fixture.sun397(root, per_class=10)
+    train, test = fixture.sun397_partitions(root, train=3, test=4, folder=folder)
+    data = resolve("sun397", root)
+    assert [p for p, _ in data.train] == train and [p for p, _ in data.test] == test
+    assert collections.Counter(y for _, y in data.train) == {0: 3, 1: 3, 2: 3}
+    assert collections.Counter(y for _, y in data.test) == {0: 4, 1: 4, 2: 4}
+    assert data.split == "official partition 1: Training_01 / Testing_01"
+    for path, label in data.train + data.test:  # labels follow the class folder
+        assert os.path.basename(os.path.dirname(path)) == ["abbey", "outdoor", "shop"][label]
+    for name in ("Training_01.txt", "Testing_01.txt"):  # without them: the seeded split
+        os.remove(os.path.join(root, "SUN397", folder, name))
+    seeded = resolve("sun397", root)
+    assert (len(seeded.train), len(seeded.test)) == (24, 6) and "seeded" in seeded.split
+
+
+def test_sun397_partition_naming_a_missing_image_fails(tmp_path):
+    root = str(tmp_path)
+    fixture.sun397(root, per_class=10)
+    train, _ = fixture.sun397_partitions(root)
+    os.remove(train[0])
+    with pytest.raises(DatasetNotReady, match="'sun397'.*images of .*Training_01.txt"):
+        resolve("sun397", root)
+
+
+def test_eurosat_takes_the_authors_test_and_val_counts_per_class(layouts, monkeypatch):
+    from trex_fast import transfer_splits
+
+    root, _ = layouts
+    data = resolve("eurosat", root)
+    assert collections.Counter(y for _, y in data.test) == {0: 3, 1: 3, 2: 3}
+    assert collections.Counter(y for _, y in data.train) == {0: 7, 1: 7, 2: 7}  # 2 val + 5
+    assert "3 test, 2 val" in data.split
+    monkeypatch.setattr(transfer_splits, "EUROSAT_PER_CLASS", {"test": 810, "val": 540})
+    with pytest.raises(DatasetNotReady, match="810 test \\+ 540 val per class"):
+        resolve("eurosat", root)  # 10 images a class cannot be the authors' split
+
+
+def test_cog_follows_the_benchmarks_split_file(tmp_path):
+    root = str(tmp_path)
+    fixture.cog(root, level=1, classes=3, per_class=10)
+    train, test = fixture.cog_split_file(root, levels=(1,), train=4, test=2)
+    data = resolve("cog_l1", root)
+    assert [p for p, _ in data.train] == train and [p for p, _ in data.test] == test
+    assert collections.Counter(y for _, y in data.train) == {0: 4, 1: 4, 2: 4}
+    assert data.split == "official cog_concepts_split_file.pkl"
+    os.remove(tmp_path / "imagenet_cog" / "cog_concepts_split_file.pkl")
+    seeded = resolve("cog_l1", root)  # without it: the seeded split, all images used
+    assert (len(seeded.train), len(seeded.test)) == (24, 6) and "seeded" in seeded.split
+
+
+def test_cog_split_file_is_read_once_for_all_levels(tmp_path, monkeypatch):
+    from trex_fast import transfer_splits
+
+    root, loads = str(tmp_path), []
+    for level in (1, 5):
+        fixture.cog(root, level=level, classes=3, per_class=10)
+    train, test = fixture.cog_split_file(root, levels=(1, 5), train=4, test=2)
+
+    class Counting(transfer_splits.ArraysOnly):
+        def load(self):
+            loads.append(1)
+            return super().load()
+
+    monkeypatch.setattr(transfer_splits, "ArraysOnly", Counting)
+    l1, l5 = resolve_all(["cog_l1", "cog_l5"], root)
+    assert len(loads) == 1
+    assert [p for p, _ in l1.train + l5.train] == train
+    assert [p for p, _ in l1.test + l5.test] == test
+    resolve_all(["cog_l1"], root)  # a new run reads the file again
+    assert len(loads) == 2
+
+
+def test_cog_concepts_from_the_benchmarks_levels_file(tmp_path):
+    import pickle
+
+    root = str(tmp_path)
+    fixture.cog(root, level=2, classes=3, per_class=10)
+    listing = tmp_path / "imagenet_cog" / "L2.txt"
+    wnids = listing.read_text().split()
+    listing.unlink()
+    with open(tmp_path / "imagenet_cog" / "cog_levels_mapping_file.pkl", "wb") as f:
+        pickle.dump([["n1"], wnids[::-1], [], [], []], f)  # the authors sort each level
+    data = resolve("cog_l2", root)
+    assert data.num_classes == 3 and len(data.train) + len(data.test) == 30
+    for path, label in data.train + data.test:
+        assert os.path.basename(os.path.dirname(path)) == wnids[label]
+
+
+def test_cog_split_file_may_hold_only_arrays(tmp_path):
+    import pickle
+
+    root = str(tmp_path)
+    fixture.cog(root, level=1)
+    with open(tmp_path / "imagenet_cog" / "cog_concepts_split_file.pkl", "wb") as f:
+        pickle.dump({"n1": collections.OrderedDict()}, f)  # any class but arrays is refused
+    with pytest.raises(DatasetNotReady, match="not allowed in a CoG split file"):
+        resolve("cog_l1", root)
+
+
+def test_split_counts_record_the_search_split():
+    import torch
+
+    from trex_fast.probes import per_class_split
+    from trex_fast.transfer import split_counts
+    from trex_fast.transfer_data import Labelled
+
+    train = [(f"/t/{c}_{i}.jpg", c) for c in range(3) for i in range(11)]
+    data = Labelled("d", train, [("/x.jpg", 0)] * 5, 3, "lbfgs", "some split")
+    n_val = len(per_class_split(torch.tensor([y for _, y in train]))[1])
+    assert 0 < n_val < 33
+    assert split_counts(data) == {"split": "some split", "n_train": 33 - n_val,
+                                  "n_val": n_val, "n_test": 5}
+
+
+def test_log_odds_mean_leaves_in1k_out_as_the_authors_summary():
+    from trex_fast.probes import log_odds
+    from trex_fast.transfer import log_odds_mean
+    from trex_fast.transfer_report import markdown
+
+    rows = [{"dataset": d, "log_odds": log_odds(t), "top1_mean": t} for d, t in
+            (("in1k", 78.0), ("dtd", 70.0), ("pets", 90.0))]
+    assert log_odds_mean(rows) == pytest.approx((log_odds(70.0) + log_odds(90.0)) / 2)
+    assert log_odds_mean(rows[:1]) is None
+    report = {"label": "m", "seeds": 1, "trials": 1, "image_size": 32,
+              "log_odds_mean": log_odds_mean(rows), "log_odds_datasets": ["dtd", "pets"],
+              "in1k_probe_top1": 78.0, "datasets": [
+                  {**r, "probe": "sgd", "classes": 2, "split": "s", "n_train": 1, "n_val": 1,
+                   "n_test": 1, "top1_std": 0.0} for r in rows]}
+    table = markdown(report)
+    assert "| in1k (not in the mean) |" in table and "IN1K linear probe top-1: 78.00" in table
+    assert f"mean log-odds (2 transfer datasets)** | | | | | | | | **" \
+           f"{log_odds_mean(rows):.3f}**" in table
+    assert "| dtd | sgd | 2 | s | 1 / 1 / 1 | 1,880 + 1,880 / 1,880 |" in table
 
 
 def test_seeded_split_ignores_listing_order_and_depends_on_the_seed():
@@ -222,11 +369,16 @@ def test_transfer_run_writes_table_json_csv_plot_and_reuses_the_cache(layouts, t
     assert report["log_odds_mean"] == pytest.approx(
         sum(r["log_odds"] for r in report["datasets"]) / 2)
     assert report["in1k_top1"] == 70.5 and report["seeds"] == 2 and report["trials"] == 2
+    assert report["in1k_probe_top1"] is None and report["log_odds_datasets"] == ["dtd", "textures"]
+    dtd_row = report["datasets"][0]
+    assert dtd_row["split"] == "official partition 1: train1 + val1 / test1"
+    assert (dtd_row["n_train"] + dtd_row["n_val"], dtd_row["n_test"]) == (12, 6)
     rows = list(csv.DictReader(open(out / "transfer.csv")))
     assert [r["dataset"] for r in rows] == ["dtd", "textures", "mean_log_odds"]
     assert float(rows[0]["top1_mean"]) == pytest.approx(report["datasets"][0]["top1_mean"])
+    assert int(rows[0]["n_val"]) == dtd_row["n_val"] and rows[1]["split"].startswith("ImageFolder")
     table = (out / "transfer.md").read_text()
-    assert "| dtd | lbfgs | 3 |" in table and "mean log-odds (2 datasets)" in table
+    assert "| dtd | lbfgs | 3 |" in table and "mean log-odds (2 transfer datasets)" in table
     assert (out / "trade_off.png").read_bytes()[:4] == b"\x89PNG"
     assert PUBLISHED == {"t-ReX": (78.0, 1.170), "t-ReX*": (80.2, 0.883)}
 
@@ -283,6 +435,9 @@ def test_auto_probe_follows_the_papers_assignment(layouts, tmp_path):
     report = run_transfer(_tiny_net(), "tiny", entries, resolve_all(entries, root), settings,
                           torch.device("cpu"))
     cog, pets = report["datasets"]
+    for r, data in zip(report["datasets"], resolve_all(entries, root)):
+        assert r["split"] == data.split and r["n_test"] == len(data.test)
+        assert r["n_train"] + r["n_val"] == len(data.train) and r["n_val"] > 0
     assert cog["probe"] == "sgd" and set(cog["per_seed"][0]) >= {"lr", "wd", "top1"}
     assert pets["probe"] == "lbfgs" and "C" in pets["per_seed"][0]
     assert sorted(os.listdir(tmp_path / "cache" / "tiny")) == [
@@ -300,9 +455,10 @@ def test_compare_entries_and_points_without_in1k(tmp_path, capsys):
     (run_dir / "transfer.json").write_text(json.dumps({"label": "b", "in1k_top1": 77.0,
                                                        "log_odds_mean": 1.0}))
     report = {"label": "a", "in1k_top1": None, "log_odds_mean": 0.7, "seeds": 1, "trials": 1,
-              "image_size": 32, "datasets": [{
-                  "dataset": "d", "probe": "lbfgs", "classes": 2, "train_images": 4,
-                  "test_images": 2, "top1_mean": 66.7, "top1_std": 0.0, "log_odds": 0.7}]}
+              "image_size": 32, "log_odds_datasets": ["d"], "datasets": [{
+                  "dataset": "d", "probe": "lbfgs", "classes": 2, "split": "s", "n_train": 3,
+                  "n_val": 1, "n_test": 2, "train_images": 4, "test_images": 2,
+                  "top1_mean": 66.7, "top1_std": 0.0, "log_odds": 0.7}]}
     paths = write_outputs(str(tmp_path / "out"), report, [str(run_dir)])
     assert all(os.path.getsize(p) > 0 for p in paths)
     assert "not on the plot" in capsys.readouterr().out  # 'a' has no IN1K top-1

@@ -231,6 +231,7 @@ def transfer(backbone: str, datasets: str, data_root: str = ".", arch: str = "re
                       "top1": {r["dataset"]: r["top1_mean"] for r in report["datasets"]},
                       "top1_std": {r["dataset"]: r["top1_std"] for r in report["datasets"]},
                       "log_odds_mean": report["log_odds_mean"],
+                      "in1k_probe_top1": report["in1k_probe_top1"],
                       "features_reused": report["features_reused"]}))
 
 

@@ -3,8 +3,8 @@
 Phases, in order: (1) read and check every dataset (trex_fast.transfer_data), so that a missing
 one fails before any work; (2) extract each split's frozen pre-projector features once per
 backbone, cached on disk in fp16; (3) per dataset and seed, the Optuna-searched probe
-(trex_fast.probes); (4) per-dataset top-1 mean/std over seeds, log-odds and their mean, written
-by trex_fast.transfer_report.
+(trex_fast.probes); (4) per-dataset top-1 mean/std over seeds, log-odds and their mean over the
+transfer datasets (IN1K apart, as in the authors' summary), written by trex_fast.transfer_report.
 """
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ from torch.utils.data import DataLoader
 
 from pipelines.batch import normalize_uint8
 from trex_fast import atomic
-from trex_fast.probes import log_odds, probe
+from trex_fast.probes import log_odds, per_class_split, probe
 from trex_fast.safe_load import load_file
 from trex_fast.transfer_data import ImageList, Labelled, is_path
 
 CACHE_VERSION = 1  # bump when the extraction changes: older cache files are then ignored
+# Reported beside the transfer mean, never in it: the authors' summary (naver/trex,
+# transfer/scripts/print_results.py) drops the IN-1K column before averaging log-odds.
+NOT_IN_MEAN = ("in1k",)
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,27 @@ def _cache_name(data: Labelled, entry: str, split: str, image_size: int) -> str:
     return f"{data.name}{where}_{split}_{image_size}px.pt"
 
 
+def split_counts(data: Labelled) -> dict:
+    """The images the probe uses: n_train (fitted in the search), n_val (the search's per-class
+    validation split, drawn from train), n_test; the final refit uses n_train + n_val."""
+    n_val = len(per_class_split(torch.tensor([y for _, y in data.train]))[1])
+    return {"split": data.split, "n_train": len(data.train) - n_val, "n_val": n_val,
+            "n_test": len(data.test)}
+
+
+def log_odds_mean(results: list[dict]) -> float | None:
+    """The transfer average: mean log-odds over the datasets not in NOT_IN_MEAN (None if
+    there is none)."""
+    kept = [r["log_odds"] for r in results if r["dataset"] not in NOT_IN_MEAN]
+    return statistics.fmean(kept) if kept else None
+
+
 def summarise(name: str, runs: list[dict], data: Labelled, kind: str) -> dict:
-    """One dataset's result over seeds: top-1 mean and sample std (0 for one seed), the
-    log-odds of the mean top-1, and each seed's searched hyper-parameters."""
+    """One dataset's result over seeds: its split and counts, top-1 mean and sample std (0 for
+    one seed), the log-odds of the mean top-1, and each seed's searched hyper-parameters."""
     top1 = [r["top1"] for r in runs]
     mean = statistics.fmean(top1)
-    return {"dataset": name, "probe": kind, "classes": data.num_classes,
+    return {"dataset": name, "probe": kind, "classes": data.num_classes, **split_counts(data),
             "train_images": len(data.train), "test_images": len(data.test),
             "top1_mean": mean, "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
             "top1_per_seed": top1, "log_odds": log_odds(mean),
@@ -137,7 +155,10 @@ def run_transfer(net: torch.nn.Module, tag: str, entries: list[str], datasets: l
         results.append(summarise(data.name, runs, data, kind))
         print(f"[transfer] {data.name}: top-1 {results[-1]['top1_mean']:.2f} "
               f"+- {results[-1]['top1_std']:.2f} over {settings.seeds} seeds", flush=True)
-    return {"eval": "transfer", "datasets": results,
-            "log_odds_mean": statistics.fmean(r["log_odds"] for r in results),
+    in1k = next((r["top1_mean"] for r in results if r["dataset"] in NOT_IN_MEAN), None)
+    return {"eval": "transfer", "datasets": results, "log_odds_mean": log_odds_mean(results),
+            "log_odds_datasets": [r["dataset"] for r in results
+                                  if r["dataset"] not in NOT_IN_MEAN],
+            "in1k_probe_top1": in1k,
             "features_reused": all(reused), "trials": settings.trials, "seeds": settings.seeds,
             "image_size": settings.image_size}

@@ -2,9 +2,14 @@
 
 Every dataset resolves to two labelled image lists, train and test, through the torchvision
 class that reads its official layout (download=False), so that its split is the one the
-dataset's authors published. Three have none that torchvision reads (EuroSAT, SUN397,
-ImageNet-CoG): their split is drawn per class with a fixed seed (SPLIT_SEED), the same on every
-machine. docs/TRANSFER.md lists the split of every dataset.
+dataset's authors published. Three have splits torchvision does not read; they follow the t-ReX
+authors' transfer code (naver/trex, transfer/data/; Sariyildiz et al., ICLR 2023):
+SUN397 reads the official partition 1 (Training_01.txt / Testing_01.txt) when it is on disk,
+EuroSAT takes per class 810 test images and 540 val + the rest as train, and ImageNet-CoG reads
+the benchmark's split file (cog_concepts_split_file.pkl) when it is on disk. Only where no
+official split exists is the split drawn per class with a fixed seed, the same on every machine.
+The splits and the authors' counts live in trex_fast.transfer_splits. Each Labelled names its
+split; docs/TRANSFER.md lists the split of every dataset next to the authors' counts.
 
 `resolve_all` reads and checks every requested dataset before any feature is extracted: a
 missing folder, split file or image fails at once, naming the dataset, the layout it expects and
@@ -14,19 +19,16 @@ val/), as before.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torchvision.datasets as tvd
 from torchvision.datasets.folder import default_loader
 
-SPLIT_SEED = 0  # the seeded splits of EuroSAT, SUN397 and ImageNet-CoG (docs/TRANSFER.md)
-SEEDED_TEST_FRACTION = 0.2  # EuroSAT, SUN397: a fifth of each class is the test split
-COG_TEST_PER_CONCEPT = 50  # ImageNet-CoG: 50 test images per concept (a fifth when fewer)
-
-Pairs = list[tuple[str, int]]  # (image path, label)
+from trex_fast import transfer_splits as splits
+from trex_fast.transfer_splits import Pairs, seeded_split
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Labelled:
     test: Pairs
     num_classes: int
     probe: str  # "lbfgs" (small datasets, raw features) or "sgd" (large, L2-normalised)
+    split: str = "official"  # which split this is (recorded in transfer.json)
 
 
 class DatasetNotReady(ValueError):
@@ -71,42 +74,16 @@ def _pairs(ds) -> Pairs:
     raise TypeError(f"{type(ds).__name__}: no image list to read")
 
 
-def seeded_split(pairs: Pairs, test_count: Callable[[int], int],
-                 seed: int = SPLIT_SEED) -> tuple[Pairs, Pairs]:
-    """Per class, the paths sorted then shuffled with `seed`; the first test_count(n) are test.
-    Independent of the order the files were listed in."""
-    rng = np.random.default_rng(seed)
-    by_class: dict[int, list[str]] = {}
-    for path, label in pairs:
-        by_class.setdefault(label, []).append(path)
-    train, test = [], []
-    for label in sorted(by_class):
-        paths = sorted(by_class[label])
-        order = rng.permutation(len(paths))
-        n_test = test_count(len(paths))
-        test += [(paths[i], label) for i in order[:n_test]]
-        train += [(paths[i], label) for i in order[n_test:]]
-    return train, test
-
-
-def _fifth(n: int) -> int:
-    return max(1, int(round(SEEDED_TEST_FRACTION * n))) if n > 1 else 0
-
-
-def _cog_test(n: int) -> int:
-    return min(COG_TEST_PER_CONCEPT, _fifth(n))
-
-
 # ----------------------------------------------------------------------------- the datasets
 def _aircraft(root):
     kw = dict(annotation_level="variant", download=False)
     return (_pairs(tvd.FGVCAircraft(root, split="trainval", **kw)),
-            _pairs(tvd.FGVCAircraft(root, split="test", **kw)))
+            _pairs(tvd.FGVCAircraft(root, split="test", **kw)), "official trainval / test")
 
 
 def _cars(root):
     return (_pairs(tvd.StanfordCars(root, split="train", download=False)),
-            _pairs(tvd.StanfordCars(root, split="test", download=False)))
+            _pairs(tvd.StanfordCars(root, split="test", download=False)), "official train / test")
 
 
 def _dtd(root):
@@ -114,11 +91,15 @@ def _dtd(root):
               for s in ("train", "val", "test")}
     if not splits["train"].classes == splits["val"].classes == splits["test"].classes:
         raise RuntimeError("train1.txt, val1.txt and test1.txt do not name the same classes")
-    return _pairs(splits["train"]) + _pairs(splits["val"]), _pairs(splits["test"])
+    return (_pairs(splits["train"]) + _pairs(splits["val"]), _pairs(splits["test"]),
+            "official partition 1: train1 + val1 / test1")
 
 
 def _eurosat(root):
-    return seeded_split(_pairs(tvd.EuroSAT(root, download=False)), _fifth)
+    n = splits.EUROSAT_PER_CLASS
+    return (*splits.eurosat_split(_pairs(tvd.EuroSAT(root, download=False))),
+            f"authors' per class: {n['test']} test, {n['val']} val + the rest train "
+            f"(seed {splits.SPLIT_SEED})")
 
 
 class _Flowers102(tvd.Flowers102):
@@ -132,21 +113,29 @@ class _Flowers102(tvd.Flowers102):
 
 def _flowers(root):
     return (_pairs(_Flowers102(root, split="train")) + _pairs(_Flowers102(root, split="val")),
-            _pairs(_Flowers102(root, split="test")))
+            _pairs(_Flowers102(root, split="test")), "official train + val / test")
 
 
 def _pets(root):
     return (_pairs(tvd.OxfordIIITPet(root, split="trainval", download=False)),
-            _pairs(tvd.OxfordIIITPet(root, split="test", download=False)))
+            _pairs(tvd.OxfordIIITPet(root, split="test", download=False)),
+            "official trainval / test")
 
 
 def _food(root):
     return (_pairs(tvd.Food101(root, split="train", download=False)),
-            _pairs(tvd.Food101(root, split="test", download=False)))
+            _pairs(tvd.Food101(root, split="test", download=False)), "official train / test")
 
 
 def _sun(root):
-    return seeded_split(_pairs(tvd.SUN397(root, download=False)), _fifth)
+    pairs, base = _pairs(tvd.SUN397(root, download=False)), os.path.join(root, "SUN397")
+    folder = splits.sun_partition_folder(base)
+    if folder is None:
+        return (*seeded_split(pairs, splits.fifth), f"seeded 80/20 per class (seed "
+                f"{splits.SPLIT_SEED}; no {splits.SUN397_PARTITION[0]} found)")
+    train, test = (splits.listed_pairs(pairs, base, os.path.join(folder, f))
+                   for f in splits.SUN397_PARTITION)
+    return train, test, "official partition 1: Training_01 / Testing_01"
 
 
 def _inat(version: str):
@@ -170,17 +159,20 @@ def _inat(version: str):
                 raise FileNotFoundError(f"{len(missing)} images of {split}{version}.json are "
                                         f"not in {ds.root}, e.g. {missing[0]}")
             out.append([(os.path.join(ds.root, n), by_file[n]) for n in rel])
-        return tuple(out)
+        return (*out, f"official train{version}.json / val{version}.json")
     return read
 
 
 def _cog(level: int):
-    """ImageNet-CoG level L: the user's concept list imagenet_cog/L<level>.txt (one IN-21K
-    wnid per line, first token), images from imagenet21k/<wnid>/; seeded split per concept."""
+    """ImageNet-CoG level L: its concepts (transfer_splits.cog_concepts), images from
+    imagenet21k/<wnid>/; the split of the benchmark's imagenet_cog/cog_concepts_split_file.pkl
+    when present, else seeded per concept."""
     def read(root):
-        listing = os.path.join(root, "imagenet_cog", f"L{level}.txt")
-        with open(listing) as f:
-            wnids = [line.split()[0] for line in f if line.strip()]
+        wnids, listing = splits.cog_concepts(root, level)
+        split_file = os.path.join(root, "imagenet_cog", splits.COG_SPLIT_FILE)
+        if os.path.isfile(split_file):
+            return (*splits.cog_split_file(root, wnids, split_file),
+                    f"official {splits.COG_SPLIT_FILE}")
         pairs = []
         for label, wnid in enumerate(wnids):
             folder = os.path.join(root, "imagenet21k", wnid)
@@ -188,19 +180,21 @@ def _cog(level: int):
             if not files:
                 raise FileNotFoundError(f"concept {wnid} of {listing}: no images in {folder}")
             pairs += [(os.path.join(folder, n), label) for n in files]
-        return seeded_split(pairs, _cog_test)
+        return (*seeded_split(pairs, splits.cog_test),
+                f"seeded, {splits.COG_TEST_PER_CONCEPT} test per concept (seed "
+                f"{splits.SPLIT_SEED}; no {splits.COG_SPLIT_FILE} found)")
     return read
 
 
 def _in1k(root):
     base = os.path.join(root, "imagenet")
     return (_pairs(tvd.ImageFolder(os.path.join(base, "train"))),
-            _pairs(tvd.ImageFolder(os.path.join(base, "val"))))
+            _pairs(tvd.ImageFolder(os.path.join(base, "val"))), "official train / val")
 
 
 @dataclass(frozen=True)
 class Spec:
-    reader: Callable[[str], tuple[Pairs, Pairs]]
+    reader: Callable[[str], tuple[Pairs, Pairs, str]]  # (train, test, the split's name)
     reads_with: str  # the class that reads the layout (named in errors)
     layout: str  # what must exist under --data_root
     probe: str
@@ -208,8 +202,10 @@ class Spec:
 
 _INAT_LAYOUT = ("inaturalist/{y}/<supercategory>/<category id>/*.jpg (train_val{y}.tar.gz, "
                 "its folder renamed {y}) + inaturalist/train{y}.json + inaturalist/val{y}.json")
-_COG_LAYOUT = ("imagenet_cog/L{l}.txt (the level's IN-21K wnids, one per line) + "
-               "imagenet21k/<wnid>/*.JPEG for each of them")
+_COG_LAYOUT = ("imagenet_cog/L{l}.txt (the level's IN-21K wnids, one per line; or "
+               f"imagenet_cog/{splits.COG_LEVELS_FILE}) + "
+               "imagenet21k/<wnid>/*.JPEG for each of them (+ imagenet_cog/"
+               f"{splits.COG_SPLIT_FILE} for the official split)")
 SPECS: dict[str, Spec] = {
     "aircraft": Spec(_aircraft, "torchvision.datasets.FGVCAircraft", "fgvc-aircraft-2013b/data/"
                      "{images/*.jpg, variants.txt, images_variant_trainval.txt, "
@@ -228,7 +224,8 @@ SPECS: dict[str, Spec] = {
     "food101": Spec(_food, "torchvision.datasets.Food101", "food-101/{images/<class>/*.jpg, "
                     "meta/train.json, meta/test.json}", "lbfgs"),
     "sun397": Spec(_sun, "torchvision.datasets.SUN397", "SUN397/{ClassName.txt, "
-                   "<letter>/<class>/sun_*.jpg}", "lbfgs"),
+                   "<letter>/<class>/sun_*.jpg} (+ SUN397/Partitions/{Training_01,Testing_01}"
+                   ".txt for the official split)", "lbfgs"),
     "inat2018": Spec(_inat("2018"), "torchvision.datasets.INaturalist (version 2018)",
                      _INAT_LAYOUT.format(y=2018), "sgd"),
     "inat2019": Spec(_inat("2019"), "torchvision.datasets.INaturalist (version 2019)",
@@ -242,13 +239,13 @@ PAPER_DATASETS = ("cog_l1", "cog_l2", "cog_l3", "cog_l4", "cog_l5", "aircraft", 
                   "eurosat", "flowers", "pets", "food101", "sun397")
 
 
-def _image_folder(path: str) -> tuple[Pairs, Pairs]:
+def _image_folder(path: str) -> tuple[Pairs, Pairs, str]:
     test = "test" if os.path.isdir(os.path.join(path, "test")) else "val"
     train_ds = tvd.ImageFolder(os.path.join(path, "train"))
     test_ds = tvd.ImageFolder(os.path.join(path, test))
     if test_ds.classes != train_ds.classes:
         raise RuntimeError(f"train/ and {test}/ hold different class folders")
-    return _pairs(train_ds), _pairs(test_ds)
+    return _pairs(train_ds), _pairs(test_ds), f"ImageFolder train/ / {test}/"
 
 
 def is_path(entry: str) -> bool:
@@ -267,7 +264,7 @@ def resolve(entry: str, data_root: str) -> Labelled:
         name, reader, where = entry, spec.reader, data_root
         reads_with, layout, kind = spec.reads_with, spec.layout, spec.probe
     try:
-        train, test = reader(where)
+        train, test, split = reader(where)
         missing = [p for p, _ in train + test if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} listed images are missing, e.g. "
@@ -277,14 +274,15 @@ def resolve(entry: str, data_root: str) -> Labelled:
         unseen = sorted({y for _, y in test} - {y for _, y in train})
         if unseen:
             raise RuntimeError(f"test classes {unseen[:5]} have no training image")
-    except (OSError, RuntimeError, KeyError, ValueError, IndexError) as e:
+    except (OSError, RuntimeError, KeyError, ValueError, IndexError,
+            pickle.UnpicklingError) as e:
         reason = str(e).split(". You can use download=True")[0]  # we never download
         raise DatasetNotReady(
             f"dataset {name!r} under {os.path.abspath(where)} is missing or incomplete "
             f"({reason}); "
             f"expected layout: {layout}; read by {reads_with} with download=False") from None
     num_classes = max(y for _, y in train + test) + 1
-    return Labelled(name, train, test, num_classes, kind)
+    return Labelled(name, train, test, num_classes, kind, split)
 
 
 def resolve_all(entries: list[str], data_root: str) -> list[Labelled]:
@@ -300,6 +298,7 @@ def resolve_all(entries: list[str], data_root: str) -> list[Labelled]:
             resolved.append(resolve(entry, data_root))
         except DatasetNotReady as e:
             problems.append(str(e))
+    splits.load_restricted.cache_clear()  # the CoG split file is large
     if len(problems) > 1:
         raise DatasetNotReady(f"{len(problems)} of the {len(entries)} datasets are not ready: "
                               + "; ".join(problems))

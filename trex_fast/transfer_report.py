@@ -9,39 +9,62 @@ import json
 import os
 
 from trex_fast import atomic
+from trex_fast.transfer import NOT_IN_MEAN
+from trex_fast.transfer_splits import AUTHORS_COUNTS
 
 # The paper's Table/Figure 1 (ResNet-50, 100 epochs): (IN1K top-1 %, mean log-odds over the
-# 15 datasets of the authors' model zoo). One home for these numbers.
+# 15 datasets of the authors' model zoo, IN1K not among them). One home for these numbers.
 PUBLISHED = {"t-ReX": (78.0, 1.170), "t-ReX*": (80.2, 0.883)}
 NAMES = ("transfer.md", "transfer.json", "transfer.csv", "trade_off.png")
 
 
+def authors_counts(dataset: str) -> str:
+    """The authors' train (+ val) / test image counts of a named dataset, '' for others."""
+    if dataset not in AUTHORS_COUNTS:
+        return ""
+    train, val, test = AUTHORS_COUNTS[dataset]
+    return f"{train:,}{f' + {val:,}' if val else ''} / {test:,}"
+
+
+def _mean_text(report: dict) -> str:
+    mean = report["log_odds_mean"]
+    return "n/a" if mean is None else f"{mean:.3f}"
+
+
 def markdown(report: dict) -> str:
-    rows = ["| dataset | probe | classes | top-1 mean | top-1 std | log-odds |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| dataset | probe | classes | split | n_train / n_val / n_test | authors' train "
+            "(+ val) / test | top-1 mean | top-1 std | log-odds |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in report["datasets"]:
-        rows.append(f"| {r['dataset']} | {r['probe']} | {r['classes']} | {r['top1_mean']:.2f} "
+        apart = " (not in the mean)" if r["dataset"] in NOT_IN_MEAN else ""
+        rows.append(f"| {r['dataset']}{apart} | {r['probe']} | {r['classes']} | {r['split']} | "
+                    f"{r['n_train']:,} / {r['n_val']:,} / {r['n_test']:,} | "
+                    f"{authors_counts(r['dataset'])} | {r['top1_mean']:.2f} "
                     f"| {r['top1_std']:.2f} | {r['log_odds']:.3f} |")
-    n = len(report["datasets"])
-    rows.append(f"| **mean log-odds ({n} datasets)** | | | | | "
-                f"**{report['log_odds_mean']:.3f}** |")
+    n = len(report["log_odds_datasets"])
+    rows.append(f"| **mean log-odds ({n} transfer datasets)** | | | | | | | | "
+                f"**{_mean_text(report)}** |")
     head = (f"# Transfer: {report['label']}\n\n{report['seeds']} seeds x {report['trials']} "
             f"Optuna trials per dataset, images {report['image_size']} px; top-1 in %, std over "
-            f"seeds (sample); log-odds ln(p/(1-p)) of the mean top-1.")
+            f"seeds (sample); log-odds ln(p/(1-p)) of the mean top-1; the mean is over the "
+            f"transfer datasets, IN1K apart (as in the authors' summary); n_train + n_val is "
+            f"the train split, n_val the search's validation part of it.")
+    if report.get("in1k_probe_top1") is not None:
+        head += f" IN1K linear probe top-1: {report['in1k_probe_top1']:.2f}."
     if report.get("in1k_top1") is not None:
         head += f" IN1K top-1: {report['in1k_top1']:.2f}."
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
 def write_csv(path: str, report: dict) -> None:
-    fields = ("dataset", "probe", "classes", "train_images", "test_images", "top1_mean",
-              "top1_std", "log_odds")
+    fields = ("dataset", "probe", "classes", "split", "n_train", "n_val", "n_test",
+              "train_images", "test_images", "top1_mean", "top1_std", "log_odds")
     text = io.StringIO(newline="")
     out = csv.writer(text)
     out.writerow(fields)
     for r in report["datasets"]:
         out.writerow([r[k] for k in fields])
-    out.writerow(["mean_log_odds", "", "", "", "", "", "", report["log_odds_mean"]])
+    out.writerow(["mean_log_odds"] + [""] * (len(fields) - 2) + [report["log_odds_mean"]])
     atomic.write_bytes(path, text.getvalue().encode())
 
 
@@ -69,6 +92,7 @@ def plot_trade_off(path: str, report: dict, compare: list[str]) -> list[str]:
 
     points = [(report["label"], report.get("in1k_top1"), report["log_odds_mean"])]
     points += [_point(entry) for entry in compare]
+    points = [p for p in points if p[2] is not None]  # a run of IN1K alone has no mean
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, (x, y) in PUBLISHED.items():
         ax.scatter([x], [y], marker="*", s=160, color="grey", zorder=3)
@@ -81,7 +105,7 @@ def plot_trade_off(path: str, report: dict, compare: list[str]) -> list[str]:
         ax.scatter([x], [y], s=50, zorder=4)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, -10))
     ax.set_xlabel("ImageNet-1K top-1 (%)")
-    ax.set_ylabel(f"mean transfer log-odds ({len(report['datasets'])} datasets here; "
+    ax.set_ylabel(f"mean transfer log-odds ({len(report['log_odds_datasets'])} datasets here; "
                   "published: 15)")
     ax.margins(x=0.2, y=0.15)  # room for the labels right of the points
     ax.grid(alpha=0.3)
