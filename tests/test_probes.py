@@ -144,6 +144,13 @@ def test_search_samples_as_the_authors_tpe(kind, joint):
         assert params_of(optuna.samplers.TPESampler(multivariate=False, seed=0)) != authors
 
 
+def test_runs_record_the_scikit_learn_version_the_probe_stopped_with():
+    sklearn = pytest.importorskip("sklearn")
+    from trex_fast.runlog import library_versions
+
+    assert library_versions()["scikit-learn"] == sklearn.__version__
+
+
 def test_per_class_split_takes_twenty_percent_of_each_class():
     y = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
     train_idx, val_idx = per_class_split(y)

@@ -111,7 +111,9 @@ def fit_lbfgs(x: torch.Tensor, y: torch.Tensor, C: float, *,
     """scikit-learn's LogisticRegression(C) with the authors' settings (L2 penalty, lbfgs,
     `max_iter`, tol 1e-4), fitted on the CPU in float64 (as scikit-learn's lbfgs of the
     authors' time converted its input; today's keeps float32 input in float32): it minimises
-    sum_i CE_i + ||W||^2 / (2C) (bias not penalised) and stops where scikit-learn stops."""
+    sum_i CE_i + ||W||^2 / (2C) (bias not penalised) and stops where the installed
+    scikit-learn stops (1.4 divided the objective by n, so tol 1e-4 stops earlier than in the
+    authors' time: docs/TRANSFER.md)."""
     LogisticRegression, ConvergenceWarning = _sklearn()
     estimator = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=LBFGS_TOL)
     with warnings.catch_warnings():  # stopping at max_iter is the protocol, not a fault
@@ -158,8 +160,8 @@ def fit_sgd(x: torch.Tensor, y: torch.Tensor, lr: float, wd: float, num_classes:
 
 def tpe_sampler(kind: str, seed: int):
     """The authors' Optuna sampler: TPE, multivariate with groups for the SGD probe's (lr, wd),
-    univariate for the L-BFGS probe's C; seeded. Both set explicitly: optuna 5 made
-    multivariate the default, older versions univariate."""
+    univariate for the L-BFGS probe's C; seeded. Both set explicitly: recent optuna (5.1)
+    defaults to multivariate, the versions of the authors' time to univariate."""
     import optuna
 
     joint = kind == "sgd"
