@@ -3,8 +3,9 @@
 Both probes follow the authors' public transfer code (naver/trex, transfer/): their solver, its
 stopping rule, their initialisation, schedule and sampler settings.
 Small datasets: scikit-learn's LogisticRegression on raw features, lbfgs, at most 2,000
-iterations, its default tol 1e-4 (the stopping rule: at weak regularisation the optimum is far,
-so where the solver stops decides the predictions); C searched log-uniform in [1e-5, 1e6].
+iterations, tol 1e-4 on the objective of the authors' scikit-learn (the stopping rule: at weak
+regularisation the optimum is far, so where the solver stops decides the predictions); C
+searched log-uniform in [1e-5, 1e6].
 Large datasets: SGD logistic regression on L2-normalised features (lr in [0.1, 100], wd in
 [1e-12, 1e-4], momentum 0.9, batch 1024, 100 epochs) from torch.nn.Linear's default init, the
 cosine LR set after each epoch from that epoch's index (so epochs 0 and 1 both run at lr).
@@ -90,7 +91,7 @@ class SklearnModel:
 
 
 LBFGS_MAX_ITER = 2000  # the authors' cap
-LBFGS_TOL = 1e-4  # scikit-learn's default, which the authors keep: the stopping rule
+LBFGS_TOL = 1e-4  # scikit-learn's default, which the authors keep: the stopping rule (lbfgs_tol)
 SGD_EPOCHS = 100
 SGD_BATCH = 1024
 TRIALS = 30  # Optuna trials per dataset (the paper's)
@@ -98,24 +99,33 @@ TRIALS = 30  # Optuna trials per dataset (the paper's)
 
 def _sklearn():
     try:
+        import sklearn
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
     except ImportError as e:
         raise ImportError("the L-BFGS probe is scikit-learn's LogisticRegression: pip install "
                           "'trex_fast[eval]' (or scikit-learn)") from e
-    return LogisticRegression, ConvergenceWarning
+    return LogisticRegression, ConvergenceWarning, sklearn.__version__
+
+
+def lbfgs_tol(n_samples: int, sklearn_version: str) -> float:
+    """The `tol` that stops where the authors' scikit-learn (<= 1.3, 2022-23) stopped with
+    tol 1e-4. Up to 1.3 lbfgs minimised sum_i CE_i + ||W||^2 / (2C); 1.4 (PR #26721) divides
+    that objective, and so the gradient that `tol` bounds, by n: the same gradient test is
+    tol 1e-4 / n there (measured: the same test predictions as 1.3.2, docs/TRANSFER.md)."""
+    major, minor = (int(part) for part in sklearn_version.split(".")[:2])
+    return LBFGS_TOL / n_samples if (major, minor) >= (1, 4) else LBFGS_TOL
 
 
 def fit_lbfgs(x: torch.Tensor, y: torch.Tensor, C: float, *,
               max_iter: int = LBFGS_MAX_ITER) -> SklearnModel:
     """scikit-learn's LogisticRegression(C) with the authors' settings (L2 penalty, lbfgs,
-    `max_iter`, tol 1e-4), fitted on the CPU in float64 (as scikit-learn's lbfgs of the
-    authors' time converted its input; today's keeps float32 input in float32): it minimises
-    sum_i CE_i + ||W||^2 / (2C) (bias not penalised) and stops where the installed
-    scikit-learn stops (1.4 divided the objective by n, so tol 1e-4 stops earlier than in the
-    authors' time: docs/TRANSFER.md)."""
-    LogisticRegression, ConvergenceWarning = _sklearn()
-    estimator = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=LBFGS_TOL)
+    `max_iter`, tol 1e-4 on their objective: lbfgs_tol), fitted on the CPU in float64 (as
+    scikit-learn's lbfgs of the authors' time converted its input; today's keeps float32
+    input in float32): it minimises sum_i CE_i + ||W||^2 / (2C) (bias not penalised)."""
+    LogisticRegression, ConvergenceWarning, version = _sklearn()
+    estimator = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter,
+                                   tol=lbfgs_tol(len(y), version))
     with warnings.catch_warnings():  # stopping at max_iter is the protocol, not a fault
         warnings.simplefilter("ignore", ConvergenceWarning)
         estimator.fit(x.detach().cpu().double().numpy(), y.detach().cpu().numpy())
