@@ -19,8 +19,9 @@ EXTRAS = {
     "dali": ["nvidia-dali-cuda130"],
     "dali-cuda12": ["nvidia-dali-cuda120"],
     "dev": ["pytest", "ruff", "scikit-learn"],  # scikit-learn: the probes are tested against it
-    # the transfer suite: optuna (the probes' TPE search), scipy (Flowers102, StanfordCars .mat)
-    "eval": ["optuna", "scipy"],
+    # the transfer suite: optuna (the probes' TPE search), scikit-learn (the L-BFGS probe is its
+    # LogisticRegression), scipy (Flowers102, StanfordCars .mat)
+    "eval": ["optuna", "scikit-learn", "scipy"],
     # `python -m trex_fast.sweep`: submitit for --launcher=slurm, pyyaml for YAML sweep files
     "sweep": ["submitit", "pyyaml"],
     "tensorboard": ["tensorboard"],  # `--tensorboard` event files per run

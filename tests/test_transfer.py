@@ -301,7 +301,7 @@ def test_probe_refits_on_train_plus_val_and_scores_test():
     x, y = _blobs()
     test_x, test_y = _blobs(seed=9)
     result = probe(x, y, test_x, test_y, kind="lbfgs", trials=4, seed=2)
-    refit = fit_lbfgs(x, y, result["C"], 3)  # all of train, the searched C
+    refit = fit_lbfgs(x, y, result["C"])  # all of train, the searched C
     assert result["top1"] == pytest.approx(refit.top1(test_x, test_y))
     assert result["seed"] == 2 and result["top1"] > 60.0  # chance is 33 %
 

@@ -19,8 +19,10 @@ from trex_fast.config import Config, to_dict
 
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# scikit-learn: where the transfer suite's L-BFGS probe stops depends on its version (1.4
+# rescaled the objective), optuna: the search's sampler
 _LIBRARIES = ("torch", "torchvision", "numpy", "pillow", "numba", "fire", "ffcv",
-              "nvidia-dali-cuda130", "triton")
+              "nvidia-dali-cuda130", "triton", "scikit-learn", "optuna")
 
 
 def git_revision() -> str:
