@@ -75,3 +75,31 @@ def test_loss_and_stage_resolve_from_one_fact(machine, fresh_probes, monkeypatch
     # config.json's resolved block is plan.to_dict(): the stage sits next to the loss
     keys = list(plan.to_dict())
     assert keys[keys.index("loss_impl") + 1] == "stage_impl"
+
+
+# ---------------------------------------------------------------------------------------------
+# A recipe run at another global batch says so (RECIPE.md; issue 25, item 5)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset,batch_size,world,expected", [
+    ("trex", 64, 1, "use --batch_size=256"),  # the one-GPU default: global batch 64
+    ("trex_star", 64, 2, "use --batch_size=128"),
+    ("plain", 32, 3, "a number of processes that divides 256"),
+    ("trex", 64, 4, None),  # the reference: 4 x 64
+    ("trex", 256, 1, None),  # one GPU at the recipe's batch
+    ("demo", 32, 1, None),  # not the recipe
+])
+def test_a_recipe_run_at_another_global_batch_says_so(preset, batch_size, world, expected):
+    from trex_fast.config import make_config
+    from trex_fast.plan import batch_deviation
+
+    cfg = make_config(preset, batch_size=batch_size, memory_size=0 if preset == "plain" else 8192,
+                      device="cpu")
+    plan = make_plan(cfg, DistInfo(0, world, 0, world), num_classes=10, steps_per_epoch=5)
+    line = batch_deviation(cfg, plan)
+    if expected is None:
+        assert line is None
+        return
+    total = batch_size * world
+    assert line.startswith(f"global batch {total} (batch_size={batch_size} x {world} process")
+    assert "not the recipe's 256" in line and expected in line
+    assert f"peak LR is {cfg.lr * total / 256:g}" in line  # the plan's, not re-derived

@@ -236,6 +236,10 @@ def make_config(preset: str | None = None, **flags) -> Config:
     return validate(Config(preset=preset, **values))
 
 
+RECIPE_GLOBAL_BATCH = 256  # images per step: 4 GPUs x 64 in the reference (RECIPE.md)
+RECIPE_PRESETS = ("trex", "trex_star", "plain")  # the recipe's presets; demo is not the recipe
+
+
 def global_batch(cfg: Config, world_size: int) -> int:
     """Images per optimisation step over all processes (--batch_size is per process)."""
     return cfg.batch_size * world_size

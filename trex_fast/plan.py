@@ -18,7 +18,13 @@ import torch
 
 from pipelines.batch import LoaderSettings
 from trex_fast import availability
-from trex_fast.config import Config, check_world, global_batch
+from trex_fast.config import (
+    RECIPE_GLOBAL_BATCH,
+    RECIPE_PRESETS,
+    Config,
+    check_world,
+    global_batch,
+)
 from trex_fast.distributed import DistInfo
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -124,3 +130,19 @@ def plan_run(cfg: Config, dist_info: DistInfo, device=None):
     plan = dataclasses.replace(draft, **_schedule(cfg, draft.global_batch,
                                                   train_data.steps_per_epoch))
     return plan, train_data, val_data
+
+
+def batch_deviation(cfg: Config, plan: RunPlan) -> str | None:
+    """The line a recipe run at another global batch must print (RECIPE.md: "a run at another
+    global batch is a deviation and must say so"), or None. --batch_size is per process, so a
+    one-GPU `--preset=trex` trains at 64 unless told otherwise (issue #25, item 5)."""
+    if cfg.preset not in RECIPE_PRESETS or plan.global_batch == RECIPE_GLOBAL_BATCH:
+        return None
+    per_process = RECIPE_GLOBAL_BATCH / plan.world_size
+    fix = (f"--batch_size={int(per_process)}" if per_process.is_integer()
+           else f"a number of processes that divides {RECIPE_GLOBAL_BATCH}")
+    processes = f"{plan.world_size} process{'es' if plan.world_size > 1 else ''}"
+    return (f"global batch {plan.global_batch} (batch_size={plan.batch_size} x {processes}) is "
+            f"not the recipe's {RECIPE_GLOBAL_BATCH}: the peak LR is {plan.peak_lr:g} (--lr="
+            f"{cfg.lr:g} per 256 images) and the EMA and memory bank see {plan.global_batch} "
+            f"images per step; for the recipe's batch use {fix}")

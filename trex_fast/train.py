@@ -31,7 +31,7 @@ from trex_fast.loop import (
     train_one_epoch,
 )
 from trex_fast.model import backbone_state_dict
-from trex_fast.plan import RunPlan, output_dir, plan_run
+from trex_fast.plan import RunPlan, batch_deviation, output_dir, plan_run
 from trex_fast.safe_load import BadFileError
 from trex_fast.step import TrainState
 from trex_fast.validation import evaluate
@@ -148,6 +148,9 @@ def _run_planned(cfg: Config, plan: RunPlan, train_data, val_data, stop: StopSig
         _log(f"{cfg.preset} preset, {cfg.arch}, {plan.num_classes} classes, "
              f"{plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {plan.device} "
              f"({plan.precision}); outputs in {plan.output_dir}")
+        deviation = batch_deviation(cfg, plan)
+        if deviation:
+            _log(f"deviation from the recipe: {deviation}")
     last = _train(cfg, plan, state, train_data, val_data, ckpts, resumed, stop)
     if "stopped_at_step" in last:
         return last
