@@ -91,6 +91,8 @@ def test_lbfgs_tol_keeps_the_authors_gradient_test_across_scikit_learn_versions(
     assert lbfgs_tol(500, "1.3.2") == 1e-4
     assert lbfgs_tol(500, "1.4.0") == pytest.approx(2e-7)
     assert lbfgs_tol(500, "1.9.1") == pytest.approx(2e-7)
+    assert lbfgs_tol(500, "1.4rc1") == pytest.approx(2e-7)  # pre-releases and dev builds
+    assert lbfgs_tol(500, "1.10.dev0") == pytest.approx(2e-7)
 
 
 def test_sgd_starts_from_the_linear_default_init():

@@ -19,6 +19,7 @@ Score: top-1; the transfer average is the mean log-odds ln(p / (1 - p)).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ def lbfgs_tol(n_samples: int, sklearn_version: str) -> float:
     tol 1e-4. Up to 1.3 lbfgs minimised sum_i CE_i + ||W||^2 / (2C); 1.4 (PR #26721) divides
     that objective, and so the gradient that `tol` bounds, by n: the same gradient test is
     tol 1e-4 / n there (measured: the same test predictions as 1.3.2, docs/TRANSFER.md)."""
-    major, minor = (int(part) for part in sklearn_version.split(".")[:2])
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", sklearn_version).groups())
     return LBFGS_TOL / n_samples if (major, minor) >= (1, 4) else LBFGS_TOL
 
 
