@@ -111,10 +111,10 @@ def stages_section(plan, records, stages_with_errors: set[str]) -> str:
     JSON lines reports a failure (issue 22: older scripts exited 0 after an error record)."""
     rows, failed = [], []
     for r in records:
-        note = r["note"]
-        if r["rc"] != "skip" and r["stage"] in stages_with_errors:
-            note = "; ".join(filter(None, [note, "a JSON line reports a failure"]))
-        if r["rc"] not in ("0", "skip") or note != r["note"]:
+        json_failed = r["rc"] != "skip" and r["stage"] in stages_with_errors
+        note = "; ".join(filter(None, [r["note"],
+                                       "a JSON line reports a failure" if json_failed else ""]))
+        if r["rc"] not in ("0", "skip") or json_failed:
             failed.append(r["stage"])
         rows.append([r["stage"], r["rc"], r["seconds"], r["limit"], note])
     done = {r["stage"] for r in records}
