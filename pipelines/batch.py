@@ -147,4 +147,4 @@ class LoaderSettings:
     device: torch.device
     dtype: torch.dtype
     channels_last: bool
-    stage_impl: str = "auto"  # the multi-crop stage: torch | triton | auto (see GpuMultiCrop)
+    stage_impl: str = "torch"  # the multi-crop stage: torch | triton (RunPlan.stage_impl)

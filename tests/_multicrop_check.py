@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipelines import gpu_multicrop as G
+from pipelines.stage import torch_spec as G
 
 TF32_DROPPED_BITS = 13  # fp32 keeps 23 mantissa bits, tf32 10
 # Bars, in de-normalised 0-255 units: max |diff| per sample, mean |diff| (bf16 output: both
@@ -73,7 +73,7 @@ def emulate_hardware_tf32(monkeypatch) -> None:
     from triton._C.libtriton import ir
     from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
-    from pipelines.kernels import multicrop
+    from pipelines.stage import triton_multicrop as multicrop
 
     ieee_dot = InterpreterBuilder.create_dot
 

@@ -2,7 +2,7 @@
 
 Every writer puts `classes` classes with `train` + `test` images each under `root`, with the
 file and folder names the torchvision class reads (download=False); the images are the demo
-dataset's textures (trex_fast.demo_data), so a probe on them beats chance. Each writer returns
+dataset's textures (pipelines.demo_data), so a probe on them beats chance. Each writer returns
 the expected (train size, test size, number of classes) of the project's reader.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 
-from trex_fast.demo_data import PATTERNS, make_image
+from pipelines.demo_data import PATTERNS, make_image
 
 _RNG_SEED = 7
 # The authors' EuroSAT counts per class (810 test, 540 val) scaled down to this fixture's classes
-# of 10 images; tests set trex_fast.transfer_splits.EUROSAT_PER_CLASS to it.
+# of 10 images; tests set trex_fast.eval.splits.EUROSAT_PER_CLASS to it.
 EUROSAT_SMALL = {"test": 3, "val": 2}
 
 

@@ -74,10 +74,11 @@ JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF
 def torchvision_photometric(image: np.ndarray, jitter=None, keys=(0, 1, 2, 3), gray=False,
                             blur_sigma=None, solarize_threshold=None) -> np.ndarray:
     """The recipe's photometric ops with torchvision's functional API on a float image, in
-    pipelines/photometric_numba.py's conventions: jitter = [b, c, s, hue] in the order of the
-    keys, grayscale, Gaussian blur (window 2 * ceil(3 sigma) + 1), rounding to uint8, solarize.
+    pipelines/loaders/photometric_numba.py's conventions: jitter = [b, c, s, hue] in the order
+    of the keys, grayscale, Gaussian blur (window 2 * ceil(3 sigma) + 1), rounding to uint8,
+    solarize.
     HWC uint8 in, HWC float64 (integer values) out."""
-    from pipelines.photometric_numba import order_of  # numba: imported by its tests only
+    from pipelines.loaders.photometric_numba import order_of  # numba: imported by its tests only
 
     x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
     if jitter is not None:

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trex_fast.costcount import count_cost
 from trex_fast.loop import CheckpointClock, EpochTotals, StopSignal, read_metrics
+from trex_fast.measure.costcount import count_cost
 from trex_fast.step import StepMetrics
 
 

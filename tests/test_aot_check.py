@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trex_fast.kernels.aot import TARGETS, programs_per_sm
+from pipelines.stage.aot import TARGETS, programs_per_sm
 
 triton = pytest.importorskip("triton")
 
@@ -116,7 +116,7 @@ BROKEN_KERNELS = '''
 import triton
 import triton.language as tl
 
-from trex_fast.kernels.aot import AotKernel
+from pipelines.stage.aot import AotKernel
 
 
 @triton.jit

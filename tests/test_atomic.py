@@ -1,10 +1,10 @@
-"""The one writer (trex_fast.atomic): complete or absent under the final name, fsynced."""
+"""The one writer (pipelines.atomic): complete or absent under the final name, fsynced."""
 import os
 import stat
 
 import pytest
 
-from trex_fast import atomic
+from pipelines import atomic
 
 
 def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):

@@ -42,7 +42,7 @@ def test_bench_runs_all_pipelines_back_to_back(tmp_path):
 
 
 def test_bench_reference_alone(tmp_path):
-    from trex_fast import demo_data
+    from pipelines import demo_data
     demo_data.write_dataset(str(tmp_path), train_per_class=2, val_per_class=1)
     proc = _run(f"--data={tmp_path}", "--pipeline=reference", "--batch_size=4",
                 "--num_workers=0", "--steps=2", "--warmup=1", "--preset=demo")
@@ -59,7 +59,7 @@ def test_bad_pipeline_name_fails_naming_the_accepted_values(tmp_path):
 
 @pytest.mark.dali
 def test_bench_dali_tiny_run(tmp_path):
-    from trex_fast import demo_data
+    from pipelines import demo_data
 
     demo_data.write_dataset(str(tmp_path), train_per_class=2, val_per_class=1)
     proc = _run(f"--data={tmp_path}", "--pipeline=dali", "--batch_size=4", "--num_workers=1",

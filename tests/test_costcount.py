@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trex_fast.costcount import HostSyncError, Transfer, count_cost
+from trex_fast.measure.costcount import HostSyncError, Transfer, count_cost
 
 
 @triton.jit

@@ -1,9 +1,11 @@
-"""pipelines/dali_multicrop.py in CPU mode (device_id=None) on tiny webdataset shards written here
-with the converter's ShardWriter from demo JPEGs (the bytes of the files, not re-encoded).
+"""pipelines/loaders/dali_multicrop.py in CPU mode (device_id=None) on tiny webdataset shards
+written here with the converter's ShardWriter from demo JPEGs (the bytes of the files, not
+re-encoded).
 
 Tolerances (also in docs/DALI.md):
-- CPU mode's photometric stage (pipelines/photometric_numba.py, tested against torchvision in
-  tests/test_photometric_numba.py) through DALI's numba_function equals a direct call exactly.
+- CPU mode's photometric stage (pipelines/loaders/photometric_numba.py, tested against
+  torchvision in tests/test_photometric_numba.py) through DALI's numba_function
+  equals a direct call exactly.
 - the stage hand-off (photometric="stage": GPU mode's graph with "cpu" device strings): canvas
   and sizes equal PIL's decode of the same JPEGs exactly (both libjpeg-turbo), zeros outside
   the image; resized down (longer side > the canvas side) mean |diff| < 2.5 of 255 vs PIL's
@@ -28,12 +30,12 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from pipelines import demo_data
 from pipelines.batch import LoaderSettings
 from pipelines.convert.shards import ShardWriter
-from pipelines.reference import MultiCropDataset, ReferenceValData, load_rgb
+from pipelines.loaders.reference import MultiCropDataset, ReferenceValData, load_rgb
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
 from tests.helpers import assert_batch_contract
-from trex_fast import demo_data
 
 pytestmark = pytest.mark.dali
 
@@ -84,7 +86,7 @@ def _settings(batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 3
 
 
 def _train(root, split="train", spec: MultiCropSpec = SPEC, photometric=None, side=SIDE, **kw):
-    from pipelines.dali_multicrop import DaliTrainData
+    from pipelines.loaders.dali_multicrop import DaliTrainData
     return DaliTrainData(str(root / "dali" / split), spec, _settings(**{"batch_size": 4, **kw}),
                          photometric=photometric, max_resolution=side)
 
@@ -152,7 +154,7 @@ def test_one_rank_epoch_is_a_shuffled_permutation(data_root):
 
 
 def test_missing_folder_and_index_are_clear_errors(data_root, tmp_path):
-    from pipelines.dali_multicrop import DaliTrainData
+    from pipelines.loaders.dali_multicrop import DaliTrainData
     with pytest.raises(FileNotFoundError, match="convert_in1k"):
         DaliTrainData(str(tmp_path / "nope"), SPEC, _settings(4))
     broken = tmp_path / "broken"
@@ -163,7 +165,7 @@ def test_missing_folder_and_index_are_clear_errors(data_root, tmp_path):
 
 
 def test_photometric_choice_defaults_by_device_and_rejects_ops():
-    from pipelines.dali_multicrop import photometric_impl
+    from pipelines.loaders.dali_multicrop import photometric_impl
     assert photometric_impl(None, gpu=True) == "stage"
     assert photometric_impl(None, gpu=False) == "numba"
     assert photometric_impl("stage", gpu=False) == "stage"
@@ -227,7 +229,7 @@ def test_hand_off_resizes_images_larger_than_the_canvas_down_to_it(data_root):
 def test_stage_batches_are_gpu_multicrop_of_the_hand_off(data_root):
     """epoch() = GpuMultiCrop(spec, ..., seed, rank)(canvas, sizes, labels, epoch, step): the
     same stage as the FFCV path, with this rank's draws (rank 0's stage gives other crops)."""
-    from pipelines.gpu_multicrop import GpuMultiCrop
+    from pipelines.stage.dispatch import GpuMultiCrop
     data = _train(data_root, "ids", photometric="stage", rank=1, world_size=2)
     batches = list(data.epoch(2, start_step=1))
     hand_off = list(data.decoded(2, start_step=1))
@@ -266,7 +268,7 @@ def test_stage_crops_are_crop_major_and_follow_their_labels(data_root):
 def test_dlpack_tensor_shares_dali_memory():
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipelines.dali_multicrop import dlpack_tensor
+    from pipelines.loaders.dali_multicrop import dlpack_tensor
 
     @pipeline_def(batch_size=3, num_threads=1, device_id=None, seed=0)
     def graph():
@@ -282,7 +284,7 @@ def test_canvas_side_from_argument_meta_json_or_default(tmp_path):
     import json
 
     from pipelines.convert.options import ConvertOptions
-    from pipelines.dali_multicrop import canvas_side
+    from pipelines.loaders.dali_multicrop import canvas_side
     folder = tmp_path / "dali" / "train"
     folder.mkdir(parents=True)
     assert canvas_side(str(folder)) == ConvertOptions.max_resolution == 500
@@ -295,7 +297,7 @@ def test_canvas_side_from_argument_meta_json_or_default(tmp_path):
 
 # ---------------------------------------------------------------- val
 def test_val_matches_reference_val_and_shards_count_each_image_once(data_root):
-    from pipelines.dali_multicrop import DaliValData
+    from pipelines.loaders.dali_multicrop import DaliValData
     ours = list(DaliValData(str(data_root / "dali" / "val"), 64, _settings(5)))
     ref = list(ReferenceValData(str(data_root / "val"), 64, _settings(5)))
     assert torch.equal(torch.cat([y for _, y in ours]), torch.cat([y for _, y in ref]))
@@ -339,8 +341,8 @@ def test_numba_op_in_dali_equals_the_direct_call(photos):
     directly with the same uniforms (CPU mode's whole photometric stage)."""
     from nvidia.dali import fn
 
-    from pipelines.dali_multicrop import photometric_numba_op
-    from pipelines.photometric_numba import NUM_DRAWS, augment, spec_vector
+    from pipelines.loaders.dali_multicrop import photometric_numba_op
+    from pipelines.loaders.photometric_numba import NUM_DRAWS, augment, spec_vector
     group = SPEC.global_group
     rng = np.random.default_rng(4)
     uniforms = [rng.random(NUM_DRAWS, dtype=np.float32) for _ in photos]

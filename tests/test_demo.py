@@ -1,8 +1,8 @@
 """The demo learns: a short run on the demo dataset ends far above chance."""
 import pytest
 
+from pipelines.demo_data import PATTERNS, write_dataset
 from trex_fast.config import make_config
-from trex_fast.demo_data import PATTERNS, write_dataset
 from trex_fast.train import run
 
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
+from pipelines.demo_data import write_dataset
 from tests.helpers import tiny_config
 from tests.test_survive import FLAGS as SURVIVE_FLAGS
 from tests.test_survive import assert_same_run, kill_9_at_first_checkpoint
-from trex_fast.demo_data import write_dataset
 from trex_fast.train import run
 
 # 4 steps of 8 images, metric reads every 2 (a clock checkpoint lands on step 2), 1 epoch

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torchvision
 
+from pipelines.demo_data import write_dataset
 from tests.helpers import tiny_config
-from trex_fast.backbone_io import backbone_state, load_backbone
-from trex_fast.demo_data import write_dataset
-from trex_fast.eval import knn_top1
+from trex_fast.eval.cli import knn_top1
+from trex_fast.models.weights import backbone_state, load_backbone
 from trex_fast.train import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

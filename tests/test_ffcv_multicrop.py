@@ -1,4 +1,4 @@
-"""pipelines/ffcv_multicrop.py on tiny .beton files written here with ffcv's DatasetWriter.
+"""pipelines/loaders/ffcv_multicrop.py on tiny .beton files written here with ffcv's DatasetWriter.
 
 The betons are written in a spawned process before any Loader runs (a DatasetWriter forked
 after numba code ran can deadlock). Most tests disable FFCV's numba compilation (it costs ~18 s
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.gpu_multicrop import unpack_canvas
-from pipelines.reference import LoaderSettings, ReferenceValData, load_rgb
+from pipelines import demo_data
+from pipelines.loaders.reference import LoaderSettings, ReferenceValData, load_rgb
 from pipelines.spec import CropSpec, MultiCropSpec
+from pipelines.stage.torch_spec import unpack_canvas
 from tests.helpers import assert_batch_contract, run_in_spawned_process
-from trex_fast import demo_data
 
 pytestmark = pytest.mark.ffcv
 
@@ -80,19 +80,19 @@ def _check_canvases(data, root: str, tol: float) -> int:
 
 
 def test_decoder_puts_each_image_at_top_left_jpg(beton_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     data = FfcvTrainData(os.path.join(beton_root, "train.beton"), SPEC, _settings(4))
     assert _check_canvases(data, beton_root, tol=3.0) == data.steps_per_epoch * 4
 
 
 def test_decoder_copies_raw_images_exactly(beton_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     data = FfcvTrainData(os.path.join(beton_root, "train_raw.beton"), SPEC, _settings(4))
     assert _check_canvases(data, beton_root, tol=1e-9) > 0
 
 
 def test_epoch_yields_multicrop_batches_deterministically(beton_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     data = FfcvTrainData(os.path.join(beton_root, "train.beton"), SPEC, _settings(4))
     first = list(data.epoch(1))
     again = list(data.epoch(1, start_step=2))
@@ -108,7 +108,7 @@ def test_epoch_yields_multicrop_batches_deterministically(beton_root, no_jit):
 
 
 def test_ranks_split_each_epoch_without_overlap(beton_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     beton = os.path.join(beton_root, "train.beton")
     orders = []
     for rank in (0, 1):
@@ -119,7 +119,7 @@ def test_ranks_split_each_epoch_without_overlap(beton_root, no_jit):
 
 
 def test_val_matches_reference_val(beton_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvValData
+    from pipelines.loaders.ffcv_multicrop import FfcvValData
     settings = _settings(5)
     ours = list(FfcvValData(os.path.join(beton_root, "val.beton"), 64, settings))
     ref = list(ReferenceValData(os.path.join(beton_root, "val"), 64,
@@ -131,14 +131,14 @@ def test_val_matches_reference_val(beton_root, no_jit):
 
 
 def test_missing_beton_is_a_clear_error(tmp_path):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     with pytest.raises(FileNotFoundError, match="convert_in1k"):
         FfcvTrainData(str(tmp_path / "nope.beton"), SPEC, _settings(4))
 
 
 def test_compiled_path_matches_reference_decode(beton_root):
     """The real numba-compiled, parallel path (slow: compiles once)."""
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     data = FfcvTrainData(os.path.join(beton_root, "train.beton"), SPEC, _settings(8))
     assert _check_canvases(data, beton_root, tol=3.0) == data.steps_per_epoch * 8
     batch = next(iter(data.epoch(0)))
@@ -178,7 +178,7 @@ def test_a_corrupt_jpeg_is_counted_and_replaced_with_its_label(tmp_path, no_jit)
     copy of another sample of its batch, pixels and label together, and is counted."""
     from torchvision.datasets import ImageFolder
 
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     from trex_fast.data import epoch_data_counts
 
     corrupt, root = 5, str(tmp_path / "src")

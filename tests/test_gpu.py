@@ -10,8 +10,8 @@ shows on the CPU before a GPU window is spent on it.
 import pytest
 import torch
 
-from pipelines.gpu_multicrop import GpuMultiCrop
 from pipelines.spec import CropSpec, MultiCropSpec, multicrop_spec
+from pipelines.stage.dispatch import GpuMultiCrop
 from tests._multicrop_check import (
     MEAN_255,
     assert_close_255,
@@ -24,7 +24,7 @@ from trex_fast.availability import resolve_precision
 from trex_fast.build import build_state
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
-from trex_fast.losses import prototype_ce_with_top1
+from trex_fast.kernels.dispatch import prototype_ce_with_top1
 from trex_fast.plan import COMPUTE_DTYPES, make_plan
 from trex_fast.step import train_step
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.gpu_multicrop import unpack_canvas
-from pipelines.reference import LoaderSettings, load_rgb
+from pipelines.loaders.reference import LoaderSettings, load_rgb
 from pipelines.spec import CropSpec, MultiCropSpec
+from pipelines.stage.torch_spec import unpack_canvas
 from tests.helpers import assert_batch_contract, run_in_spawned_process
 
 pytestmark = pytest.mark.ffcv
@@ -91,7 +91,7 @@ def _stored(beton: str) -> tuple[list[bytes], np.ndarray]:
 
 def _canvases(data) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
     """(sample indices, canvases, sizes) of epoch 0, cloned out of FFCV's reused buffers."""
-    from pipelines.gpu_decode import decode_canvas
+    from pipelines.stage.gpu_decode import decode_canvas
     h, w, _ = data.canvas_shape
     canvases, sizes = [], []
     for stored, info, _ in data.decoded(0):
@@ -112,7 +112,7 @@ def _assert_close_images(a: torch.Tensor, b: torch.Tensor, h: int, w: int) -> fl
 
 
 def test_passthrough_hands_out_exactly_the_stored_bytes(gd_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     for name in ("jpg.beton", "smart.beton"):
         beton = os.path.join(gd_root, name)
         stored, meta = _stored(beton)
@@ -143,7 +143,7 @@ def test_tiny_image_jpeg_is_larger_than_its_pixels(gd_root):
 
 
 def test_torchvision_decode_matches_ffcv_decoder(gd_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     beton = os.path.join(gd_root, "jpg.beton")
     cpu = _canvases(FfcvTrainData(beton, SPEC, _settings(), decode="cpu"))
     gpu = _canvases(FfcvTrainData(beton, SPEC, _settings(), decode="gpu"))
@@ -160,7 +160,7 @@ def test_torchvision_decode_matches_ffcv_decoder(gd_root, no_jit):
 def test_grayscale_source_decodes_to_its_gray_pixels(gd_root, no_jit):
     from torchvision.datasets import ImageFolder
 
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     beton = os.path.join(gd_root, "jpg.beton")
     samples = ImageFolder(os.path.join(gd_root, "train")).samples
     gray = [i for i, (p, _) in enumerate(samples) if p.endswith("gray.jpg")][0]
@@ -177,7 +177,7 @@ def test_grayscale_source_decodes_to_its_gray_pixels(gd_root, no_jit):
 def test_mixed_jpeg_and_raw_batches_match_cpu_mode(gd_root, no_jit):
     from torchvision.datasets import ImageFolder
 
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     beton = os.path.join(gd_root, "smart.beton")
     stored, meta = _stored(beton)
     is_jpeg = np.array([s[:2] == b"\xff\xd8" for s in stored])
@@ -202,7 +202,7 @@ def test_mixed_jpeg_and_raw_batches_match_cpu_mode(gd_root, no_jit):
 
 
 def test_train_batches_match_cpu_mode(gd_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     for name in ("jpg.beton", "smart.beton"):
         beton = os.path.join(gd_root, name)
         cpu = list(FfcvTrainData(beton, SPEC, _settings(), decode="cpu").epoch(1))
@@ -218,7 +218,7 @@ def test_train_batches_match_cpu_mode(gd_root, no_jit):
 
 
 def test_val_matches_cpu_mode(gd_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvValData
+    from pipelines.loaders.ffcv_multicrop import FfcvValData
     beton = os.path.join(gd_root, "smart.beton")
     cpu = list(FfcvValData(beton, 24, _settings(3), decode="cpu"))
     gpu = list(FfcvValData(beton, 24, _settings(3), decode="gpu"))
@@ -229,7 +229,7 @@ def test_val_matches_cpu_mode(gd_root, no_jit):
 
 
 def test_bad_decode_mode_is_rejected(gd_root):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     with pytest.raises(ValueError, match="accepted values are cpu, gpu"):
         FfcvTrainData(os.path.join(gd_root, "jpg.beton"), SPEC, _settings(), decode="nvjpeg")
 
@@ -243,7 +243,7 @@ def test_config_decode_field_is_validated():
 
 
 def test_decode_canvas_rejects_bad_inputs():
-    from pipelines.gpu_decode import decode_canvas
+    from pipelines.stage.gpu_decode import decode_canvas
     with pytest.raises(ValueError, match="stored must be"):
         decode_canvas(torch.zeros(2, 8), torch.zeros(2, 4, dtype=torch.int32), 2, 2, "cpu")
     with pytest.raises(ValueError, match="info must be"):
@@ -252,7 +252,7 @@ def test_decode_canvas_rejects_bad_inputs():
 
 def test_compiled_gpu_mode_matches_cpu_mode(gd_root):
     """The numba-compiled, parallel passthrough + info ops (slow: compiles once)."""
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     beton = os.path.join(gd_root, "smart.beton")
     stored, _ = _stored(beton)
     data = FfcvTrainData(beton, SPEC, _settings(), decode="gpu")
@@ -274,7 +274,7 @@ def test_a_corrupt_jpeg_is_replaced_by_another_sample_or_named():
 
     from PIL import Image
 
-    from pipelines.gpu_decode import decode_images
+    from pipelines.stage.gpu_decode import decode_images
 
     rng = np.random.default_rng(0)
     streams, shapes = [], [(24, 32), (16, 20), (30, 18)]

@@ -1,4 +1,5 @@
-"""Faithfulness of pipelines/gpu_multicrop.py to torchvision and to pipelines/reference.py.
+"""Faithfulness of pipelines/stage/torch_spec.py to torchvision and to
+pipelines/loaders/reference.py.
 
 Tolerances (also in docs/PIPELINES.md):
 - crop + resize of a fixed box vs torchvision's antialiased bicubic tensor resize: 1e-4 on
@@ -22,10 +23,11 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from pipelines import gpu_multicrop as G
-from pipelines.reference import MultiCropDataset, load_rgb, val_transform
+from pipelines import demo_data
+from pipelines.loaders.reference import MultiCropDataset, load_rgb, val_transform
 from pipelines.spec import CropSpec, MultiCropSpec, val_resize_size
-from trex_fast import demo_data
+from pipelines.stage import torch_spec as G
+from pipelines.stage.dispatch import GpuMultiCrop
 
 SPEC = MultiCropSpec(CropSpec(1, 64, (0.25, 1.0), blur_p=0.2, solarize_p=0.2),
                      CropSpec(8, 32, (0.05, 0.25), blur_p=0.5, solarize_p=0.0))
@@ -189,7 +191,7 @@ def test_stage_shapes_determinism_and_layout(jpeg_root):
     _, images = _train_images(jpeg_root, 6)
     canvas, sizes = _canvas(images)
     labels = torch.arange(6)
-    stage = G.GpuMultiCrop(SPEC, torch.device("cpu"), torch.bfloat16, True, seed=11)
+    stage = GpuMultiCrop(SPEC, torch.device("cpu"), torch.bfloat16, True, seed=11)
     a = stage(canvas, sizes, labels, epoch=2, step=5)
     b = stage(canvas, sizes, labels, epoch=2, step=5)
     c = stage(canvas, sizes, labels, epoch=2, step=6)
@@ -209,7 +211,7 @@ def test_output_statistics_match_reference(jpeg_root):
     """Per-channel mean/std of the normalised crops, ours vs reference, same 32 images."""
     _, images = _train_images(jpeg_root, 32)
     canvas, sizes = _canvas(images)
-    stage = G.GpuMultiCrop(SPEC, torch.device("cpu"), torch.float32, False, seed=0)
+    stage = GpuMultiCrop(SPEC, torch.device("cpu"), torch.float32, False, seed=0)
     ours = [[], []]
     for step in range(REPEATS):
         batch = stage(canvas, sizes, torch.zeros(32), epoch=0, step=step)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import synthetic_batch, tiny_state
-from trex_fast.costcount import HostSyncError, count_cost
+from trex_fast.measure.costcount import HostSyncError, count_cost
 from trex_fast.step import train_step
 
 SMALL = dict(global_size=16, local_size=16, local_crops=1)  # the step's ops, at little cost

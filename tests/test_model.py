@@ -4,7 +4,7 @@ import torch.nn as nn
 import torchvision
 
 from trex_fast.config import make_config
-from trex_fast.model import MultiCropNet, Projector, backbone_state_dict, build_model
+from trex_fast.models.net import MultiCropNet, Projector, backbone_state_dict, build_model
 
 
 def test_projector_layout_and_parameter_order():

@@ -1,6 +1,6 @@
-"""The fused multi-crop kernels (pipelines/kernels/multicrop.py) against their plain-torch spec
-(pipelines/gpu_multicrop.py + pipelines/draws.py), in Triton's interpreter (TRITON_INTERPRET=1,
-set by conftest).
+"""The fused multi-crop kernels (pipelines/stage/triton_multicrop.py) against their plain-torch spec
+(pipelines/stage/torch_spec.py + pipelines/stage/draws.py), in Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest).
 
 Bars (issue 13, tests/_multicrop_check.py), in de-normalised 0-255 units: max |diff| <= 2 and
 mean <= 0.3, for each op alone and for the whole chain, and for the whole chain no bias (mean
@@ -18,12 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pipelines import draws as D
-from pipelines import gpu_multicrop as G
 from pipelines.batch import LoaderSettings, MultiCropBatch
-from pipelines.device_images import from_canvas, from_packed, from_planes
-from pipelines.kernels import multicrop as K
 from pipelines.spec import CropSpec, MultiCropSpec, multicrop_spec
+from pipelines.stage import draws as D
+from pipelines.stage import torch_spec as G
+from pipelines.stage import triton_multicrop as K
+from pipelines.stage.dispatch import GpuMultiCrop, resolve_impl
+from pipelines.stage.handoff import from_canvas, from_packed, from_planes
 from tests._multicrop_check import (
     MEAN_255,
     assert_close_255,
@@ -33,7 +34,7 @@ from tests._multicrop_check import (
 )
 from tests.helpers import assert_batch_contract
 from trex_fast.config import make_config
-from trex_fast.costcount import count_cost
+from trex_fast.measure.costcount import count_cost
 
 SPEC = MultiCropSpec(CropSpec(1, 64, (0.25, 1.0), blur_p=0.2, solarize_p=0.2),
                      CropSpec(8, 32, (0.05, 0.25), blur_p=0.5, solarize_p=0.0))
@@ -142,7 +143,7 @@ def test_stage_triton_matches_torch(dtype, device, monkeypatch):
     before = (canvas.clone(), sizes.clone(), labels.clone())
     out = {}
     for impl in ("torch", "triton"):
-        stage = G.GpuMultiCrop(SPEC, torch.device(device), dtype, True, seed=7, impl=impl)
+        stage = GpuMultiCrop(SPEC, torch.device(device), dtype, True, seed=7, impl=impl)
         out[impl] = stage(canvas, sizes, labels, epoch=1, step=3)
     assert all(torch.equal(a, b) for a, b in zip((canvas, sizes, labels), before))
     out = {impl: MultiCropBatch(b.global_crops.cpu(), b.local_crops.cpu(), b.labels.cpu())
@@ -246,7 +247,7 @@ def test_stage_on_a_photo_is_not_darker_than_spec(monkeypatch):
     canvas, sizes = _photo_canvas(PHOTO_SHAPES)
     out = {}
     for impl in ("torch", "triton"):
-        stage = G.GpuMultiCrop(PHOTO_SPEC, torch.device("cpu"), torch.bfloat16, True, seed=0,
+        stage = GpuMultiCrop(PHOTO_SPEC, torch.device("cpu"), torch.bfloat16, True, seed=0,
                                impl=impl)
         out[impl] = stage(canvas, sizes, torch.zeros(len(sizes)), epoch=0, step=0)
     for name in ("global_crops", "local_crops"):
@@ -264,7 +265,7 @@ def test_layouts_give_the_same_crops():
     for i, (h, w) in enumerate(sizes.tolist()):
         packed[i, :h * w * 3] = canvas[i, :h, :w].reshape(-1)
         planes.append(canvas[i, :h, :w].permute(2, 0, 1).contiguous())
-    stage = G.GpuMultiCrop(SPEC, torch.device("cpu"), torch.float32, True, seed=1, impl="triton")
+    stage = GpuMultiCrop(SPEC, torch.device("cpu"), torch.float32, True, seed=1, impl="triton")
     outs = [stage(images, None, torch.zeros(3), epoch=0, step=0) for images in (
         from_canvas(canvas, sizes), from_packed(packed, sizes, hmax, wmax),
         from_planes(planes, sizes, hmax, wmax))]
@@ -278,7 +279,7 @@ def test_ranks_draw_their_own_augmentations():
     canvas[1:] = canvas[0]  # the same image on every row
     out = {}
     for rank in (0, 1):
-        stage = G.GpuMultiCrop(SPEC, torch.device("cpu"), torch.float32, False, seed=3,
+        stage = GpuMultiCrop(SPEC, torch.device("cpu"), torch.float32, False, seed=3,
                                rank=rank, impl="torch")
         out[rank] = [stage(canvas, sizes, torch.zeros(4), epoch=0, step=5) for _ in range(2)]
     assert torch.equal(out[0][0].local_crops, out[0][1].local_crops)  # same rank: same draws
@@ -292,8 +293,8 @@ def test_stage_makes_no_host_sync_on_cuda():
     canvas, sizes = smooth_canvas([(300, 400), (500, 333)], seed=3)
     canvas, sizes = canvas.cuda(), sizes.cuda()
     spec = multicrop_spec(make_config("trex", batch_size=2))
-    stage = G.GpuMultiCrop(spec, torch.device("cuda"), torch.bfloat16, True, seed=0)
-    assert stage.impl == "triton"
+    stage = GpuMultiCrop(spec, torch.device("cuda"), torch.bfloat16, True, seed=0,
+                         impl="triton")
     labels = torch.zeros(2, dtype=torch.long, device="cuda")
     stage(canvas, sizes, labels, epoch=0, step=0)  # compiles the kernels, makes the constants
     torch.cuda.synchronize()
@@ -307,10 +308,12 @@ def test_stage_makes_no_host_sync_on_cuda():
 
 def test_impl_choice():
     cpu = torch.device("cpu")
-    assert G.resolve_impl("auto", cpu) == "torch"
-    assert G.resolve_impl("triton", cpu) == "triton"  # TRITON_INTERPRET=1 in the tests
-    with pytest.raises(ValueError, match="impl='cuda'.*auto.*torch.*triton"):
-        G.resolve_impl("cuda", cpu)
+    assert resolve_impl("torch", cpu) == "torch"
+    assert resolve_impl("triton", cpu) == "triton"  # TRITON_INTERPRET=1 in the tests
+    with pytest.raises(ValueError, match="impl='cuda'.*torch.*triton"):
+        resolve_impl("cuda", cpu)
+    with pytest.raises(ValueError, match="auto.*trex_fast.availability.kernel_impl"):
+        resolve_impl("auto", cpu)  # resolved once, by the run plan
 
 
 # ---------------------------------------------------------------- counted cost
@@ -324,7 +327,7 @@ def test_counted_cost_within_budget():
     packed = torch.randint(0, 256, (2, 500 * 500 * 3), dtype=torch.uint8, generator=g)
     summary = {}
     for impl in ("triton", "torch"):
-        stage = G.GpuMultiCrop(spec, torch.device("cpu"), torch.bfloat16, True, seed=0,
+        stage = GpuMultiCrop(spec, torch.device("cpu"), torch.bfloat16, True, seed=0,
                                impl=impl)
 
         def one(step: int, stage=stage):

@@ -5,7 +5,7 @@ import pytest
 
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
-from trex_fast.model import build_model
+from trex_fast.models.net import build_model
 from trex_fast.optim import LRSchedule, build_optimizer
 from trex_fast.plan import make_plan
 

@@ -1,17 +1,17 @@
-"""pipelines/overlap.py: the look-ahead keeps batches and their order; the prefix copy moves
+"""pipelines/stage/overlap.py: the look-ahead keeps batches and their order; the prefix copy moves
 only the used bytes of each packed row and the canvases do not change."""
 import os
 
 import pytest
 import torch
 
+from pipelines import demo_data
 from pipelines.batch import MultiCropBatch
-from pipelines.gpu_multicrop import unpack_canvas
-from pipelines.overlap import PinnedPrefixCopy, overlapped, packed_prefix_bytes
+from pipelines.stage.overlap import PinnedPrefixCopy, overlapped, packed_prefix_bytes
+from pipelines.stage.torch_spec import unpack_canvas
 from tests import test_ffcv_multicrop as ffcv_tests
 from tests.helpers import run_in_spawned_process
-from trex_fast import demo_data
-from trex_fast.costcount import Transfer, count_cost
+from trex_fast.measure.costcount import Transfer, count_cost
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -159,7 +159,7 @@ def beton_root(tmp_path_factory):
 
 @pytest.mark.ffcv
 def test_ffcv_epoch_with_overlap_yields_the_same_batches(beton_root, no_jit):
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
 
     data = FfcvTrainData(os.path.join(beton_root, "train.beton"), ffcv_tests.SPEC,
                          ffcv_tests._settings(4))

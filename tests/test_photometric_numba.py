@@ -1,4 +1,4 @@
-"""pipelines/photometric_numba.py (DALI's CPU-mode photometric stage) against torchvision's
+"""pipelines/loaders/photometric_numba.py (DALI's CPU-mode photometric stage) against torchvision's
 functional ops on float images (tests/helpers.torchvision_photometric), and its parameter draws.
 Tolerance: max |diff| <= 1 of 255 (one rounding here, one there), solarize exact."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.photometric_numba import (
+from pipelines.loaders.photometric_numba import (
     D_BLUR,
     D_FACTORS,
     D_GRAY,

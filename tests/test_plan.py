@@ -5,8 +5,8 @@ the loaders build their stage with. CUDA and Triton are faked: no device is need
 import pytest
 import torch
 
-from pipelines.gpu_multicrop import GpuMultiCrop, resolve_impl
 from pipelines.spec import multicrop_spec
+from pipelines.stage.dispatch import GpuMultiCrop
 from tests.helpers import tiny_config
 from trex_fast import availability
 from trex_fast.distributed import DistInfo
@@ -65,7 +65,6 @@ def test_loss_and_stage_resolve_from_one_fact(machine, fresh_probes, monkeypatch
     assert cfg.loss_impl == "auto"
     plan = make_plan(cfg, SINGLE, 5, 10, device=device)
     assert plan.loss_impl == impl
-    assert resolve_impl("auto", torch.device(device)) == impl  # the stage's own auto
     assert plan.stage_impl == impl
     # what the loaders build: the stage from the plan's loader view
     settings = plan.loader_settings()

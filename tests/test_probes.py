@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from trex_fast.probes import (
+from trex_fast.eval.probes import (
     C_RANGE,
     SGD_LR_RANGE,
     SGD_WD_RANGE,
@@ -189,7 +189,7 @@ def test_log_odds_arithmetic():
 
 
 def test_transfer_command_end_to_end(tmp_path):
-    from trex_fast.demo_data import write_dataset
+    from pipelines.demo_data import write_dataset
 
     data = tmp_path / "textures"
     write_dataset(str(data), train_per_class=6, val_per_class=3)

@@ -32,17 +32,14 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 from trex_fast.kernels import prototype_ce  # noqa: E402
+from trex_fast.kernels.dispatch import prototype_ce_with_top1, prototype_cross_entropy  # noqa: E402
 from trex_fast.kernels.prototype_ce import (  # noqa: E402
     BlockConfig,
     dot_dtype_for,
     fused_prototype_ce,
     plan_launch,
 )
-from trex_fast.losses import (  # noqa: E402
-    prototype_ce_with_top1,
-    prototype_cross_entropy,
-    torch_prototype_ce_with_top1,
-)
+from trex_fast.losses import torch_prototype_ce_with_top1  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TAU = 0.1  # RECIPE.md

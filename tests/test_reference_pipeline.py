@@ -2,7 +2,8 @@
 import torch
 
 from pipelines.batch import MultiCropBatch
-from pipelines.reference import (
+from pipelines.demo_data import write_dataset
+from pipelines.loaders.reference import (
     EpochSampler,
     LoaderSettings,
     MultiCropDataset,
@@ -12,7 +13,6 @@ from pipelines.reference import (
 )
 from pipelines.spec import IMAGENET_MEAN, multicrop_spec
 from tests.helpers import assert_batch_contract, tiny_config
-from trex_fast.demo_data import write_dataset
 
 
 def _settings(**overrides):

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
+from pipelines.demo_data import write_dataset
 from tests.helpers import tiny_config
 from trex_fast.checkpoint import ResumeError, load_checkpoint
-from trex_fast.demo_data import write_dataset
 from trex_fast.loop import NonFiniteLossError
 from trex_fast.train import run
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.reference import end_workers, ignore_stop_signals
-from trex_fast import atomic, train
-from trex_fast.demo_data import write_dataset
+from pipelines import atomic
+from pipelines.demo_data import write_dataset
+from pipelines.loaders.reference import end_workers, ignore_stop_signals
+from trex_fast import train
 from trex_fast.loop import NonFiniteLossError, SecondSignal, StopSignal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIVE_LOADERS = """
 import sys, torch
 from pipelines.batch import LoaderSettings
-from pipelines.reference import ReferenceTrainData, ReferenceValData
+from pipelines.loaders.reference import ReferenceTrainData, ReferenceValData
 from pipelines.spec import multicrop_spec
 from trex_fast.config import make_config
 

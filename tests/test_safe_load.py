@@ -11,18 +11,18 @@ import pytest
 import torch
 import torchvision
 
+from pipelines.demo_data import write_dataset
 from tests.helpers import tiny_config
-from trex_fast import eval as eval_cli
 from trex_fast import train as train_cli
-from trex_fast.backbone_io import backbone_state
 from trex_fast.checkpoint import load_checkpoint, rng_state, set_rng_state
 from trex_fast.cli import parse_flags
 from trex_fast.config import ConfigError
-from trex_fast.demo_data import write_dataset
+from trex_fast.eval import cli as eval_cli
+from trex_fast.eval.datasets import ImageList
+from trex_fast.eval.transfer import cached_features
+from trex_fast.models.weights import backbone_state
 from trex_fast.safe_load import UnreadableFileError, UnsafeFileError, load_file
 from trex_fast.train import run
-from trex_fast.transfer import cached_features
-from trex_fast.transfer_data import ImageList
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH_FLAGS = ["--preset=demo", "--warmup_epochs=0", "--arch=resnet18", "--batch_size=8",

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipelines.gpu_multicrop import GpuMultiCrop
 from pipelines.spec import CropSpec, MultiCropSpec
+from pipelines.stage.dispatch import GpuMultiCrop
 
 SPEC = MultiCropSpec(CropSpec(1, 32, (0.25, 1.0), blur_p=0.2, solarize_p=0.2),
                      CropSpec(2, 16, (0.05, 0.25), blur_p=0.5, solarize_p=0.0))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import losses_by_impl, synthetic_batch, tiny_state
-from trex_fast.losses import prototype_cross_entropy
+from trex_fast.kernels.dispatch import prototype_cross_entropy
 from trex_fast.memory import MemoryBank
 from trex_fast.step import train_step
 

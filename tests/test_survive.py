@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
+from pipelines.demo_data import write_dataset
 from tests.helpers import tiny_config
 from tests.test_resume import _assert_same_tensors, _metrics
 from trex_fast.checkpoint import CheckpointDir, ResumeError, check_resumable, load_checkpoint
 from trex_fast.data import count_classes
-from trex_fast.demo_data import write_dataset
 from trex_fast.distributed import DistInfo
 from trex_fast.plan import make_plan, plan_run
 from trex_fast.train import run

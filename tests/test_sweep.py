@@ -13,11 +13,12 @@ import time
 
 import pytest
 
+from pipelines.demo_data import write_dataset
 from trex_fast.cli import parse_flags
 from trex_fast.config import make_config
-from trex_fast.demo_data import write_dataset
-from trex_fast.sweep import SweepError, build_points, load_file, main, parse_base, parse_grid
-from trex_fast.sweep_launch import Job, LaunchSettings, PointJob, gpu_slots, run_jobs
+from trex_fast.sweep.cli import main
+from trex_fast.sweep.launch import Job, LaunchSettings, PointJob, gpu_slots, run_jobs
+from trex_fast.sweep.points import SweepError, build_points, load_file, parse_base, parse_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = "pr_hidden_layers=0,1 memory_size=0,32"
@@ -243,7 +244,7 @@ def test_sigterm_to_the_sweep_reaches_the_running_point_and_starts_no_more(tmp_p
                           str(tmp_path / f"up{i}")],
                 str(tmp_path / f"p{i}" / "train.log")) for i in range(2)]
     runner = tmp_path / "runner.py"
-    runner.write_text("import pickle, sys\nfrom trex_fast.sweep_launch import run_jobs\n"
+    runner.write_text("import pickle, sys\nfrom trex_fast.sweep.launch import run_jobs\n"
                       f"run_jobs(pickle.loads({pickle.dumps(jobs)!r}), [{{}}], poll_s=0.05)\n")
     sweep = subprocess.Popen([sys.executable, str(runner)], cwd=REPO, stdout=subprocess.PIPE,
                              env={**os.environ, "PYTHONPATH": REPO},
@@ -272,7 +273,7 @@ def test_a_killed_sweep_stops_its_running_point_so_a_rerun_finds_no_orphan(tmp_p
     job = Job("p0", [*_child(_SAVES_ON_SIGTERM), str(tmp_path / "saved"), str(tmp_path / "up")],
               str(tmp_path / "p0" / "train.log"))
     runner = tmp_path / "runner.py"
-    runner.write_text("import pickle\nfrom trex_fast.sweep_launch import run_jobs\n"
+    runner.write_text("import pickle\nfrom trex_fast.sweep.launch import run_jobs\n"
                       f"run_jobs(pickle.loads({pickle.dumps([job])!r}), [{{}}], poll_s=0.05)\n")
     sweep = subprocess.Popen([sys.executable, str(runner)], cwd=REPO,
                              env={**os.environ, "PYTHONPATH": REPO})
@@ -343,8 +344,8 @@ def test_tensorboard_events_per_run_hold_the_epoch_metrics(tiny_imagefolder, tmp
 
 def test_transfer_rows_are_cached_and_the_figure_uses_log_odds_with_the_papers_points(
         tmp_path, monkeypatch):
-    import trex_fast.eval
-    from trex_fast import sweep_report
+    from trex_fast.eval import cli as eval_cli
+    from trex_fast.sweep import report as sweep_report
 
     calls = []
 
@@ -352,7 +353,7 @@ def test_transfer_rows_are_cached_and_the_figure_uses_log_odds_with_the_papers_p
         calls.append(flags)
         print("| dataset | top-1 |\n" + json.dumps({"eval": "transfer", "log_odds_mean": 0.5}))
 
-    monkeypatch.setattr(trex_fast.eval, "transfer", fake_transfer)
+    monkeypatch.setattr(eval_cli, "transfer", fake_transfer)
     points = build_points({"epochs": 1, "warmup_epochs": 0}, parse_grid("clf_tau=0.1,0.2"), [],
                           str(tmp_path))
     for point in points:  # finished runs, as training leaves them
@@ -374,7 +375,7 @@ def test_transfer_rows_are_cached_and_the_figure_uses_log_odds_with_the_papers_p
 
 
 def test_dry_run_prints_each_points_command_and_writes_nothing(tmp_path, capsys):
-    from trex_fast.sweep import sweep
+    from trex_fast.sweep.cli import sweep
 
     out = tmp_path / "dry"
     result = sweep(grid="global_scale=(0.25,1.0),(0.4,1.0)", base="--epochs=2 --warmup_epochs=0",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from trex_fast.demo_data import write_dataset
+from pipelines.demo_data import write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from tests import _transfer_fixture as fixture
-from trex_fast.transfer_data import DatasetNotReady, resolve, resolve_all, seeded_split
+from trex_fast.eval.datasets import DatasetNotReady, resolve, resolve_all, seeded_split
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,7 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def small_eurosat(monkeypatch):
     """The authors' EuroSAT counts per class, scaled down to the fixture's 10 images a class."""
-    from trex_fast import transfer_splits
+    from trex_fast.eval import splits as transfer_splits
 
     monkeypatch.setattr(transfer_splits, "EUROSAT_PER_CLASS", fixture.EUROSAT_SMALL)
 
@@ -93,7 +93,7 @@ def test_sun397_partition_naming_a_missing_image_fails(tmp_path):
 
 
 def test_eurosat_takes_the_authors_test_and_val_counts_per_class(layouts, monkeypatch):
-    from trex_fast import transfer_splits
+    from trex_fast.eval import splits as transfer_splits
 
     root, _ = layouts
     data = resolve("eurosat", root)
@@ -119,7 +119,7 @@ def test_cog_follows_the_benchmarks_split_file(tmp_path):
 
 
 def test_cog_split_file_is_read_once_for_all_levels(tmp_path, monkeypatch):
-    from trex_fast import transfer_splits
+    from trex_fast.eval import splits as transfer_splits
 
     root, loads = str(tmp_path), []
     for level in (1, 5):
@@ -170,9 +170,9 @@ def test_cog_split_file_may_hold_only_arrays(tmp_path):
 def test_split_counts_record_the_search_split():
     import torch
 
-    from trex_fast.probes import per_class_split
-    from trex_fast.transfer import split_counts
-    from trex_fast.transfer_data import Labelled
+    from trex_fast.eval.datasets import Labelled
+    from trex_fast.eval.probes import per_class_split
+    from trex_fast.eval.transfer import split_counts
 
     train = [(f"/t/{c}_{i}.jpg", c) for c in range(3) for i in range(11)]
     data = Labelled("d", train, [("/x.jpg", 0)] * 5, 3, "lbfgs", "some split")
@@ -183,9 +183,9 @@ def test_split_counts_record_the_search_split():
 
 
 def test_log_odds_mean_leaves_in1k_out_as_the_authors_summary():
-    from trex_fast.probes import log_odds
-    from trex_fast.transfer import log_odds_mean
-    from trex_fast.transfer_report import markdown
+    from trex_fast.eval.probes import log_odds
+    from trex_fast.eval.report import markdown
+    from trex_fast.eval.transfer import log_odds_mean
 
     rows = [{"dataset": d, "log_odds": log_odds(t), "top1_mean": t} for d, t in
             (("in1k", 78.0), ("dtd", 70.0), ("pets", 90.0))]
@@ -248,7 +248,7 @@ def test_every_missing_dataset_is_named_in_one_error(tmp_path):
 
 
 def test_imagefolder_paths_still_work(tmp_path):
-    from trex_fast.demo_data import write_dataset
+    from pipelines.demo_data import write_dataset
 
     write_dataset(str(tmp_path / "tex"), train_per_class=3, val_per_class=1)
     data = resolve(str(tmp_path / "tex"), "unused")
@@ -267,7 +267,7 @@ def _blobs(n_per_class=20, classes=3, dim=8, seed=0):
 @pytest.mark.parametrize("kind, bounds", [
     ("lbfgs", {"C": (1e-5, 1e6)}), ("sgd", {"lr": (0.1, 100.0), "wd": (1e-12, 1e-4)})])
 def test_optuna_search_is_seeded_reproducible_and_in_bounds(kind, bounds):
-    from trex_fast.probes import search
+    from trex_fast.eval.probes import search
 
     x, y = _blobs()
     kw = dict(kind=kind, num_classes=3, trials=6, sgd_epochs=3)
@@ -288,7 +288,7 @@ def test_search_ranges_span_the_log_range():
     """TPE's start-up trials are log-uniform: over 12 trials C spans many decades."""
     import math
 
-    from trex_fast.probes import search
+    from trex_fast.eval.probes import search
 
     x, y = _blobs()
     cs = [p["C"] for p, _ in search(x, y, "lbfgs", 3, trials=12, seed=3)["trials"]]
@@ -296,7 +296,7 @@ def test_search_ranges_span_the_log_range():
 
 
 def test_probe_refits_on_train_plus_val_and_scores_test():
-    from trex_fast.probes import fit_lbfgs, probe
+    from trex_fast.eval.probes import fit_lbfgs, probe
 
     x, y = _blobs()
     test_x, test_y = _blobs(seed=9)
@@ -318,9 +318,9 @@ def test_transfer_run_writes_table_json_csv_plot_and_reuses_the_cache(layouts, t
     import torch
     import torchvision
 
-    from trex_fast.demo_data import write_dataset
-    from trex_fast.probes import log_odds
-    from trex_fast.transfer_report import PUBLISHED
+    from pipelines.demo_data import write_dataset
+    from trex_fast.eval.probes import log_odds
+    from trex_fast.eval.report import PUBLISHED
 
     root, _ = layouts
     write_dataset(str(tmp_path / "textures"), train_per_class=4, val_per_class=2)
@@ -402,9 +402,9 @@ def _tiny_net():
 def test_feature_cache_is_fp16_weights_only_and_follows_the_image_list(layouts, tmp_path):
     import torch
 
+    from trex_fast.eval.datasets import ImageList
+    from trex_fast.eval.transfer import cached_features, transfer_transform
     from trex_fast.safe_load import load_file
-    from trex_fast.transfer import cached_features, transfer_transform
-    from trex_fast.transfer_data import ImageList
 
     root, _ = layouts
     data = resolve("flowers", root)
@@ -426,7 +426,7 @@ def test_auto_probe_follows_the_papers_assignment(layouts, tmp_path):
     """CoG gets the SGD probe (lr, wd searched), a small dataset L-BFGS (C searched)."""
     import torch
 
-    from trex_fast.transfer import TransferSettings, run_transfer
+    from trex_fast.eval.transfer import TransferSettings, run_transfer
 
     root, _ = layouts
     entries = ["cog_l1", "pets"]
@@ -448,7 +448,7 @@ def test_auto_probe_follows_the_papers_assignment(layouts, tmp_path):
 def test_compare_entries_and_points_without_in1k(tmp_path, capsys):
     import json
 
-    from trex_fast.transfer_report import write_outputs
+    from trex_fast.eval.report import write_outputs
 
     run_dir = tmp_path / "run_b"
     run_dir.mkdir()

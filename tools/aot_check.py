@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the project ahead of time for a named GPU target (issue 14).
 
-No GPU is needed: each kernel module's `aot_kernels()` (trex_fast/kernels/aot.py) lists its
+No GPU is needed: each kernel module's `aot_kernels()` (pipelines/stage/aot.py) lists its
 production launch configurations; each is compiled with triton.compile (an ASTSource for a
 GPUTarget) and its PTX assembled again by the installed triton's own cubin stage (its ptxas
 and its flags, whatever the triton version) with the ptxas log captured, which reports
@@ -45,9 +45,9 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a bare checkout too
 
-from trex_fast.kernels.aot import TARGETS, programs_per_sm  # noqa: E402
+from pipelines.stage.aot import TARGETS, programs_per_sm  # noqa: E402
 
-KERNEL_MODULES = ("trex_fast.kernels.prototype_ce", "pipelines.kernels.multicrop")
+KERNEL_MODULES = ("trex_fast.kernels.prototype_ce", "pipelines.stage.triton_multicrop")
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 

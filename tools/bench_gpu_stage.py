@@ -1,4 +1,4 @@
-"""Time, or counted cost, of the GPU multi-crop stage (pipelines/gpu_multicrop.py) on
+"""Time, or counted cost, of the GPU multi-crop stage (pipelines/stage/torch_spec.py) on
 synthetic images.
 
     python tools/bench_gpu_stage.py --device=cuda --batch_size=256 --impl=triton
@@ -6,7 +6,7 @@ synthetic images.
     python tools/bench_gpu_stage.py --count --device=cpu --batch_size=4 --impl=triton
 
 --count (any device, no GPU needed; Triton in its interpreter off CUDA): the device side of one
-batch (decode hand-off plus the stage) under trex_fast.costcount, after one warm-up batch:
+batch (decode hand-off plus the stage) under trex_fast.measure.costcount, after one warm-up batch:
 bytes of every aten op's tensors plus every Triton launch's tensor arguments, launches, host
 syncs, float64 tensors over 64k elements, and the bytes the batch moves host-to-device; one
 JSON line with the counts for the batch and scaled to a batch of 256. A count is a cost model
@@ -31,14 +31,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.device_images import from_packed  # noqa: E402
-from pipelines.gpu_decode import decode_canvas, decode_images  # noqa: E402
-from pipelines.gpu_multicrop import GpuMultiCrop  # noqa: E402
 from pipelines.spec import multicrop_spec  # noqa: E402
+from pipelines.stage.dispatch import GpuMultiCrop  # noqa: E402
+from pipelines.stage.gpu_decode import decode_canvas, decode_images  # noqa: E402
+from pipelines.stage.handoff import from_packed  # noqa: E402
+from trex_fast.availability import kernel_impl  # noqa: E402
 from trex_fast.cli import run_cli  # noqa: E402
 from trex_fast.config import make_config  # noqa: E402
-from trex_fast.costcount import count_cost  # noqa: E402
-from trex_fast.profiling import timed  # noqa: E402
+from trex_fast.measure.costcount import count_cost  # noqa: E402
+from trex_fast.measure.profiling import timed  # noqa: E402
 
 
 def _jpeg_batch(sizes: torch.Tensor, gen: torch.Generator, quality: int = 90):
@@ -111,6 +112,8 @@ def main(batch_size: int = 256, max_resolution: int = 500, preset: str = "trex",
     labels = torch.randint(0, 1000, (batch_size,), generator=gen)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     dtype = torch.bfloat16 if count else dtype  # counts are for the production dtype
+    if impl == "auto":
+        impl = kernel_impl(dev)  # as the run plan resolves it
     stage = GpuMultiCrop(multicrop_spec(cfg), dev, dtype, channels_last=True, seed=seed,
                          impl=impl)
     extra = {}

@@ -6,14 +6,14 @@
 <dir> holds train/ (ImageFolder, for reference) and train.beton (for ffcv and decode_only).
 `--synthesize=N` first writes N ImageNet-like JPEGs (500x375, quality 90) and their beton there.
 Pipelines:
-  reference    torchvision/PIL multi-crop (pipelines/reference.py), end to end
-  ffcv         pipelines/ffcv_multicrop.py: cpu_side = the FFCV loader alone (decode into
+  reference    torchvision/PIL multi-crop (pipelines/loaders/reference.py), end to end
+  ffcv         pipelines/loaders/ffcv_multicrop.py: cpu_side = the FFCV loader alone (decode into
                canvases; with --decode=gpu: hand out the stored bytes), samples_per_s =
                loader + (gpu: batched decode_jpeg +) the multi-crop stage on --device
   decode_only  the floor of a decode-once design: the same .beton, the same workers, each
                JPEG decoded once by the ffcv path's CanvasDecoder and nothing else (no size
                field, no labels, no device stage)
-  dali         pipelines/dali_multicrop.py in CPU mode (writes dali/train shards from
+  dali         pipelines/loaders/dali_multicrop.py in CPU mode (writes dali/train shards from
                train/ first when they are missing)
 Each pipeline prints one JSON line; with several, a last JSON line holds all results and
 the ratios. Steps after --warmup are timed (FFCV compiles its numba code in the first batch).
@@ -75,7 +75,7 @@ def synthesize(root: str, n: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from trex_fast import demo_data
+    from pipelines import demo_data
 
     rng = np.random.default_rng(0)
     classes = len(demo_data.PATTERNS)
@@ -133,14 +133,14 @@ def _spec(args):
 
 
 def bench_reference(args) -> dict:
-    from pipelines.reference import ReferenceTrainData
+    from pipelines.loaders.reference import ReferenceTrainData
     data = ReferenceTrainData(os.path.join(args.data, "train"), _spec(args), _settings(args))
     rate = time_batches(data.epoch, args)
     return {"samples_per_s": rate, "cpu_side_samples_per_s": rate}
 
 
 def bench_ffcv(args) -> dict:
-    from pipelines.ffcv_multicrop import FfcvTrainData
+    from pipelines.loaders.ffcv_multicrop import FfcvTrainData
     data = FfcvTrainData(os.path.join(args.data, "train.beton"), _spec(args), _settings(args),
                          decode=args.decode)
     cpu_side = time_batches(data.decoded, args)
@@ -153,7 +153,7 @@ def bench_decode_only(args) -> dict:
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline.pipeline_spec import PipelineSpec
 
-    from pipelines.ffcv_multicrop import CanvasDecoder
+    from pipelines.loaders.ffcv_multicrop import CanvasDecoder
     loader = Loader(os.path.join(args.data, "train.beton"), batch_size=args.batch_size,
                     num_workers=args.num_workers, order=OrderOption.RANDOM, seed=0,
                     pipelines={"image": PipelineSpec("image", decoder=CanvasDecoder()),
@@ -171,12 +171,12 @@ def bench_decode_only(args) -> dict:
 
 
 def bench_dali(args) -> dict:
-    """pipelines/dali_multicrop.py on <data>/dali/train; if absent, shards of the same JPEG
+    """pipelines/loaders/dali_multicrop.py on <data>/dali/train; if absent, shards of the same JPEG
     files as train/ (bytes copied, not re-encoded) are written there first, in a seeded random
     order as tools/convert_in1k.py writes train."""
     from pathlib import Path
 
-    from pipelines.dali_multicrop import DaliTrainData
+    from pipelines.loaders.dali_multicrop import DaliTrainData
 
     folder = os.path.join(args.data, "dali", "train")
     if not os.path.isdir(folder):

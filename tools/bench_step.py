@@ -33,13 +33,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trex_fast.availability import resolve_device, resolve_precision  # noqa: E402
-from trex_fast.bottleneck import synthetic_batch  # noqa: E402
 from trex_fast.build import build_state  # noqa: E402
 from trex_fast.cli import run_cli  # noqa: E402
 from trex_fast.config import make_config  # noqa: E402
 from trex_fast.distributed import DistInfo  # noqa: E402
+from trex_fast.measure.bottleneck import synthetic_batch  # noqa: E402
+from trex_fast.measure.profiling import PhaseTimer, timed  # noqa: E402
 from trex_fast.plan import COMPUTE_DTYPES, make_plan  # noqa: E402
-from trex_fast.profiling import PhaseTimer, timed  # noqa: E402
 from trex_fast.step import train_step  # noqa: E402
 
 SINGLE = DistInfo(0, 1, 0, 1)

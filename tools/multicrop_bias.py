@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.gpu_multicrop import GpuMultiCrop  # noqa: E402
 from pipelines.spec import multicrop_spec  # noqa: E402
+from pipelines.stage.dispatch import GpuMultiCrop  # noqa: E402
 from tests import test_multicrop_kernels as T  # noqa: E402
 from tests._multicrop_check import diff_255, emulate_hardware_tf32, smooth_canvas  # noqa: E402
 from trex_fast.config import make_config  # noqa: E402

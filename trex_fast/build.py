@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from trex_fast.config import Config
 from trex_fast.memory import MemoryBank, make_ema
-from trex_fast.model import build_model
+from trex_fast.models.net import build_model
 from trex_fast.optim import LRSchedule, build_optimizer
 from trex_fast.plan import RunPlan
 from trex_fast.step import TrainState

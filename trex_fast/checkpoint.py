@@ -5,7 +5,7 @@ optimiser, the grad scaler, the schedule position (global step, epoch, step insi
 the RNG states, the config and the run plan. Under DDP it also holds every rank's rank-local
 state (`ranks`, in rank order: BatchNorm buffers, which are per process without SyncBN, RNG
 states and the epoch's metric sums), gathered to rank 0, so each rank resumes its own.
-trex_fast.atomic writes it (temporary file, fsync, rename, directory fsync), so a crash leaves
+pipelines.atomic writes it (temporary file, fsync, rename, directory fsync), so a crash leaves
 the previous checkpoint intact.
 
 Everything in it is a tensor, list, tuple, dict, number, string or None (the numpy and Python RNG
@@ -21,7 +21,7 @@ import re
 import numpy as np
 import torch
 
-from trex_fast import atomic
+from pipelines import atomic
 from trex_fast.config import Config, to_dict
 from trex_fast.optim import LRSchedule
 from trex_fast.plan import schedule_facts

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from torchvision.datasets.folder import find_classes
 
+from pipelines import demo_data
 from pipelines.convert.report import load_meta
 from pipelines.errors import BadFileError
-from pipelines.reference import ReferenceTrainData, ReferenceValData
+from pipelines.loaders.reference import ReferenceTrainData, ReferenceValData
 from pipelines.spec import multicrop_spec
-from trex_fast import demo_data, distributed
+from trex_fast import distributed
 from trex_fast.config import Config
 
 
@@ -61,7 +62,7 @@ def build_data(cfg: Config, plan):
         from trex_fast import availability
 
         availability.require("ffcv", availability.has_ffcv(), "ffcv")
-        from pipelines.ffcv_multicrop import FfcvTrainData, FfcvValData  # imports ffcv
+        from pipelines.loaders.ffcv_multicrop import FfcvTrainData, FfcvValData  # imports ffcv
 
         train = FfcvTrainData(os.path.join(root, "train.beton"), multicrop_spec(cfg), settings,
                               decode=plan.decode)
@@ -72,7 +73,10 @@ def build_data(cfg: Config, plan):
         from trex_fast import availability
 
         availability.require("nvidia-dali", availability.has_dali(), "dali")
-        from pipelines.dali_multicrop import DaliTrainData, DaliValData  # imports nvidia.dali
+        from pipelines.loaders.dali_multicrop import (  # imports nvidia.dali
+            DaliTrainData,
+            DaliValData,
+        )
 
         train = DaliTrainData(os.path.join(root, "dali", "train"), multicrop_spec(cfg), settings)
         val = DaliValData(os.path.join(root, "dali", "val"), cfg.global_size, settings)

@@ -6,7 +6,8 @@ preset's learned cosine classifier (gets a gradient). A zero row of W (a class a
 the memory) stays zero under the normalisation, so its logit is exactly 0.
 
 This file is the specification that the fused Triton kernel (trex_fast/kernels/) must match;
-tests and benchmarks compare against it, and loss_impl="torch" trains with it. Both compute
+tests and benchmarks compare against it, and loss_impl="torch" trains with it (the choice is
+made in trex_fast/kernels/dispatch.py). Both compute
 with the same numerics (issue 14, item 11), so the two impls train alike under autocast too:
 
 - the dot products take z and W rounded to `dot_operand_dtype(z, W)`: their promoted dtype,
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from trex_fast.availability import resolve_loss_impl
 
 NORM_EPS = 1e-12  # F.normalize's default eps: x / max(||x||, eps)
 
@@ -62,26 +61,3 @@ def torch_prototype_ce_with_top1(
         loss = F.cross_entropy(logits, labels)
         correct = logits.argmax(dim=1) == labels
     return loss, correct
-
-
-def prototype_ce_with_top1(
-    z: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tau: float, impl: str = "torch"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of cosine logits and the per-row top-1 correctness.
-
-    z: [N, D] projector outputs (any float dtype); weight: [C, D]; labels: [N] int64.
-    impl: "torch" (reference), "triton" (fused kernel, no N x C logits in memory) or "auto".
-    """
-    impl = resolve_loss_impl(impl, z.device)
-    if impl == "triton":
-        from trex_fast.kernels.prototype_ce import fused_prototype_ce  # triton only when asked
-
-        return fused_prototype_ce(z, weight, labels, tau)
-    return torch_prototype_ce_with_top1(z, weight, labels, tau)
-
-
-def prototype_cross_entropy(
-    z: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tau: float, impl: str = "torch"
-) -> torch.Tensor:
-    """Mean cross-entropy of normalize(z) @ normalize(weight).T / tau against labels."""
-    return prototype_ce_with_top1(z, weight, labels, tau, impl)[0]

@@ -1,7 +1,7 @@
 """What a run writes next to its checkpoints: config.json, env.json, metrics.jsonl, plots.
 
 STYLE.md habit 9: every run records its resolved config, git revision, library versions and
-device. metrics.jsonl gets one JSON object per epoch. Every file goes through trex_fast.atomic.
+device. metrics.jsonl gets one JSON object per epoch. Every file goes through pipelines.atomic.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from trex_fast import atomic
+from pipelines import atomic
 from trex_fast.config import Config, to_dict
 
 METRICS_NAME = "metrics.jsonl"

@@ -14,12 +14,12 @@ import torch.nn as nn
 
 from pipelines.batch import MultiCropBatch
 from trex_fast.config import Config
-from trex_fast.losses import prototype_ce_with_top1
+from trex_fast.kernels.dispatch import prototype_ce_with_top1
+from trex_fast.measure.profiling import NULL_TIMER
 from trex_fast.memory import MemoryBank, ema_update
-from trex_fast.model import MultiCropNet
+from trex_fast.models.net import MultiCropNet
 from trex_fast.optim import LRSchedule, set_lr
 from trex_fast.plan import RunPlan
-from trex_fast.profiling import NULL_TIMER
 
 
 @dataclass
@@ -112,7 +112,7 @@ class TrainState:
 
 
 def train_step(state: TrainState, batch: MultiCropBatch, timer=NULL_TIMER) -> None:
-    """One optimisation step. `timer` (trex_fast.profiling) marks the phase boundaries."""
+    """One optimisation step. `timer` (trex_fast.measure.profiling) marks the phase boundaries."""
     cfg = state.cfg
     timer.mark("start")
     set_lr(state.optimizer, state.schedule(state.step))

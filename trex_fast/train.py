@@ -16,12 +16,14 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from trex_fast import atomic, availability, bottleneck, distributed, run_lock, runlog
+from pipelines import atomic
+from trex_fast import availability, distributed, run_lock, runlog
 from trex_fast import checkpoint as ckpt_lib
 from trex_fast.build import build_state
 from trex_fast.cli import run_cli
 from trex_fast.config import FIELDS, Config, ConfigError, help_text, make_config
 from trex_fast.data import close_data, epoch_data_counts
+from trex_fast.eval.in1k import evaluate
 from trex_fast.loop import (
     CheckpointClock,
     EpochTotals,
@@ -30,11 +32,11 @@ from trex_fast.loop import (
     StopSignal,
     train_one_epoch,
 )
-from trex_fast.model import backbone_state_dict
+from trex_fast.measure import bottleneck
+from trex_fast.models.net import backbone_state_dict
 from trex_fast.plan import RunPlan, batch_deviation, output_dir, plan_run
 from trex_fast.safe_load import BadFileError
 from trex_fast.step import TrainState
-from trex_fast.validation import evaluate
 
 
 def _log(message: str) -> None:

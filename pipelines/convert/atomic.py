@@ -1,4 +1,4 @@
-"""The converter's writes go through trex_fast.atomic: write, fsync, rename, fsync the directory,
+"""The converter's writes go through pipelines.atomic: write, fsync, rename, fsync the directory,
 so a file under its final name is always complete (kill -9 safe) and durable."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from trex_fast import atomic
+from pipelines import atomic
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:

@@ -694,7 +694,7 @@ _FLOAT_ARGS = ("inv_tau", "inv_n", "eps")
 
 def _aot_kernel(name: str, fn, pointers: dict, ints: dict, constexprs: dict,
                 production: bool, **options):
-    from trex_fast.kernels.aot import for_launch
+    from pipelines.stage.aot import for_launch
 
     return for_launch(name, fn, pointers, ints, constexprs, floats=_FLOAT_ARGS,
                       production=production, **options)

@@ -15,12 +15,13 @@ import json
 import os
 import sys
 
-from trex_fast import atomic, runlog
-from trex_fast.sweep import Point, point_status
-from trex_fast.transfer_report import PUBLISHED
+from pipelines import atomic
+from trex_fast import runlog
+from trex_fast.eval.report import PUBLISHED
+from trex_fast.sweep.points import Point, point_status
 
 # RECIPE.md "Published results" (ResNet-50, 100 epochs, global batch 256; the log-odds mean over
-# 15 transfer datasets, IN1K not among them, as trex_fast.transfer computes it).
+# 15 transfer datasets, IN1K not among them, as trex_fast.eval.transfer computes it).
 PAPER_POINTS = {f"{name} (paper)": point for name, point in PUBLISHED.items()}
 
 
@@ -31,7 +32,7 @@ def knob_label(knobs: dict) -> str:
 def _eval_json(point: Point, kind: str, flags: dict) -> dict | None:
     """The JSON line `python -m trex_fast.eval <kind>` prints, computed in this process and
     cached in the run directory (a rerun of the sweep evaluates each finished point once)."""
-    from trex_fast import eval as eval_lib
+    from trex_fast.eval import cli as eval_lib
 
     cache = os.path.join(point.run_dir, f"eval_{kind}.json")
     if os.path.isfile(cache):

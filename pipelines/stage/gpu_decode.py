@@ -13,7 +13,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.batch import replacement_pairs
-from pipelines.device_images import DeviceImages, from_planes
+from pipelines.stage.handoff import DeviceImages, from_planes
 
 # columns of the per-sample info the FFCV side writes next to the bytes
 INFO_HEIGHT, INFO_WIDTH, INFO_NBYTES, INFO_IS_JPEG = range(4)

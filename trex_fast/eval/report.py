@@ -8,9 +8,9 @@ import io
 import json
 import os
 
-from trex_fast import atomic
-from trex_fast.transfer import NOT_IN_MEAN
-from trex_fast.transfer_splits import AUTHORS_COUNTS
+from pipelines import atomic
+from trex_fast.eval.splits import AUTHORS_COUNTS
+from trex_fast.eval.transfer import NOT_IN_MEAN
 
 # The paper's Table/Figure 1 (ResNet-50, 100 epochs): (IN1K top-1 %, mean log-odds over the
 # 15 datasets of the authors' model zoo, IN1K not among them). One home for these numbers.

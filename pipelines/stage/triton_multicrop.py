@@ -25,7 +25,7 @@ exact and both compute the same, and every normaliser is the sum of the rounded 
 bf16 output is rounded the same way (`_cast`): CUDA rounds fp32 -> bf16, the interpreter
 truncates. docs/PIPELINES.md has the bias this removed.
 
-Inputs never change; nothing synchronises with the host. pipelines/gpu_multicrop.py holds the
+Inputs never change; nothing synchronises with the host. pipelines/stage/torch_spec.py holds the
 plain-torch spec every kernel is tested against.
 """
 from __future__ import annotations
@@ -37,10 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pipelines import draws as D
-from pipelines.device_images import CANVAS, PACKED, PLANES, DeviceImages
-from pipelines.gpu_multicrop import BICUBIC_A, FILTERS, GRAY_WEIGHTS, blur_radius
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec
+from pipelines.stage import draws as D
+from pipelines.stage.handoff import CANVAS, PACKED, PLANES, DeviceImages
+from pipelines.stage.torch_spec import BICUBIC_A, FILTERS, GRAY_WEIGHTS, blur_radius
 
 TILE = 32  # output tile side (both kernels)
 CHUNK = 32  # source window chunk of the resize kernel
@@ -599,7 +599,7 @@ def aot_kernels() -> list:
     """The launches of one production batch: B = 256 images in 500 x 500 slots, t-ReX crops
     (1 x 224 with solarize, 8 x 96 without), fp16 intermediate, bf16 channels-last output, on
     CUDA (tf32 dots); the resize kernel for each source layout."""
-    from trex_fast.kernels.aot import for_launch
+    from pipelines.stage.aot import for_launch
 
     batch, slot = 256, 500 * 500 * 3
     kernels = []

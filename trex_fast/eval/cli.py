@@ -6,11 +6,11 @@
     knn     weighted k-NN top-1 (k=20, T=0.07) on frozen L2-normalised backbone features
     transfer  the paper's transfer protocol (Optuna-searched linear probes, seeds averaged) on
             datasets by name in their official layouts or ImageFolder roots: the per-dataset
-            top-1 and mean log-odds table, JSON, CSV and the trade-off plot (trex_fast.transfer)
+            top-1 and mean log-odds table, JSON, CSV and the trade-off plot (eval/transfer.py)
     export  a trex_fast checkpoint's backbone as a torchvision state_dict
 
 Backbones load from trex_fast checkpoints, backbone.pth, torchvision state_dicts or released
-files with `module.` / `model.` / `encoder.` prefixes (trex_fast.backbone_io). Every file loads
+files with `module.` / `model.` / `encoder.` prefixes (trex_fast.models.weights). Every file loads
 weights-only: one that would run code is refused with a one-line error naming it, unless
 --trust_file=True (dangerous: full pickle) is given for a file the user trusts.
 """
@@ -27,22 +27,22 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from pipelines.batch import normalize_uint8
-from pipelines.reference import ReferenceValData, val_transform
+from pipelines.loaders.reference import ReferenceValData, val_transform
 from trex_fast.availability import UnavailableError, resolve_device
-from trex_fast.backbone_io import export_backbone, load_backbone
 from trex_fast.build import build_state
 from trex_fast.checkpoint import NotACheckpointError, load_checkpoint, restore
 from trex_fast.cli import run_cli
 from trex_fast.config import FIELDS, make_config
 from trex_fast.distributed import DistInfo
+from trex_fast.eval.datasets import DatasetNotReady, resolve_all
+from trex_fast.eval.in1k import evaluate
+from trex_fast.eval.probes import TRIALS
+from trex_fast.eval.report import markdown, write_outputs
+from trex_fast.eval.transfer import TransferSettings, backbone_tag, run_transfer
+from trex_fast.models.weights import export_backbone, load_backbone
 from trex_fast.plan import make_plan
-from trex_fast.probes import TRIALS
 from trex_fast.runlog import device_name, git_revision, library_versions
 from trex_fast.safe_load import BadFileError
-from trex_fast.transfer import TransferSettings, backbone_tag, run_transfer
-from trex_fast.transfer_data import DatasetNotReady, resolve_all
-from trex_fast.transfer_report import markdown, write_outputs
-from trex_fast.validation import evaluate
 
 SINGLE = DistInfo(0, 1, 0, 1)
 
@@ -260,6 +260,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trex_fast.eval: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-
-if __name__ == "__main__":
-    main()

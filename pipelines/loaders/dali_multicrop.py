@@ -6,12 +6,12 @@ files written by tools/convert_in1k.py) and decode each image once:
   decode ("mixed" = nvJPEG on GPU, "cpu" in CPU mode), resize down to the stored maximum side
   where larger, pad to a fixed canvas [B, S, S, 3] uint8 (image at the top-left, zeros
   elsewhere) and output the true sizes [B, 2] (height, width). Canvas and sizes reach torch
-  through DLPack without a copy and pipelines.gpu_multicrop.GpuMultiCrop makes the 9 crops and
+  through DLPack without a copy and pipelines.stage.dispatch.GpuMultiCrop makes the 9 crops and
   their augmentations: the device stage the FFCV path uses, one implementation for both.
 - photometric="numba" (CPU mode's default; CPU only): for each of the 1 + 8 crops of
   pipelines/spec.py, random_resized_crop, then the photometric stage (colour jitter with its
   four ops in a random order per sample, grayscale, blur, solarize) as one numba_function per
-  crop fed by one uniform-draw op (pipelines/photometric_numba.py), then flip + normalise +
+  crop fed by one uniform-draw op (pipelines/loaders/photometric_numba.py), then flip + normalise +
   cast in crop_mirror_normalize, HWC (so the torch view is channels-last for free).
 No per-sample Python runs in either. docs/DALI.md lists every parameter mapping and tolerance.
 
@@ -42,9 +42,9 @@ from pipelines.convert.options import ConvertOptions
 from pipelines.convert.report import load_meta
 from pipelines.convert.shards import check_shard
 from pipelines.errors import BadFileError
-from pipelines.gpu_multicrop import GpuMultiCrop
-from pipelines.photometric_numba import NUM_DRAWS, augment, spec_vector
+from pipelines.loaders.photometric_numba import NUM_DRAWS, augment, spec_vector
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec, val_resize_size
+from pipelines.stage.dispatch import GpuMultiCrop
 
 READER = "shards"
 LABEL_BYTES = 8  # a `.cls` is ASCII decimal; padded with zero bytes to this many
@@ -245,7 +245,7 @@ def _hwc_to_nchw(parts: list[torch.Tensor], settings: LoaderSettings) -> torch.T
 
 class DaliTrainData:
     """Train batches as MultiCropBatch on the device, epoch by epoch (the interface of
-    pipelines.reference.ReferenceTrainData). `photometric`: "stage" or "numba" (see
+    pipelines.loaders.reference.ReferenceTrainData). `photometric`: "stage" or "numba" (see
     photometric_impl; None picks by device). `max_resolution`: the stage's canvas side (see
     canvas_side; None reads it from meta.json)."""
 

@@ -19,8 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from trex_fast import atomic
-from trex_fast.sweep import Point, SweepError
+from pipelines import atomic
+from trex_fast.sweep.points import Point, SweepError
 
 LAUNCHERS = ("local", "torchrun", "slurm")
 CLUSTERS = ("slurm", "local", "debug")  # submitit executors; local/debug need no Slurm

@@ -3,7 +3,7 @@ evaluate them (naver/trex, transfer/data/; Sariyildiz et al., "No Reason for No 
 ICLR 2023): SUN397's official partition 1, EuroSAT's per-class counts, ImageNet-CoG's split
 file; and the seeded split used only where no official split is on disk. Also the image counts
 the authors' loaders assert (AUTHORS_COUNTS), which the report prints next to ours.
-trex_fast.transfer_data reads the datasets with these.
+trex_fast.eval.datasets reads the datasets with these.
 """
 from __future__ import annotations
 

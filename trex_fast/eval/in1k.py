@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from trex_fast import distributed
-from trex_fast.losses import prototype_ce_with_top1
+from trex_fast.kernels.dispatch import prototype_ce_with_top1
 from trex_fast.step import TrainState
 
 

@@ -1,5 +1,5 @@
 """FFCV loader for the multi-crop recipe: read + decode each image once on CPU, the rest on
-the device (pipelines/gpu_multicrop.py). Imports ffcv; nothing else in trex_fast does.
+the device (pipelines/stage/torch_spec.py). Imports ffcv; nothing else in trex_fast does.
 
 CPU side, per batch, in FFCV's numba-compiled, nogil, parallel-over-the-batch code:
 - `CanvasDecoder` decodes each JPEG once with libjpeg-turbo (raw images are copied) straight
@@ -44,11 +44,12 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch, replacement_pairs
 from pipelines.convert.beton import check_beton
-from pipelines.device_images import DeviceImages, from_packed
-from pipelines.gpu_decode import decode_images
-from pipelines.gpu_multicrop import GpuMultiCrop, normalize, val_resize_center_crop
-from pipelines.overlap import PinnedPrefixCopy, overlapped, packed_prefix_bytes
 from pipelines.spec import MultiCropSpec, val_resize_size
+from pipelines.stage.dispatch import GpuMultiCrop
+from pipelines.stage.gpu_decode import decode_images
+from pipelines.stage.handoff import DeviceImages, from_packed
+from pipelines.stage.overlap import PinnedPrefixCopy, overlapped, packed_prefix_bytes
+from pipelines.stage.torch_spec import normalize, val_resize_center_crop
 
 IMAGE_FIELD, LABEL_FIELD, SIZE_OUTPUT = "image", "label", "image_size"
 DECODE_MODES = ("cpu", "gpu")
@@ -153,7 +154,7 @@ class BytesPassthrough(Operation):
 
 
 class SampleInfoDecoder(Operation):
-    """(height, width, nbytes, is_jpeg) of each sample (pipelines.gpu_decode's INFO_*):
+    """(height, width, nbytes, is_jpeg) of each sample (pipelines.stage.gpu_decode's INFO_*):
     metadata plus the stored length, which the device decode needs to cut the slot."""
 
     def declare_state_and_memory(self, previous_state: State):
@@ -282,7 +283,7 @@ def _drain(iterator) -> None:
 
 class FfcvTrainData:
     """Train batches as MultiCropBatch on the device, epoch by epoch (same interface as
-    pipelines.reference.ReferenceTrainData)."""
+    pipelines.loaders.reference.ReferenceTrainData)."""
 
     def __init__(self, beton: str, spec: MultiCropSpec, settings: LoaderSettings,
                  max_size: tuple[int, int] | None = None, decode: str = "cpu"):
@@ -332,7 +333,7 @@ class FfcvTrainData:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
         """Batch k+1's device work (host-to-device copy or decode hand-off, then the stage) is
-        issued on a side CUDA stream before batch k is yielded (pipelines/overlap.py). With
+        issued on a side CUDA stream before batch k is yielded (pipelines/stage/overlap.py). With
         decode="cpu" only the used prefix of each packed row travels, through pinned staging;
         `self.host_to_device.last_bytes` counts the bytes of the last batch."""
         device = self.settings.device

@@ -4,7 +4,7 @@ Input: a uint8 canvas [B, Hc, Wc, 3] holding each decoded image at its top-left 
 the true sizes [B, 2] (height, width). Output: a MultiCropBatch with RECIPE.md's augmentations.
 Plain torch, no Python loop over samples; it runs the same on CPU (tests) and CUDA.
 
-How each step maps onto the reference (pipelines/reference.py, torchvision on PIL images):
+How each step maps onto the reference (pipelines/loaders/reference.py, torchvision on PIL images):
 - RandomResizedCrop boxes: torchvision's get_params, vectorised: 10 tries per crop as a
   [N, 10] tensor, the first valid one wins, else the same central fallback.
 - Crop + bicubic resize: PIL's antialiased resampling (bicubic a=-0.5, support scaled by the
@@ -21,37 +21,34 @@ How each step maps onto the reference (pipelines/reference.py, torchvision on PI
   the same Gaussian (standard deviation sigma) with box passes and edge padding.
 - Solarize: x >= 128/255 -> 1 - x on [0, 1] floats, as PIL's solarize(128) on uint8.
 Random parameters: one uniform tensor per batch from a generator on the device seeded by
-(seed, rank, epoch, step), mapped to a parameter table by pipelines/draws.py; impl="triton"
-(pipelines/kernels/multicrop.py) reads the same table, so both make the same draws.
+(seed, rank, epoch, step), mapped to a parameter table by pipelines/stage/draws.py; impl="triton"
+(pipelines/stage/triton_multicrop.py) reads the same table, so both make the same draws.
 
 This module is the executable spec of those kernels and the CPU path (impl="torch"); its
-arithmetic is float32 like theirs.
+arithmetic is float32 like theirs. The dispatcher between the two is pipelines/stage/dispatch.py.
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pipelines import draws as D
-from pipelines.batch import MultiCropBatch, mean_std
-from pipelines.device_images import DeviceImages, from_canvas
+from pipelines.batch import mean_std
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec  # noqa: F401
+from pipelines.stage import draws as D
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
 BICUBIC_A = -0.5  # PIL's (and torch's antialiased) bicubic coefficient
-IMPLS = ("auto", "torch", "triton")
 
 
 # ---------------------------------------------------------------- crop boxes
 def sample_boxes(sizes: torch.Tensor, count: int, scale: tuple[float, float],
                  ratio: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
     """RandomResizedCrop boxes for `count` crops of each image, crop-major, drawn as the stage
-    draws them (pipelines/draws.py). sizes: [B, 2] (height, width).
+    draws them (pipelines/stage/draws.py). sizes: [B, 2] (height, width).
     Returns [count*B, 4] int64 (top, left, height, width)."""
     if sizes.ndim != 2 or sizes.shape[1] != 2:
         raise ValueError(f"sizes must be [B, 2] (height, width), got {tuple(sizes.shape)}")
@@ -245,7 +242,7 @@ class AugParams:
 
 
 def params_from_table(table: torch.Tensor) -> tuple[torch.Tensor, AugParams]:
-    """A parameter table [N, NUM_P] (pipelines/draws.py) -> (boxes [N, 4] int64, AugParams)."""
+    """A parameter table [N, NUM_P] (stage/draws.py) -> (boxes [N, 4] int64, AugParams)."""
     flag = table[:, D.P_FLIP:D.P_SOLARIZE + 1] != 0
     flip, jitter, gray, blur, sol = flag.unbind(dim=1)
     return table[:, D.P_TOP:D.P_WIDTH + 1].long(), AugParams(
@@ -302,78 +299,6 @@ def normalize(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch
     mean, std = mean_std(x.device)
     x = ((x - mean) / std).to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-# ---------------------------------------------------------------- the stages
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """"auto": the Triton kernels on CUDA where Triton imports, plain torch elsewhere (decided
-    with the loss's auto, trex_fast.availability.kernel_impl). "triton" off CUDA runs only in
-    Triton's interpreter (TRITON_INTERPRET=1, as the tests do)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
-    from trex_fast import availability
-
-    if impl == "auto":
-        return availability.kernel_impl(device)
-    if impl == "triton":
-        if not availability.has_triton():
-            raise RuntimeError("impl='triton' needs triton installed (pip install triton)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"impl='triton' on {device} runs only with TRITON_INTERPRET=1; "
-                             "use impl='torch' (or 'auto') off CUDA")
-    return impl
-
-
-class GpuMultiCrop:
-    """Decoded images -> MultiCropBatch, on the device: RECIPE.md's 1 + 8 crops and their
-    augmentations. Same (seed, rank, epoch, step) and inputs -> same batch; ranks differ.
-
-    impl: "torch" (this module, the spec and the CPU path), "triton" (the fused kernels,
-    pipelines/kernels/multicrop.py: 7 launches per batch) or "auto" (see resolve_impl).
-    """
-
-    def __init__(self, spec: MultiCropSpec, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, seed: int, rank: int = 0, impl: str = "auto"):
-        self.spec, self.device, self.dtype = spec, torch.device(device), dtype
-        self.channels_last, self.seed, self.rank = channels_last, seed, rank
-        self.impl = resolve_impl(impl, self.device)
-        for group in spec.groups:
-            if group.count and group.blur_p > 0 and blur_radius(group) >= group.size:
-                raise ValueError(f"blur radius {blur_radius(group)} needs crops larger than "
-                                 f"{blur_radius(group)} pixels, got {group.size}")
-
-    def __call__(self, images: torch.Tensor | DeviceImages, sizes: torch.Tensor | None,
-                 labels: torch.Tensor, epoch: int, step: int) -> MultiCropBatch:
-        """images: a uint8 canvas [B, H, W, 3] with sizes [B, 2] (height, width), or a
-        DeviceImages (which carries its sizes; `sizes` is then ignored)."""
-        if not isinstance(images, DeviceImages):
-            images = from_canvas(images.to(self.device, non_blocking=True), sizes)
-        gen = D.make_generator(self.device, self.seed, self.rank, epoch, step)
-        b = images.batch_size
-        uniforms = D.draw_uniforms(b * sum(g.count for g in self.spec.groups), gen)  # [9B, U]
-        floats = canvas_to_float(images.to_canvas()) if self.impl == "torch" else None
-        crops, row = [], 0
-        for group in self.spec.groups:
-            u = uniforms[row:row + group.count * b]  # this group's rows, crop-major
-            row += group.count * b
-            if group.count == 0:
-                crops.append(torch.empty(0, 3, group.size, group.size, device=self.device,
-                                         dtype=self.dtype))
-            elif self.impl == "triton":
-                from pipelines.kernels import multicrop
-
-                crops.append(multicrop.multicrop_group(images, u, group, self.dtype,
-                                                       self.channels_last))
-            else:
-                crops.append(self._torch_group(floats, images.sizes, u, group))
-        return MultiCropBatch(crops[0], crops[1],
-                              labels.to(self.device, non_blocking=True).long())
-
-    def _torch_group(self, floats: torch.Tensor, sizes: torch.Tensor, u: torch.Tensor,
-                     group: CropSpec) -> torch.Tensor:
-        boxes, params = params_from_table(D.params_table(u, sizes, group))
-        crops = crop_resize(floats, boxes, group.size, params.flip)
-        return normalize(photometric(crops, group, params), self.dtype, self.channels_last)
 
 
 def val_resize_center_crop(canvas: torch.Tensor, sizes: torch.Tensor, resize: int,

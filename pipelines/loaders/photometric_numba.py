@@ -1,7 +1,8 @@
 """The recipe's photometric augmentations of one crop in one compiled call: ColorJitter (its four
 ops in the sample's random order), grayscale, Gaussian blur, solarize, each applied or skipped by
-a per-sample flag. DALI's CPU mode runs it through numba_function (pipelines/dali_multicrop.py):
-one operator per crop instead of ~20 DALI operators and four conditionals.
+a per-sample flag. DALI's CPU mode runs it through numba_function
+(pipelines/loaders/dali_multicrop.py): one operator per crop instead of ~20 DALI operators
+and four conditionals.
 
 Semantics are torchvision's on float images, kept in 0..255 floats (every op is
 scale-equivariant) and rounded once, before solarize (which compares the uint8 value):

@@ -8,7 +8,7 @@ SUN397 reads the official partition 1 (Training_01.txt / Testing_01.txt) when it
 EuroSAT takes per class 810 test images and 540 val + the rest as train, and ImageNet-CoG reads
 the benchmark's split file (cog_concepts_split_file.pkl) when it is on disk. Only where no
 official split exists is the split drawn per class with a fixed seed, the same on every machine.
-The splits and the authors' counts live in trex_fast.transfer_splits. Each Labelled names its
+The splits and the authors' counts live in trex_fast.eval.splits. Each Labelled names its
 split; docs/TRANSFER.md lists the split of every dataset next to the authors' counts.
 
 `resolve_all` reads and checks every requested dataset before any feature is extracted: a
@@ -27,8 +27,8 @@ import torch
 import torchvision.datasets as tvd
 from torchvision.datasets.folder import default_loader
 
-from trex_fast import transfer_splits as splits
-from trex_fast.transfer_splits import Pairs, seeded_split
+from trex_fast.eval import splits as splits
+from trex_fast.eval.splits import Pairs, seeded_split
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ SPECS: dict[str, Spec] = {
                      _INAT_LAYOUT.format(y=2019), "sgd"),
     "in1k": Spec(_in1k, "torchvision.datasets.ImageFolder",
                  "imagenet/{train,val}/<wnid>/*.JPEG", "sgd"),
-    **{f"cog_l{lv}": Spec(_cog(lv), "trex_fast.transfer_data (ImageNet-CoG concept lists)",
+    **{f"cog_l{lv}": Spec(_cog(lv), "trex_fast.eval.datasets (ImageNet-CoG concept lists)",
                           _COG_LAYOUT.format(l=lv), "sgd") for lv in range(1, 6)},
 }
 PAPER_DATASETS = ("cog_l1", "cog_l2", "cog_l3", "cog_l4", "cog_l5", "aircraft", "cars", "dtd",

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from trex_fast import atomic
+from pipelines import atomic
 
 VERSION = 1
 PATTERNS = ("h_stripes", "v_stripes", "checkers", "crosshatch", "dots", "rings", "blobs",

@@ -4,7 +4,7 @@ Every random choice of a batch comes from ONE `torch.rand` call on the device: a
 float32 tensor of uniforms in [0, 1), one row per crop (crop-major, globals first:
 [global B | local_1 B | ... | local_L B]). `params_table` (plain torch, the spec) turns the
 rows of one crop group into a [n, NUM_P] float32 table of that group's parameters;
-pipelines/kernels/multicrop.py's parameter kernel computes the same table on the GPU in one
+pipelines/stage/triton_multicrop.py's parameter kernel computes the same table on the GPU in one
 launch. Both implementations of the stage read the table, so they make the same draws for the
 same generator state.
 

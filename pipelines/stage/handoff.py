@@ -1,7 +1,7 @@
 """Where a batch's decoded uint8 images lie on the device, as the multi-crop stage reads them.
 
 Three layouts, so that no decoder's output is copied into another layout first:
-- CANVAS: [B, H, W, 3], image b at the top-left of its slot (pipelines.gpu_decode, DALI's pad);
+- CANVAS: [B, H, W, 3], image b at the top-left of its slot (stage/gpu_decode.py, DALI's pad);
 - PACKED: [B, slot] rows, image b's h*w*3 bytes first with row stride w (the FFCV decoder's
   output: the stage reads it in place instead of unpacking it into a canvas);
 - PLANES: one flat buffer of [3, h, w] planes (torchvision's decode_jpeg output, concatenated
@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from pipelines.stage.torch_spec import unpack_canvas
 
 CANVAS, PACKED, PLANES = range(3)
 
@@ -35,8 +37,6 @@ class DeviceImages:
 
     def to_canvas(self) -> torch.Tensor:
         """The [B, H, W, 3] canvas (zeros around each image), for the plain-torch stage."""
-        from pipelines.gpu_multicrop import unpack_canvas
-
         if self.layout == CANVAS:
             return self.data
         if self.layout == PACKED:

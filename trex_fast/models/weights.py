@@ -12,8 +12,8 @@ import os
 import torch
 import torch.nn as nn
 
-from trex_fast import atomic
-from trex_fast.model import build_backbone
+from pipelines import atomic
+from trex_fast.models.net import build_backbone
 from trex_fast.safe_load import RELEASE_GLOBALS, BadFileError, load_file
 
 _CONTAINERS = ("online", "core", "state_dict", "model", "teacher", "student")

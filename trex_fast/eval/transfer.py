@@ -1,10 +1,10 @@
 """The transfer suite as the paper reports it (RECIPE.md "Evaluation", issue #16).
 
-Phases, in order: (1) read and check every dataset (trex_fast.transfer_data), so that a missing
+Phases, in order: (1) read and check every dataset (trex_fast.eval.datasets), so that a missing
 one fails before any work; (2) extract each split's frozen pre-projector features once per
 backbone, cached on disk in fp16; (3) per dataset and seed, the Optuna-searched probe
-(trex_fast.probes); (4) per-dataset top-1 mean/std over seeds, log-odds and their mean over the
-transfer datasets (IN1K apart, as in the authors' summary), written by trex_fast.transfer_report.
+(trex_fast.eval.probes); (4) per-dataset top-1 mean/std over seeds, log-odds and their mean over the
+transfer datasets (IN1K apart, as in the authors' summary), written by trex_fast.eval.report.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader
 
+from pipelines import atomic
 from pipelines.batch import normalize_uint8
-from trex_fast import atomic
-from trex_fast.probes import log_odds, per_class_split, probe
+from trex_fast.eval.datasets import ImageList, Labelled, is_path
+from trex_fast.eval.probes import log_odds, per_class_split, probe
 from trex_fast.safe_load import load_file
-from trex_fast.transfer_data import ImageList, Labelled, is_path
 
 CACHE_VERSION = 1  # bump when the extraction changes: older cache files are then ignored
 # Reported beside the transfer mean, never in it: the authors' summary (naver/trex,

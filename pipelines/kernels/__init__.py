@@ -1,1 +1,0 @@
-"""Triton kernels of the pipelines' device stages (imported only where Triton is used)."""

@@ -1,0 +1,1 @@
+"""Loaders: stored images -> decoded images -> the device stage (reference, FFCV, DALI)."""

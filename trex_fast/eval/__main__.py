@@ -1,0 +1,3 @@
+from trex_fast.eval.cli import main
+
+main()

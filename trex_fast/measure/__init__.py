@@ -1,0 +1,1 @@
+"""Measurement, outside the training core: cost counting, phase timers, bottleneck probes."""

@@ -1,0 +1,1 @@
+"""Backbones, projector and heads; saving and loading backbone weights."""

@@ -1,0 +1,1 @@
+"""Ablation sweeps (`python -m trex_fast.sweep`): points, launchers, report."""
