@@ -52,11 +52,6 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-def shown_default(value) -> str:
-    """A default as the user types it: a tuple of names as 'a,b'."""
-    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
-        return repr(",".join(value))
-    return repr(value)
 
 
 def flags_help(cls, hidden_defaults: tuple[str, ...] = ()) -> str:
@@ -68,19 +63,26 @@ def flags_help(cls, hidden_defaults: tuple[str, ...] = ()) -> str:
         elif f.name in hidden_defaults:
             tail = ""
         else:
-            tail = f" (default {shown_default(_default(f))})"
+            tail = f" (default {_typed_default(f)!r})"
         lines.append(f"    {f.name}: {f.metadata['help']}{tail}")
     return "\n".join(lines)
 
 
+def _typed_default(f: dataclasses.Field):
+    """A default as fire shows it and passes it back: a tuple of names as 'a,b' (read back
+    by `coerce`), None for a required flag (so that its absence reaches our own message)."""
+    value = None if is_required(f) else _default(f)
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return value
+
+
 def flags_signature(cls, defaults: dict | None = None) -> inspect.Signature:
-    """Every field as a keyword flag with its default (None for a required one, so that the
-    missing flag reaches our own message), then **unknown, so that fire passes a mistyped flag
-    on to `check_names` instead of answering it with its own usage screen."""
+    """Every field as a keyword flag with its default, then **unknown, so that fire passes a
+    mistyped flag on to `check_names` instead of answering it with its own usage screen."""
     defaults = defaults or {}
     params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                default=defaults.get(f.name, None if is_required(f)
-                                                     else _default(f)))
+                                default=defaults.get(f.name, _typed_default(f)))
               for f in dataclasses.fields(cls)]
     return inspect.Signature(params + [inspect.Parameter("unknown",
                                                          inspect.Parameter.VAR_KEYWORD)])
@@ -195,7 +197,6 @@ def command(cls, run, program: str, doc: str, user_errors: tuple = (), noun: str
     main.__signature__ = flags_signature(cls)
     main.__doc__ = f"{doc}\n\nFlags:\n{flags_help(cls)}\n"
     main.__name__ = main.__qualname__ = run.__name__
-    main.settings = cls  # for tests and callers that want the flags' dataclass
     return main
 
 

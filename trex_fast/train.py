@@ -208,7 +208,7 @@ def _profile(cfg: Config, plan: RunPlan, state: TrainState, train_data) -> dict:
     warmup = max(3, cfg.profile_steps // 2)  # CPU and cuDNN warm up over several steps
     report = bottleneck.measure(state, train_data, plan.pipeline, cfg.profile_steps, warmup)
     if plan.is_main:
-        runlog.write_json(os.path.join(plan.output_dir, "bottleneck.json"), report)
+        atomic.write_json(os.path.join(plan.output_dir, "bottleneck.json"), report)
         _log(f"profile over {cfg.profile_steps} steps: {report}")
         _log(report["verdict"])
     return report
