@@ -47,8 +47,13 @@ def _knn(s: KnnSettings) -> None:
     print(json.dumps(evaluate_knn(s)))
 
 
+def _dataset_done(result: dict) -> None:
+    print(f"[transfer] {result['dataset']}: top-1 {result['top1_mean']:.2f} "
+          f"+- {result['top1_std']:.2f} over {len(result['top1_per_seed'])} seeds", flush=True)
+
+
 def _transfer(s: TransferSettings) -> None:
-    outcome = evaluate_transfer(s)
+    outcome = evaluate_transfer(s, _dataset_done)
     if outcome.not_plotted:
         print("[transfer] not on the plot (no IN1K top-1; give --in1k_top1 or a JSON with "
               f"in1k_top1): {', '.join(outcome.not_plotted)}", flush=True)

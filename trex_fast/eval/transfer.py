@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -142,8 +143,10 @@ def summarise(name: str, runs: list[dict], data: Labelled, kind: str) -> dict:
 
 
 def run_transfer(net: torch.nn.Module, tag: str, entries: list[str], datasets: list[Labelled],
-                 settings: TransferSettings, device: torch.device) -> dict:
-    """Phases 2-4 for datasets already read and checked (phase 1). Returns the report dict."""
+                 settings: TransferSettings, device: torch.device,
+                 on_dataset: Callable[[dict], None] | None = None) -> dict:
+    """Phases 2-4 for datasets already read and checked (phase 1). Returns the report dict;
+    `on_dataset` gets each dataset's result as soon as it is done (the CLI prints it)."""
     transform = transfer_transform(settings.image_size)
     results, reused = [], []
     for entry, data in zip(entries, datasets):
@@ -163,8 +166,8 @@ def run_transfer(net: torch.nn.Module, tag: str, entries: list[str], datasets: l
                       seed=seed, sgd_epochs=settings.sgd_epochs)
                 for seed in range(settings.seeds)]
         results.append(summarise(data.name, runs, data, kind))
-        print(f"[transfer] {data.name}: top-1 {results[-1]['top1_mean']:.2f} "
-              f"+- {results[-1]['top1_std']:.2f} over {settings.seeds} seeds", flush=True)
+        if on_dataset:
+            on_dataset(results[-1])
     in1k = next((r["top1_mean"] for r in results if r["dataset"] in NOT_IN_MEAN), None)
     return {"eval": "transfer", "datasets": results, "log_odds_mean": log_odds_mean(results),
             "log_odds_datasets": [r["dataset"] for r in results
@@ -195,7 +198,8 @@ class TransferOutcome:
     not_plotted: list  # models left off the trade-off plot for want of an IN1K top-1
 
 
-def evaluate_transfer(s: TransferSettings) -> TransferOutcome:
+def evaluate_transfer(s: TransferSettings,
+                      on_dataset: Callable[[dict], None] | None = None) -> TransferOutcome:
     """The whole protocol for a backbone file: every dataset checked first, then features,
     probes and the outputs in --output_dir."""
     if s.probe_kind not in PROBE_KINDS:
@@ -209,7 +213,7 @@ def evaluate_transfer(s: TransferSettings) -> TransferOutcome:
     net = load_backbone(s.backbone, s.arch, s.trust_file)
     # ---- phases 2-4: cached features, searched probes over seeds, outputs
     report = run_transfer(net, backbone_tag(s.backbone, s.arch), list(s.datasets), data, s,
-                          device)
+                          device, on_dataset)
     report["label"] = s.label or os.path.basename(s.backbone)
     report["in1k_top1"] = s.in1k_top1 if s.in1k_top1 is not None else _in1k_top1(s.backbone,
                                                                                   report)
