@@ -88,11 +88,11 @@ def _restored_state(s: In1kSettings) -> tuple[TrainState, RunPlan]:
 def evaluate_in1k(s: In1kSettings) -> dict:
     """Top-1/top-5 of a checkpoint's training head: {'eval': 'in1k', 'top1', 'top5',
     'images'}."""
+    if not os.path.isdir(s.val):  # before any work
+        raise FileNotFoundError(f"--val={s.val!r}: no such ImageFolder directory")
     state, plan = _restored_state(s)
     settings = dataclasses.replace(plan.loader_settings(), batch_size=s.batch_size,
                                    num_workers=loader_workers(s.num_workers))
-    if not os.path.isdir(s.val):
-        raise FileNotFoundError(f"--val={s.val!r}: no such ImageFolder directory")
     result = evaluate(state, ReferenceValData(s.val, state.cfg.global_size, settings))
     return {"eval": "in1k", "top1": result["val_top1"], "top5": result["val_top5"],
             "images": int(result["val_images"])}
