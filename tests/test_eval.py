@@ -10,7 +10,7 @@ import torchvision
 
 from pipelines.demo_data import write_dataset
 from tests.helpers import tiny_config
-from trex_fast.eval.cli import knn_top1
+from trex_fast.eval.knn import knn_top1
 from trex_fast.models.weights import backbone_state, load_backbone
 from trex_fast.train import run
 

@@ -19,7 +19,8 @@ from trex_fast.cli import parse_flags
 from trex_fast.config import ConfigError
 from trex_fast.eval import cli as eval_cli
 from trex_fast.eval.datasets import ImageList
-from trex_fast.eval.transfer import cached_features
+from trex_fast.eval.export import ExportSettings, export
+from trex_fast.eval.transfer import TransferSettings, cached_features, evaluate_transfer
 from trex_fast.models.weights import backbone_state
 from trex_fast.safe_load import UnreadableFileError, UnsafeFileError, load_file
 from trex_fast.train import run
@@ -280,11 +281,12 @@ def test_eval_export_and_transfer_refuse_crafted_files(trained, crafted, tmp_pat
     root, _ = trained
     out = tmp_path / "out.pth"
     with pytest.raises(UnsafeFileError, match="crafted_checkpoint.pt"):
-        eval_cli.export(str(crafted["checkpoint"]), str(out))
+        export(ExportSettings(str(crafted["checkpoint"]), str(out)))
     with pytest.raises(UnsafeFileError, match="crafted_backbone.pth"):
-        eval_cli.export(str(crafted["backbone"]), str(out), arch="resnet18")
+        export(ExportSettings(str(crafted["backbone"]), str(out), arch="resnet18"))
     with pytest.raises(UnsafeFileError, match="crafted_backbone.pth"):
-        eval_cli.transfer(str(crafted["backbone"]), str(root / "data"), arch="resnet18")
+        evaluate_transfer(TransferSettings(str(crafted["backbone"]), (str(root / "data"),),
+                                           arch="resnet18"))
     cache = tmp_path / "cache.pt"  # a feature cache someone else filled
     torch.save({"features": torch.ones(2, 4), "labels": torch.zeros(2),
                 "payload": WritesMarker(crafted["marker"])}, cache)

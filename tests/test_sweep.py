@@ -154,7 +154,7 @@ def test_sweep_trains_each_point_resumes_the_interrupted_one_and_a_rerun_trains_
         table = list(csv.DictReader(f))
     assert [r["memory_size"] for r in table] == ["0", "32", "0", "32"]
     assert "| point | pr_hidden_layers | memory_size |" in (out / "summary.md").read_text()
-    png = (out / "tradeoff.png").read_bytes()
+    png = (out / "trade_off.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
     # rerun: every point is finished, nothing trains, the summary is written again
@@ -180,7 +180,7 @@ def test_slurm_launcher_through_submitits_local_executor_is_collected(tiny_image
     assert list((out / "submitit").glob(f"{job_id}*"))  # submitit's own job folder
     rows = json.loads((out / "summary.json").read_text())
     assert rows[0]["status"] == "finished" and rows[0]["clf_tau"] == 0.2
-    assert rows[0]["in1k_top1"] is not None and (out / "tradeoff.png").is_file()
+    assert rows[0]["in1k_top1"] is not None and (out / "trade_off.png").is_file()
 
 
 def test_torchrun_launcher_trains_a_point_with_two_processes(tiny_imagefolder, tmp_path):
@@ -344,16 +344,18 @@ def test_tensorboard_events_per_run_hold_the_epoch_metrics(tiny_imagefolder, tmp
 
 def test_transfer_rows_are_cached_and_the_figure_uses_log_odds_with_the_papers_points(
         tmp_path, monkeypatch):
-    from trex_fast.eval import cli as eval_cli
+    from trex_fast.eval import transfer as eval_transfer
     from trex_fast.sweep import report as sweep_report
 
     calls = []
 
-    def fake_transfer(**flags):  # trex_fast.eval.transfer's contract: a JSON line on stdout
-        calls.append(flags)
-        print("| dataset | top-1 |\n" + json.dumps({"eval": "transfer", "log_odds_mean": 0.5}))
+    def fake_transfer(settings):  # evaluate_transfer's contract: the outcome, report inside
+        calls.append(settings)
+        report = {"datasets": [], "log_odds_mean": 0.5, "in1k_probe_top1": None,
+                  "features_reused": False}
+        return eval_transfer.TransferOutcome(report, [], [])
 
-    monkeypatch.setattr(eval_cli, "transfer", fake_transfer)
+    monkeypatch.setattr(eval_transfer, "evaluate_transfer", fake_transfer)
     points = build_points({"epochs": 1, "warmup_epochs": 0}, parse_grid("clf_tau=0.1,0.2"), [],
                           str(tmp_path))
     for point in points:  # finished runs, as training leaves them
@@ -361,25 +363,26 @@ def test_transfer_rows_are_cached_and_the_figure_uses_log_odds_with_the_papers_p
         (tmp_path / point.name / "metrics.jsonl").write_text(
             json.dumps({"epoch": 1, "step": 2, "val_top1": 70.0}) + "\n")
         (tmp_path / point.name / "backbone.pth").write_bytes(b"")
-    rows = sweep_report.collect(points, str(tmp_path), transfer="/data/dtd")["rows"]
+    rows = sweep_report.collect(points, str(tmp_path), transfer=("/data/dtd",))["rows"]
     assert [r["transfer_log_odds"] for r in rows] == [0.5, 0.5]
-    assert calls[0]["cache_dir"] == os.path.join(points[0].run_dir, "transfer_cache")
-    sweep_report.collect(points, str(tmp_path), transfer="/data/dtd")
+    assert calls[0].cache_dir == os.path.join(points[0].run_dir, "transfer_cache")
+    sweep_report.collect(points, str(tmp_path), transfer=("/data/dtd",))
     assert len(calls) == 2  # the rerun read eval_transfer.json
     import matplotlib.pyplot as plt
 
     drawn = []
     monkeypatch.setattr(plt.Axes, "annotate", lambda self, text, *a, **k: drawn.append(text))
-    sweep_report.plot_tradeoff(rows, [p.knobs for p in points], str(tmp_path / "f.png"))
-    assert drawn == ["clf_tau=0.1", "clf_tau=0.2", "t-ReX (paper)", "t-ReX* (paper)"]
+    sweep_report.plot_points(rows, [p.knobs for p in points], str(tmp_path / "f.png"))
+    assert drawn == ["clf_tau=0.1", "clf_tau=0.2", "t-ReX (published)", "t-ReX* (published)"]
 
 
 def test_dry_run_prints_each_points_command_and_writes_nothing(tmp_path, capsys):
-    from trex_fast.sweep.cli import sweep
+    from trex_fast.sweep.cli import SweepSettings, sweep
 
     out = tmp_path / "dry"
-    result = sweep(grid="global_scale=(0.25,1.0),(0.4,1.0)", base="--epochs=2 --warmup_epochs=0",
-                   output_dir=str(out), launcher="torchrun", nproc_per_node=2, dry_run=True)
+    result = sweep(SweepSettings(grid="global_scale=(0.25,1.0),(0.4,1.0)",
+                                 base="--epochs=2 --warmup_epochs=0", output_dir=str(out),
+                                 launcher="torchrun", nproc_per_node=2, dry_run=True))
     assert result["status"] == {"global_scale-0.25-1.0": "pending",
                                 "global_scale-0.4-1.0": "pending"}
     printed = capsys.readouterr().out

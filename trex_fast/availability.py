@@ -276,11 +276,19 @@ def resolve_decode(flag: str, device: torch.device) -> str:
     return "gpu" if torch.device(device).type == "cuda" else "cpu"
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's cpuset), as
+    torch's DataLoader counts them when it warns about too many workers."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def resolve_workers(flag: int, local_world_size: int) -> int:
-    """--num_workers: -1 = this machine's CPU cores shared by its processes (1 to 16)."""
+    """--num_workers: -1 = this machine's usable CPU cores shared by its processes (1 to 16)."""
     if flag >= 0:
         return flag
-    return max(1, min(16, (os.cpu_count() or 1) // local_world_size))
+    return max(1, min(16, usable_cores() // local_world_size))
 
 
 def resolve_sync_bn(flag: str, device: torch.device, world_size: int) -> bool:

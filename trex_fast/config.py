@@ -7,10 +7,11 @@ iterations, number of classes) are computed where needed, never configured.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from trex_fast.cli import FlagError, check_names, coerce, flags_help
+from trex_fast.cli import flag as _f
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -20,12 +21,8 @@ DECODES = ("auto", "cpu", "gpu")
 ONOFF_AUTO = ("auto", "on", "off")
 
 
-class ConfigError(ValueError):
+class ConfigError(FlagError):
     """A flag has a wrong name, type or value; the message names it and what is accepted."""
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -125,42 +122,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(name: str, given, number: float) -> float:
-    """Every float flag is finite: 1e999 parses as inf, which no comparison below refuses."""
-    if not math.isfinite(number):
-        raise ConfigError(f"--{name}={given!r}: must be a finite number")
-    return number
-
-
 def _coerce(name: str, value):
     """Check one flag's type (fire has parsed it as a Python literal) and normalise it."""
-    hint = _HINTS[name]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"--{name}={value!r}: expected True or False")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"--{name}={value!r}: expected an integer")
-    if hint is float:
-        if _is_number(value):
-            return _finite(name, value, float(value))
-        raise ConfigError(f"--{name}={value!r}: expected a number")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. --data=123 parsed as a number by fire
-        raise ConfigError(f"--{name}={value!r}: expected a string")
-    # tuple[float, float]: fire gives a tuple or list for "0.2,1.0"
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value)):
-        return (_finite(name, value, float(value[0])), _finite(name, value, float(value[1])))
-    raise ConfigError(f"--{name}={value!r}: expected two numbers, e.g. --{name}=0.25,1.0")
+    return coerce(name, _HINTS[name], value, ConfigError)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -226,11 +190,7 @@ def make_config(preset: str | None = None, **flags) -> Config:
         preset = default_preset(flags.get("data", ""))
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"--preset={preset!r}: accepted values are {', '.join(PRESETS)}")
-    for name in flags:
-        if name not in FIELDS or name == "preset":
-            close = difflib.get_close_matches(name, list(FIELDS), n=3)
-            hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise ConfigError(f"unknown flag --{name}.{hint} Run with --help for all flags.")
+    check_names(flags, FIELDS, ConfigError)
     values = {**PRESETS[preset], **flags}
     values = {name: _coerce(name, value) for name, value in values.items()}
     return validate(Config(preset=preset, **values))
@@ -258,9 +218,5 @@ def to_dict(cfg: Config) -> dict:
 
 
 def help_text() -> str:
-    """One line per flag, for the CLI's --help."""
-    lines = []
-    for name, f in FIELDS.items():
-        default = "" if name == "preset" else f" (default {f.default!r})"  # data-dependent
-        lines.append(f"    {name}: {f.metadata['help']}{default}")
-    return "\n".join(lines)
+    """One line per flag, for the CLI's --help (preset's default depends on --data)."""
+    return flags_help(Config, hidden_defaults=("preset",))

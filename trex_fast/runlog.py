@@ -53,15 +53,11 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def write_json(path: str, obj) -> None:
-    atomic.write_json(path, obj)
-
-
 def write_run_info(out_dir: str, cfg: Config, device: torch.device, extra: dict) -> None:
     if cfg.tensorboard:  # a missing tensorboard fails here, before the first epoch
         _tensorboard_writer(out_dir)
-    write_json(os.path.join(out_dir, "config.json"), {**to_dict(cfg), **extra})
-    write_json(os.path.join(out_dir, "env.json"), {
+    atomic.write_json(os.path.join(out_dir, "config.json"), {**to_dict(cfg), **extra})
+    atomic.write_json(os.path.join(out_dir, "env.json"), {
         "git_revision": git_revision(), "libraries": library_versions(),
         "device": str(device), "device_name": device_name(device),
         "cuda": torch.version.cuda, "platform": platform.platform(),

@@ -6,7 +6,6 @@ With --data=<root> it trains for real; under torchrun, one process per GPU.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import time
@@ -20,8 +19,8 @@ from pipelines import atomic
 from trex_fast import availability, distributed, run_lock, runlog
 from trex_fast import checkpoint as ckpt_lib
 from trex_fast.build import build_state
-from trex_fast.cli import run_cli
-from trex_fast.config import FIELDS, Config, ConfigError, help_text, make_config
+from trex_fast.cli import fail, flags_signature, run_cli
+from trex_fast.config import Config, ConfigError, help_text, make_config
 from trex_fast.data import close_data, epoch_data_counts
 from trex_fast.eval.in1k import evaluate
 from trex_fast.loop import (
@@ -209,7 +208,7 @@ def _profile(cfg: Config, plan: RunPlan, state: TrainState, train_data) -> dict:
     warmup = max(3, cfg.profile_steps // 2)  # CPU and cuDNN warm up over several steps
     report = bottleneck.measure(state, train_data, plan.pipeline, cfg.profile_steps, warmup)
     if plan.is_main:
-        runlog.write_json(os.path.join(plan.output_dir, "bottleneck.json"), report)
+        atomic.write_json(os.path.join(plan.output_dir, "bottleneck.json"), report)
         _log(f"profile over {cfg.profile_steps} steps: {report}")
         _log(report["verdict"])
     return report
@@ -260,8 +259,7 @@ RUN_FAILURES = (NonFiniteLossError, ckpt_lib.NonFiniteWeightsError, atomic.NoSpa
 
 
 def _exit(message: str, code: int):
-    print(f"trex_fast.train: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    fail("trex_fast.train", message, code)
 
 
 EXIT_CODES = ("Exit codes: 0 done; 2 a user's error; 1 a failed run; 128 + the signal when "
@@ -286,12 +284,8 @@ def main(**flags) -> None:
         sys.exit(128 + result["signal"])
 
 
-# fire builds --help from the signature and docstring: expose every Config field as a flag.
-main.__signature__ = inspect.Signature(
-    [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                       default=None if name == "preset" else f.default)  # preset: see its help
-     for name, f in FIELDS.items()]
-    + [inspect.Parameter("unknown", inspect.Parameter.VAR_KEYWORD)])
+# fire builds --help from the signature and docstring: every Config field is a flag.
+main.__signature__ = flags_signature(Config, defaults={"preset": None})  # preset: see its help
 main.__doc__ = f"""Train t-ReX / t-ReX* (RECIPE.md); with no flags, the CPU demo.
 
 Flags (a flag given explicitly overrides the preset's value):

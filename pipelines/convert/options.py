@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 TOOL_VERSION = "1.1.0"  # bump when the output bytes for the same options change
@@ -25,29 +25,54 @@ class ConvertError(Exception):
     """A problem with the inputs or the destination, reported to the user without a traceback."""
 
 
+def _flag(default, help: str):
+    """A field that is a flag of tools/convert_in1k.py: its help text is the --help line."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
-    src: str
-    dst: str
-    formats: tuple[str, ...] = FORMATS
-    splits: tuple[str, ...] = SPLITS
-    max_resolution: int = 500  # px, longer side after resizing
-    jpeg_quality: int = 90
-    write_mode: str = "jpg"  # FFCV only: DALI shards always hold JPEG
-    compress_probability: float = 0.5  # write_mode=proportion: P(an image is stored as JPEG)
-    smart_threshold: int | None = None  # write_mode=smart: raw bytes above which JPEG is used
-    shard_size: int = 2500  # samples per DALI tar shard
-    val_labels: str | None = None
-    classes: str | None = None
-    limit_per_class: int | None = None
-    on_error: str = "skip"
-    seed: int = 0
-    train_order: str = "shuffled"  # of the written train split; val keeps ImageFolder order
-    chunk_size: int = 256  # images per resumable work unit
-    num_workers: int | None = None  # None: all cores; 0: in this process
-    overwrite: bool = False
-    verify: bool = False
-    check_disk: bool = True
+    src: str = field(metadata={"help": "ImageNet root holding train/<wnid>/*.JPEG and val/ "
+                                       "(class folders, or flat files with --val_labels). "
+                                       "Labels are the sorted train/ folder names, as "
+                                       "ImageFolder"})
+    dst: str = field(metadata={"help": "output folder; created if missing"})
+    formats: tuple[str, ...] = _flag(FORMATS, "comma-separated subset of ffcv,dali")
+    splits: tuple[str, ...] = _flag(SPLITS, "comma-separated subset of train,val")
+    max_resolution: int = _flag(500, "images are resized so the longer side is at most this "
+                                     "many px")
+    jpeg_quality: int = _flag(90, "JPEG quality (1-100) of the re-encoded images")
+    write_mode: str = _flag("jpg", "FFCV storage, one of jpg, raw, smart, proportion (DALI "
+                                   "always gets JPEG)")
+    compress_probability: float = _flag(0.5, "with write_mode=proportion, the probability that "
+                                             "an image is stored as JPEG (seeded by --seed and "
+                                             "the image's position)")
+    smart_threshold: int | None = _flag(None, "with write_mode=smart, raw RGB size in bytes "
+                                              "above which an image is stored as JPEG instead "
+                                              "of raw. Required for smart")
+    shard_size: int = _flag(2500, "samples per DALI tar shard")
+    val_labels: str | None = _flag(None, "LOC_val_solution.csv, for a flat val/ folder")
+    classes: str | None = _flag(None, "file with one wnid per line: convert only these classes "
+                                      "(e.g. ImageNet-100); labels are indices into the sorted "
+                                      "subset")
+    limit_per_class: int | None = _flag(None, "keep only the first N files of each class "
+                                              "(sorted order), per split")
+    on_error: str = _flag("skip", "skip leaves undecodable files out and lists them in "
+                                  "meta.json; fail stops at the first one")
+    seed: int = _flag(0, "seed of all randomness (write_mode=proportion, train_order=shuffled)")
+    train_order: str = _flag("shuffled", "shuffled writes the train split in a random order "
+                                         "seeded by --seed (the webdataset convention: DALI's "
+                                         "shuffle buffer then mixes classes); source keeps "
+                                         "ImageFolder's class-sorted order. val is always in "
+                                         "ImageFolder order")
+    chunk_size: int = _flag(256, "images per resumable work unit")
+    num_workers: int | None = _flag(None, "decode+encode processes; default (None) all cores; 0 "
+                                          "runs in this process")
+    overwrite: bool = _flag(False, "delete this tool's earlier outputs in dst and convert again")
+    verify: bool = _flag(False, "afterwards, re-read the outputs and check counts and labels "
+                                "against src")
+    check_disk: bool = _flag(True, "estimate the space needed up front and stop if it does not "
+                                   "fit")
 
     def output_options(self) -> dict:
         """Everything that decides the output bytes (the fingerprint's and meta.json's view),

@@ -1,18 +1,44 @@
 """IN1K-style validation with the training head (RECIPE.md "Evaluation").
 
-The one validation path: training's per-epoch validation and `trex_fast.eval in1k` both call
-`evaluate`. The online network in eval mode embeds each val image (Resize + CenterCrop), and
-the head is the one the loss uses: memory prototypes or the cosine classifier. Ranks hold
-disjoint shards; their counts are summed.
+The one validation path: training's per-epoch validation and `trex_fast.eval in1k`
+(`evaluate_in1k`, a checkpoint evaluated in fp32) both call `evaluate`. The online network in
+eval mode embeds each val image (Resize + CenterCrop), and the head is the one the loss uses:
+memory prototypes or the cosine classifier. Ranks hold disjoint shards; their counts are
+summed.
 """
 from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pipelines.loaders.reference import ReferenceValData
 from trex_fast import distributed
+from trex_fast.build import build_state
+from trex_fast.checkpoint import load_checkpoint, restore
+from trex_fast.cli import flag, required
+from trex_fast.config import FIELDS, make_config
+from trex_fast.distributed import DistInfo
+from trex_fast.eval.features import AUTO_WORKERS, loader_workers, trust_help
 from trex_fast.kernels.dispatch import prototype_ce_with_top1
+from trex_fast.plan import RunPlan, make_plan
 from trex_fast.step import TrainState
+
+SINGLE = DistInfo(0, 1, 0, 1)
+
+
+@dataclass(frozen=True)
+class In1kSettings:
+    """`python -m trex_fast.eval in1k`: its flags."""
+    checkpoint: str = required("a trex_fast checkpoint.pt")
+    val: str = required("ImageFolder val split (the same classes as training)")
+    batch_size: int = flag(128, "images per forward pass")
+    num_workers: int = flag(AUTO_WORKERS, "data-loading workers; -1: this machine's cores")
+    device: str = flag("auto", "auto, cpu or cuda")
+    trust_file: bool = flag(False, trust_help("--checkpoint"))
 
 
 @torch.no_grad()
@@ -44,3 +70,29 @@ def evaluate(state: TrainState, val_data) -> dict:
         raise RuntimeError("the val split has no images")
     return {"val_top1": 100.0 * hits / count, "val_top5": 100.0 * hits5 / count,
             "val_loss": loss_sum / count, "val_images": count}
+
+
+def _restored_state(s: In1kSettings) -> tuple[TrainState, RunPlan]:
+    """The checkpoint's run rebuilt in fp32 (whatever it trained in) on --device."""
+    ckpt = load_checkpoint(s.checkpoint, s.trust_file, flag="--checkpoint")
+    flags = {k: v for k, v in ckpt["config"].items() if k in FIELDS and k not in
+             ("preset", "device")}
+    cfg = make_config(ckpt["config"]["preset"], **{**flags, "precision": "fp32"},
+                      device=s.device)
+    plan = make_plan(cfg, SINGLE, ckpt["plan"]["num_classes"], steps_per_epoch=1)
+    state = build_state(cfg, plan)
+    restore(state, ckpt)
+    return state, plan
+
+
+def evaluate_in1k(s: In1kSettings) -> dict:
+    """Top-1/top-5 of a checkpoint's training head: {'eval': 'in1k', 'top1', 'top5',
+    'images'}."""
+    if not os.path.isdir(s.val):  # before any work
+        raise FileNotFoundError(f"--val={s.val!r}: no such ImageFolder directory")
+    state, plan = _restored_state(s)
+    settings = dataclasses.replace(plan.loader_settings(), batch_size=s.batch_size,
+                                   num_workers=loader_workers(s.num_workers))
+    result = evaluate(state, ReferenceValData(s.val, state.cfg.global_size, settings))
+    return {"eval": "in1k", "top1": result["val_top1"], "top5": result["val_top5"],
+            "images": int(result["val_images"])}

@@ -1,21 +1,30 @@
-"""What a transfer run writes in --output_dir: transfer.md, transfer.json, transfer.csv, and
-trade_off.png, the paper's plot (IN1K top-1 against mean transfer log-odds, one point per
-model, with the published t-ReX and t-ReX* points as references)."""
+"""What the paper reports, and how our results are set beside it.
+
+The one home of the published t-ReX / t-ReX* points and of the trade-off figure, the paper's
+Figure 1: IN1K top-1 on the x-axis, mean transfer log-odds on the y-axis, one point per model.
+Both the transfer report (transfer.md, transfer.json, transfer.csv and trade_off.png in
+--output_dir) and the sweep's report (trex_fast.sweep.report) draw it through `plot_trade_off`.
+"""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import os
+from dataclasses import dataclass
 
 from pipelines import atomic
 from trex_fast.eval.splits import AUTHORS_COUNTS
-from trex_fast.eval.transfer import NOT_IN_MEAN
 
 # The paper's Table/Figure 1 (ResNet-50, 100 epochs): (IN1K top-1 %, mean log-odds over the
 # 15 datasets of the authors' model zoo, IN1K not among them). One home for these numbers.
 PUBLISHED = {"t-ReX": (78.0, 1.170), "t-ReX*": (80.2, 0.883)}
-NAMES = ("transfer.md", "transfer.json", "transfer.csv", "trade_off.png")
+# Reported beside the transfer mean, never in it: the authors' summary (naver/trex,
+# transfer/scripts/print_results.py) drops the IN-1K column before averaging log-odds.
+NOT_IN_MEAN = ("in1k",)
+TRADE_OFF = "trade_off.png"  # the figure's one file name, for transfer runs and sweeps alike
+NAMES = ("transfer.md", "transfer.json", "transfer.csv", TRADE_OFF)
+LOG_ODDS = "mean transfer log-odds"
 
 
 def authors_counts(dataset: str) -> str:
@@ -68,7 +77,7 @@ def write_csv(path: str, report: dict) -> None:
     atomic.write_bytes(path, text.getvalue().encode())
 
 
-def _point(entry: str) -> tuple[str, float | None, float]:
+def _point(entry: str) -> ModelPoint:
     """(label, IN1K top-1, mean log-odds) of a --compare entry: a transfer.json (or any JSON
     with log_odds_mean and in1k_top1) or a run folder holding transfer.json."""
     path = os.path.join(entry, "transfer.json") if os.path.isdir(entry) else entry
@@ -80,33 +89,56 @@ def _point(entry: str) -> tuple[str, float | None, float]:
     if "log_odds_mean" not in report:
         raise ValueError(f"--compare: {path} has no log_odds_mean")
     label = report.get("label") or os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return label, report.get("in1k_top1"), report["log_odds_mean"]
+    return ModelPoint(label, report.get("in1k_top1"), report["log_odds_mean"])
 
 
-def plot_trade_off(path: str, report: dict, compare: list[str]) -> list[str]:
-    """The trade-off plot; returns the labels of models left out for want of an IN1K top-1."""
+@dataclass(frozen=True)
+class ModelPoint:
+    """One model on the trade-off figure: IN1K top-1 (x) and its transfer score (y)."""
+    label: str
+    in1k_top1: float | None
+    score: float | None
+
+
+def _published(ax, log_odds_axis: bool) -> None:
+    """The paper's points as stars; on another y-axis (e.g. k-NN top-1) they have no y, so
+    their IN1K top-1 is drawn as vertical lines."""
+    for name, (top1, log_odds) in PUBLISHED.items():
+        label = f"{name} (published)"
+        if log_odds_axis:
+            ax.scatter([top1], [log_odds], marker="*", s=160, color="grey", zorder=3)
+            ax.annotate(label, (top1, log_odds), textcoords="offset points", xytext=(6, 4))
+        else:
+            ax.axvline(top1, color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(label, (top1, 0.01), xycoords=("data", "axes fraction"),
+                        textcoords="offset points", xytext=(2, 2), rotation=90, fontsize=8)
+
+
+def plot_trade_off(path: str, points: list[ModelPoint], y_label: str = LOG_ODDS,
+                   log_odds: bool = True) -> list[str]:
+    """The paper's trade-off figure with the published points (scores are mean transfer
+    log-odds unless `log_odds` is False, e.g. k-NN top-1); returns the labels of models
+    left off for want of an IN1K top-1 (a model without a score, e.g. a run of IN1K alone,
+    has no mean and is left off silently)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(report["label"], report.get("in1k_top1"), report["log_odds_mean"])]
-    points += [_point(entry) for entry in compare]
-    points = [p for p in points if p[2] is not None]  # a run of IN1K alone has no mean
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, (x, y) in PUBLISHED.items():
-        ax.scatter([x], [y], marker="*", s=160, color="grey", zorder=3)
-        ax.annotate(f"{name} (published)", (x, y), textcoords="offset points", xytext=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     skipped = []
-    for label, x, y in points:
-        if x is None:
-            skipped.append(label)
+    for p in points:
+        if p.score is None:
             continue
-        ax.scatter([x], [y], s=50, zorder=4)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, -10))
+        if p.in1k_top1 is None:
+            skipped.append(p.label)
+            continue
+        ax.scatter([p.in1k_top1], [p.score], s=50, zorder=4)
+        ax.annotate(p.label, (p.in1k_top1, p.score), textcoords="offset points",
+                    xytext=(6, -10), fontsize=8)
+    _published(ax, log_odds)
     ax.set_xlabel("ImageNet-1K top-1 (%)")
-    ax.set_ylabel(f"mean transfer log-odds ({len(report['log_odds_datasets'])} datasets here; "
-                  "published: 15)")
+    ax.set_ylabel(y_label)
     ax.margins(x=0.2, y=0.15)  # room for the labels right of the points
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -115,15 +147,15 @@ def plot_trade_off(path: str, report: dict, compare: list[str]) -> list[str]:
     return skipped
 
 
-def write_outputs(out_dir: str, report: dict, compare: list[str]) -> list[str]:
-    """All four outputs; returns their paths."""
+def write_outputs(out_dir: str, report: dict,
+                  compare: list[str]) -> tuple[list[str], list[str]]:
+    """All four outputs; returns their paths and the models left off the plot."""
+    points = [ModelPoint(report["label"], report.get("in1k_top1"), report["log_odds_mean"])]
+    points += [_point(entry) for entry in compare]  # read first: a bad entry writes nothing
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in NAMES]
     atomic.write_bytes(paths[0], markdown(report).encode())
     atomic.write_json(paths[1], report)
     write_csv(paths[2], report)
-    skipped = plot_trade_off(paths[3], report, compare)
-    if skipped:
-        print(f"[transfer] not on the plot (no IN1K top-1; give --in1k_top1 or a JSON with "
-              f"in1k_top1): {', '.join(skipped)}", flush=True)
-    return paths
+    y_label = f"{LOG_ODDS} ({len(report['log_odds_datasets'])} datasets here; published: 15)"
+    return paths, plot_trade_off(paths[3], points, y_label)

@@ -5,42 +5,70 @@ one fails before any work; (2) extract each split's frozen pre-projector feature
 backbone, cached on disk in fp16; (3) per dataset and seed, the Optuna-searched probe
 (trex_fast.eval.probes); (4) per-dataset top-1 mean/std over seeds, log-odds and their mean over the
 transfer datasets (IN1K apart, as in the authors' summary), written by trex_fast.eval.report.
+`evaluate_transfer` is `python -m trex_fast.eval transfer`: the phases for a backbone file, the
+outputs written, the report returned.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torchvision.transforms as T
-from torch.utils.data import DataLoader
 
 from pipelines import atomic
-from pipelines.batch import normalize_uint8
-from trex_fast.eval.datasets import ImageList, Labelled, is_path
-from trex_fast.eval.probes import log_odds, per_class_split, probe
+from trex_fast.availability import resolve_device
+from trex_fast.cli import FlagError, flag
+from trex_fast.eval.datasets import ImageList, Labelled, is_path, resolve_all
+from trex_fast.eval.features import AUTO_WORKERS, extract_features, trust_help
+from trex_fast.eval.probes import SGD_EPOCHS, TRIALS, log_odds, per_class_split, probe
+from trex_fast.eval.report import NOT_IN_MEAN, write_outputs
+from trex_fast.models.weights import load_backbone
+from trex_fast.runlog import device_name, git_revision, library_versions
 from trex_fast.safe_load import load_file
 
 CACHE_VERSION = 1  # bump when the extraction changes: older cache files are then ignored
-# Reported beside the transfer mean, never in it: the authors' summary (naver/trex,
-# transfer/scripts/print_results.py) drops the IN-1K column before averaging log-odds.
-NOT_IN_MEAN = ("in1k",)
+PROBE_KINDS = ("auto", "lbfgs", "sgd")
 
 
 @dataclass(frozen=True)
 class TransferSettings:
-    """What one transfer run needs beyond the backbone and the datasets."""
-    trials: int = 30
-    seeds: int = 3
-    sgd_epochs: int = 100
-    probe_kind: str = "auto"  # auto: the paper's assignment (transfer_data.SPECS)
-    image_size: int = 224
-    batch_size: int = 128
-    num_workers: int = 4
-    cache_dir: str = "runs/transfer_cache"
-    trust_file: bool = False
+    """`python -m trex_fast.eval transfer`: its flags (run_transfer reads the probe, image and
+    cache ones, so they keep defaults for callers that pass a backbone and datasets apart)."""
+    backbone: str = flag("", "weights file (trex_fast checkpoint, backbone.pth, torchvision or "
+                             "released)", required=True)
+    datasets: tuple[str, ...] = flag(
+        (), "comma-separated names (aircraft, cars, dtd, eurosat, flowers, pets, food101, "
+            "sun397, inat2018, inat2019, cog_l1..cog_l5, in1k; layouts in docs/TRANSFER.md) "
+            "and/or ImageFolder roots holding train/ and test/ (or val/)", required=True)
+    data_root: str = flag(".", "the folder the named datasets sit in, each in its official "
+                               "layout")
+    arch: str = flag("resnet50", "torchvision architecture of the backbone")
+    trials: int = flag(TRIALS, "Optuna trials per dataset and seed (the paper: 30)")
+    seeds: int = flag(3, "seeds averaged (validation split, sampler, SGD order); mean and std "
+                         "reported")
+    probe_kind: str = flag("auto", "auto (the paper's: L-BFGS for the 8 small datasets and "
+                                   "ImageFolder roots, SGD for IN1K, CoG, iNat), lbfgs or sgd "
+                                   "for all")
+    sgd_epochs: int = flag(SGD_EPOCHS, "epochs of each SGD fit (the paper: 100)")
+    image_size: int = flag(224, "Resize (bicubic) + CenterCrop side")
+    output_dir: str = flag("runs/transfer", "where transfer.md/.json/.csv and trade_off.png go")
+    cache_dir: str = flag("runs/transfer_cache", "features, one folder per backbone (reruns "
+                                                 "reuse them)")
+    compare: tuple[str, ...] = flag((), "comma-separated transfer.json files or run folders to "
+                                        "draw with this model")
+    in1k_top1: float | None = flag(None, "this model's IN1K top-1 for the plot (default: an in1k "
+                                         "probe of this run, else metrics.jsonl next to "
+                                         "--backbone)")
+    label: str = flag("", "this model's name in the outputs (default: the backbone's file name)")
+    batch_size: int = flag(128, "images per forward pass")
+    num_workers: int = flag(AUTO_WORKERS, "data-loading workers; -1: this machine's cores")
+    device: str = flag("auto", "auto, cpu or cuda (features and probes)")
+    trust_file: bool = flag(False, trust_help("--backbone and the cached features"))
 
 
 def transfer_transform(image_size: int) -> T.Compose:
@@ -63,23 +91,6 @@ def backbone_tag(path: str, arch: str) -> str:
     return f"{os.path.basename(path)}_{arch}_{digest.hexdigest()[:12]}"
 
 
-@torch.no_grad()
-def extract(net: torch.nn.Module, images: ImageList, device: torch.device, batch_size: int,
-            num_workers: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen pooled features [N, F] (eval-mode BN, fp32 compute, fp16 result) and labels."""
-    from tqdm import tqdm
-
-    net.eval().to(device)
-    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    feats, labels = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
-        x = normalize_uint8(x, device, torch.float32, channels_last=device.type == "cuda")
-        feats.append(net(x).half().cpu())  # the .cpu() is the one host sync per batch
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
 def cached_features(net, images: ImageList, cache: str, device: torch.device, batch_size: int,
                     num_workers: int, trust_file: bool = False,
                     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -91,8 +102,8 @@ def cached_features(net, images: ImageList, cache: str, device: torch.device, ba
         saved = load_file(cache, trust_file)
         if saved.get("listing") == listing and saved.get("version") == CACHE_VERSION:
             return saved["features"], saved["labels"], True
-    feats, labels = extract(net, images, device, batch_size, num_workers,
-                            os.path.basename(cache))
+    feats, labels = extract_features(net, images, device, batch_size, num_workers,
+                                     torch.float16, os.path.basename(cache))
     os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
     atomic.save_torch({"features": feats, "labels": labels, "listing": listing,
                        "version": CACHE_VERSION}, cache)
@@ -132,8 +143,10 @@ def summarise(name: str, runs: list[dict], data: Labelled, kind: str) -> dict:
 
 
 def run_transfer(net: torch.nn.Module, tag: str, entries: list[str], datasets: list[Labelled],
-                 settings: TransferSettings, device: torch.device) -> dict:
-    """Phases 2-4 for datasets already read and checked (phase 1). Returns the report dict."""
+                 settings: TransferSettings, device: torch.device,
+                 on_dataset: Callable[[dict], None] | None = None) -> dict:
+    """Phases 2-4 for datasets already read and checked (phase 1). Returns the report dict;
+    `on_dataset` gets each dataset's result as soon as it is done (the CLI prints it)."""
     transform = transfer_transform(settings.image_size)
     results, reused = [], []
     for entry, data in zip(entries, datasets):
@@ -153,8 +166,8 @@ def run_transfer(net: torch.nn.Module, tag: str, entries: list[str], datasets: l
                       seed=seed, sgd_epochs=settings.sgd_epochs)
                 for seed in range(settings.seeds)]
         results.append(summarise(data.name, runs, data, kind))
-        print(f"[transfer] {data.name}: top-1 {results[-1]['top1_mean']:.2f} "
-              f"+- {results[-1]['top1_std']:.2f} over {settings.seeds} seeds", flush=True)
+        if on_dataset:
+            on_dataset(results[-1])
     in1k = next((r["top1_mean"] for r in results if r["dataset"] in NOT_IN_MEAN), None)
     return {"eval": "transfer", "datasets": results, "log_odds_mean": log_odds_mean(results),
             "log_odds_datasets": [r["dataset"] for r in results
@@ -162,3 +175,60 @@ def run_transfer(net: torch.nn.Module, tag: str, entries: list[str], datasets: l
             "in1k_probe_top1": in1k,
             "features_reused": all(reused), "trials": settings.trials, "seeds": settings.seeds,
             "image_size": settings.image_size}
+
+
+def _in1k_top1(backbone: str, report: dict) -> float | None:
+    """The model's IN1K top-1 for the trade-off plot: an `in1k` probe in this run, else the
+    last val_top1 of the training run the backbone file sits in (metrics.jsonl)."""
+    if report["in1k_probe_top1"] is not None:
+        return report["in1k_probe_top1"]
+    metrics = os.path.join(os.path.dirname(os.path.abspath(backbone)), "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            vals = [json.loads(line).get("val_top1") for line in f if line.strip()]
+        vals = [v for v in vals if v is not None]
+        return vals[-1] if vals else None
+    return None
+
+
+@dataclass(frozen=True)
+class TransferOutcome:
+    report: dict  # what transfer.json holds
+    paths: list  # the files written in --output_dir
+    not_plotted: list  # models left off the trade-off plot for want of an IN1K top-1
+
+
+def evaluate_transfer(s: TransferSettings,
+                      on_dataset: Callable[[dict], None] | None = None) -> TransferOutcome:
+    """The whole protocol for a backbone file: every dataset checked first, then features,
+    probes and the outputs in --output_dir."""
+    if s.probe_kind not in PROBE_KINDS:
+        raise FlagError(f"--probe_kind={s.probe_kind!r}: accepted values are "
+                        f"{', '.join(PROBE_KINDS)}")
+    if not s.datasets:
+        raise FlagError("--datasets: give at least one dataset name or ImageFolder root")
+    # ---- phase 1: every dataset read and checked before any feature is extracted
+    data = resolve_all(list(s.datasets), s.data_root)
+    device = resolve_device(s.device)
+    net = load_backbone(s.backbone, s.arch, s.trust_file)
+    # ---- phases 2-4: cached features, searched probes over seeds, outputs
+    report = run_transfer(net, backbone_tag(s.backbone, s.arch), list(s.datasets), data, s,
+                          device, on_dataset)
+    report["label"] = s.label or os.path.basename(s.backbone)
+    report["in1k_top1"] = s.in1k_top1 if s.in1k_top1 is not None else _in1k_top1(s.backbone,
+                                                                                  report)
+    report["env"] = {"git": git_revision(), "libraries": library_versions(),
+                     "device": device_name(device), "backbone": os.path.abspath(s.backbone),
+                     "arch": s.arch}
+    paths, not_plotted = write_outputs(s.output_dir, report, list(s.compare))
+    return TransferOutcome(report, paths, not_plotted)
+
+
+def summary(report: dict) -> dict:
+    """The result in one JSON object (the CLI's last line, the sweep's eval_transfer.json)."""
+    return {"eval": "transfer",
+            "top1": {r["dataset"]: r["top1_mean"] for r in report["datasets"]},
+            "top1_std": {r["dataset"]: r["top1_std"] for r in report["datasets"]},
+            "log_odds_mean": report["log_odds_mean"],
+            "in1k_probe_top1": report["in1k_probe_top1"],
+            "features_reused": report["features_reused"]}

@@ -10,6 +10,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from pipelines import atomic
 from trex_fast import runlog
 from trex_fast.cli import parse_flags
 from trex_fast.config import Config, ConfigError, check_world, make_config, to_dict
@@ -183,9 +184,9 @@ def point_status(point: Point) -> str:
 
 def write_point_records(points: list[Point], output_dir: str, spec: dict) -> None:
     os.makedirs(output_dir, exist_ok=True)
-    runlog.write_json(os.path.join(output_dir, SWEEP_NAME), spec)
+    atomic.write_json(os.path.join(output_dir, SWEEP_NAME), spec)
     for point in points:
         os.makedirs(point.run_dir, exist_ok=True)
-        runlog.write_json(os.path.join(point.run_dir, POINT_NAME), {
+        atomic.write_json(os.path.join(point.run_dir, POINT_NAME), {
             "name": point.name, "knobs": point.knobs, "flags": point.flags,
             "train_argv": point.train_argv(), "config": to_dict(point.cfg)})
