@@ -27,7 +27,8 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -205,12 +206,21 @@ def val_graph(tars, indexes, rank, world, global_size, gpu, dtype):
 
 
 # ---------------------------------------------------------------- loaders
-def _device_args(settings: LoaderSettings) -> dict:
-    """DALI's dtype (no bfloat16 in DALI: fp16 then a cast on the device) and device id."""
+@dataclass(frozen=True)
+class DaliDevice:
+    """Where a DALI graph runs, decided once from the loader settings: CPU mode (device_id
+    None, "cpu" decode) or GPU mode ("mixed" = nvJPEG decode, on device_id)."""
+
+    gpu: bool
+    device_id: int | None
+    dtype: object  # DALI's output dtype: no bfloat16 in DALI, so fp16 then a cast on the device
+
+
+def dali_device(settings: LoaderSettings) -> DaliDevice:
     gpu = settings.device.type == "cuda"
     dtype = types.FLOAT if settings.dtype == torch.float32 else types.FLOAT16
     device_id = (settings.device.index or torch.cuda.current_device()) if gpu else None
-    return {"gpu": gpu, "dtype": dtype, "device_id": device_id}
+    return DaliDevice(gpu, device_id, dtype)
 
 
 def photometric_impl(requested: str | None, gpu: bool) -> str:
@@ -243,59 +253,26 @@ def _hwc_to_nchw(parts: list[torch.Tensor], settings: LoaderSettings) -> torch.T
     return x if settings.channels_last else x.contiguous()
 
 
-class DaliTrainData:
-    """Train batches as MultiCropBatch on the device, epoch by epoch (the interface of
-    pipelines.loaders.reference.ReferenceTrainData). `photometric`: "stage" or "numba" (see
-    photometric_impl; None picks by device). `max_resolution`: the stage's canvas side (see
-    canvas_side; None reads it from meta.json)."""
+class StageCrops:
+    """photometric="stage": DALI decodes into a [B, S, S, 3] canvas (canvas_graph) and the
+    device stage (GpuMultiCrop, as for FFCV) makes the crops from the zero-copy hand-off."""
 
-    def __init__(self, folder: str, spec: MultiCropSpec, settings: LoaderSettings,
-                 photometric: str | None = None, max_resolution: int | None = None):
-        self.tars, self.indexes, self.num_samples = find_shards(folder)
-        self.spec, self.settings = spec, settings
-        self.photometric = photometric_impl(photometric, settings.device.type == "cuda")
-        self.side = canvas_side(folder, max_resolution)
+    name = "stage"
+
+    def __init__(self, spec: MultiCropSpec, settings: LoaderSettings, side: int):
+        self.settings = settings
+        self.canvas_shape = (side, side, 3)
+        self.stage = GpuMultiCrop(spec, settings.device, settings.dtype, settings.channels_last,
+                                  settings.seed, rank=settings.rank, impl=settings.stage_impl)
+
+    def graph(self, data: tuple, device: DaliDevice, run: dict):
+        return canvas_graph(*data, self.canvas_shape[0], device.gpu, **run)
+
+    def decoded(self, make_pipe: Callable, steps: int, start_step: int) -> Iterator[tuple]:
+        """(canvas, sizes, labels) of steps start_step..steps - 1 of the graph make_pipe()."""
+        pipe = make_pipe()
         try:
-            self.steps_per_epoch = whole_steps(self.num_samples, settings.batch_size,
-                                               settings.world_size)
-        except ValueError as e:
-            raise ValueError(f"{folder!r}: {e}") from None
-        self.names = [f"{kind}{i}" for kind, group in zip("gl", spec.groups)
-                      for i in range(group.count)]
-        self.stage = None
-        if self.photometric == "stage":
-            self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
-                                      settings.channels_last, settings.seed, rank=settings.rank,
-                                      impl=settings.stage_impl)
-
-    @property
-    def canvas_shape(self) -> tuple[int, int, int]:
-        return (self.side, self.side, 3)
-
-    def pipeline(self, epoch: int):
-        """The epoch's graph: shard order and seeds from (seed, epoch), the same on all ranks
-        for the shard permutation (so DALI's split is a partition), per rank for the rest."""
-        s = self.settings
-        order = np.random.default_rng(derived_seed(s.seed, epoch)).permutation(len(self.tars))
-        dev = _device_args(s)
-        data = ([self.tars[i] for i in order], [self.indexes[i] for i in order], s.rank,
-                s.world_size, derived_seed(s.seed, epoch, s.rank, 0))
-        run = {"batch_size": s.batch_size, "num_threads": max(1, s.num_workers),
-               "device_id": dev["device_id"], "seed": derived_seed(s.seed, epoch, s.rank, 1)}
-        if self.photometric == "stage":
-            return canvas_graph(*data, self.side, dev["gpu"], **run)
-        return crops_graph(*data, self.spec, dev["dtype"], **run)
-
-    def decoded(self, epoch: int, start_step: int = 0
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The stage graph's hand-off, steps start_step.. of the epoch: (canvas [B, S, S, 3]
-        uint8, sizes [B, 2] int32, labels [B] int64), canvas and sizes on DALI's memory (the
-        device's in GPU mode), labels on the training device."""
-        if self.photometric != "stage":
-            raise ValueError(f"decoded() needs photometric='stage', not {self.photometric!r}")
-        pipe = self.pipeline(epoch)
-        try:
-            for step in range(self.steps_per_epoch):
+            for step in range(steps):
                 canvas, sizes, labels = pipe.run()
                 if step < start_step:  # resume: same seeds, so dropping replays the order
                     continue
@@ -305,32 +282,48 @@ class DaliTrainData:
         finally:
             del pipe
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
-        if self.photometric == "stage":
-            for step, (canvas, sizes, labels) in enumerate(self.decoded(epoch, start_step),
-                                                           start=start_step):
-                yield self.stage(canvas, sizes, labels, epoch, step)
-        else:
-            yield from self._numba_epoch(epoch, start_step)
+    def batches(self, make_pipe: Callable, epoch: int, steps: int, start_step: int
+                ) -> Iterator[MultiCropBatch]:
+        hand_off = self.decoded(make_pipe, steps, start_step)
+        for step, (canvas, sizes, labels) in enumerate(hand_off, start=start_step):
+            yield self.stage(canvas, sizes, labels, epoch, step)
 
-    def _numba_epoch(self, epoch: int, start_step: int) -> Iterator[MultiCropBatch]:
-        s = self.settings
-        n_global = self.spec.global_group.count
-        iterator = DALIGenericIterator(self.pipeline(epoch), [*self.names, "label"],
-                                       reader_name=READER, auto_reset=False,
-                                       last_batch_policy=LastBatchPolicy.DROP)
+
+class NumbaCrops:
+    """photometric="numba" (CPU mode): DALI makes the 1 + 8 crops and their augmentations
+    (crops_graph, the numba operator); batches are the graph's normalised outputs."""
+
+    name = "numba"
+    canvas_shape = None  # no canvas: the graph hands out the crops
+
+    def __init__(self, spec: MultiCropSpec, settings: LoaderSettings):
+        self.spec, self.settings = spec, settings
+        self.names = [f"{kind}{i}" for kind, group in zip("gl", spec.groups)
+                      for i in range(group.count)]
+
+    def graph(self, data: tuple, device: DaliDevice, run: dict):
+        return crops_graph(*data, self.spec, device.dtype, **run)
+
+    def decoded(self, make_pipe: Callable, steps: int, start_step: int):
+        raise ValueError(f"decoded() needs photometric='stage', not {self.name!r}")
+
+    def batches(self, make_pipe: Callable, epoch: int, steps: int, start_step: int
+                ) -> Iterator[MultiCropBatch]:
+        s, n_global = self.settings, self.spec.global_group.count
+        iterator = DALIGenericIterator(make_pipe(), [*self.names, "label"], reader_name=READER,
+                                       auto_reset=False, last_batch_policy=LastBatchPolicy.DROP)
         try:
             for step, outputs in enumerate(iterator):
-                if step >= self.steps_per_epoch:
+                if step >= steps:
                     break
                 if step < start_step:  # resume: same seeds, so dropping replays the order
                     continue
-                out = outputs[0]
-                crops = [out[name] for name in self.names]
+                crops = [outputs[0][name] for name in self.names]
                 yield MultiCropBatch(
                     global_crops=_hwc_to_nchw(crops[:n_global], s),
                     local_crops=self._locals(crops[n_global:]),
-                    labels=parse_labels(out["label"].cpu()).to(s.device, non_blocking=True))
+                    labels=parse_labels(outputs[0]["label"].cpu()).to(s.device,
+                                                                      non_blocking=True))
         finally:
             del iterator
 
@@ -339,6 +332,63 @@ class DaliTrainData:
             return _hwc_to_nchw(crops, self.settings)
         s = self.settings
         return torch.empty(0, 3, 1, 1, device=s.device, dtype=s.dtype)
+
+
+def crop_strategy(photometric: str | None, spec: MultiCropSpec, settings: LoaderSettings,
+                  side: int) -> StageCrops | NumbaCrops:
+    """The strategy of photometric_impl(photometric, device), refused first if unknown."""
+    choice = photometric_impl(photometric, settings.device.type == "cuda")
+    return StageCrops(spec, settings, side) if choice == "stage" else NumbaCrops(spec, settings)
+
+
+class DaliTrainData:
+    """Train batches as MultiCropBatch on the device, epoch by epoch (the interface of
+    pipelines.loaders.reference.ReferenceTrainData). `photometric`: "stage" or "numba" (see
+    photometric_impl; None picks by device), chosen once (crop_strategy). `max_resolution`:
+    the stage's canvas side (see canvas_side; None reads it from meta.json)."""
+
+    def __init__(self, folder: str, spec: MultiCropSpec, settings: LoaderSettings,
+                 photometric: str | None = None, max_resolution: int | None = None):
+        self.tars, self.indexes, self.num_samples = find_shards(folder)
+        self.settings, self.device = settings, dali_device(settings)
+        self.crops = crop_strategy(photometric, spec, settings,
+                                   canvas_side(folder, max_resolution))
+        try:
+            self.steps_per_epoch = whole_steps(self.num_samples, settings.batch_size,
+                                               settings.world_size)
+        except ValueError as e:
+            raise ValueError(f"{folder!r}: {e}") from None
+
+    @property
+    def photometric(self) -> str:
+        return self.crops.name
+
+    @property
+    def canvas_shape(self) -> tuple[int, int, int] | None:
+        return self.crops.canvas_shape
+
+    def pipeline(self, epoch: int):
+        """The epoch's graph: shard order and seeds from (seed, epoch), the same on all ranks
+        for the shard permutation (so DALI's split is a partition), per rank for the rest."""
+        s = self.settings
+        order = np.random.default_rng(derived_seed(s.seed, epoch)).permutation(len(self.tars))
+        data = ([self.tars[i] for i in order], [self.indexes[i] for i in order], s.rank,
+                s.world_size, derived_seed(s.seed, epoch, s.rank, 0))
+        run = {"batch_size": s.batch_size, "num_threads": max(1, s.num_workers),
+               "device_id": self.device.device_id, "seed": derived_seed(s.seed, epoch, s.rank, 1)}
+        return self.crops.graph(data, self.device, run)
+
+    def decoded(self, epoch: int, start_step: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The stage graph's hand-off, steps start_step.. of the epoch: (canvas [B, S, S, 3]
+        uint8, sizes [B, 2] int32, labels [B] int64), canvas and sizes on DALI's memory (the
+        device's in GPU mode), labels on the training device. photometric="stage" only."""
+        return self.crops.decoded(functools.partial(self.pipeline, epoch), self.steps_per_epoch,
+                                  start_step)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
+        return self.crops.batches(functools.partial(self.pipeline, epoch), epoch,
+                                  self.steps_per_epoch, start_step)
 
 
 class DaliValData:
@@ -351,11 +401,10 @@ class DaliValData:
         self.global_size, self.settings = global_size, settings
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        s = self.settings
-        dev = _device_args(s)
+        s, device = self.settings, dali_device(self.settings)
         pipe = val_graph(self.tars, self.indexes, s.rank, s.world_size, self.global_size,
-                         dev["gpu"], dev["dtype"], batch_size=s.batch_size,
-                         num_threads=max(1, s.num_workers), device_id=dev["device_id"], seed=0)
+                         device.gpu, device.dtype, batch_size=s.batch_size,
+                         num_threads=max(1, s.num_workers), device_id=device.device_id, seed=0)
         iterator = DALIGenericIterator(pipe, ["image", "label"], reader_name=READER,
                                        auto_reset=False,
                                        last_batch_policy=LastBatchPolicy.PARTIAL)
