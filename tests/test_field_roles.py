@@ -63,15 +63,22 @@ def test_every_field_declares_an_accepted_role(cls):
     assert sum(len(fields_with_role(cls, r)) for r in RESUME_ROLES) == len(dataclasses.fields(cls))
 
 
-def test_a_field_without_a_role_is_refused_naming_it():
+def test_a_config_field_without_a_role_is_refused_naming_it():
+    """What config.py runs at import, on a Config grown by a field that declares no role."""
     @dataclasses.dataclass(frozen=True)
-    class Grown:
-        arch: str = dataclasses.field(default="resnet50", metadata={"resume": MATCH})
+    class Grown(Config):
         vit_patch: int = dataclasses.field(default=16, metadata={"help": "patch side"})
 
     with pytest.raises(TypeError, match=r"Grown\.vit_patch: resume role None; declare one of "
                                         r"'must match', 'schedule', 'free'"):
         check_resume_roles(Grown)
+
+    @dataclasses.dataclass(frozen=True)
+    class Declared(Config):
+        vit_patch: int = dataclasses.field(default=16, metadata={"resume": MATCH})
+
+    check_resume_roles(Declared)
+    assert fields_with_role(Declared, MATCH)[-1] == "vit_patch"  # and resume would compare it
 
 
 def test_a_misspelt_role_is_refused():

@@ -58,6 +58,10 @@ class CpuDecode:
         self.canvas_shape = (*canvas_hw, 3)  # the slot's largest image, (Hmax, Wmax, 3)
         self.host_to_device: PinnedPrefixCopy | None = None  # made per epoch (start_epoch)
 
+    @classmethod
+    def from_reader(cls, reader: Reader, canvas_hw: tuple[int, int]) -> CpuDecode:
+        return cls(canvas_hw)
+
     def ops(self) -> tuple[Operation, Operation]:
         """FFCV's (image op, metadata op) of this mode."""
         return CanvasDecoder(self.canvas_shape[:2]), ImageSizeDecoder()
@@ -93,6 +97,10 @@ class GpuDecode:
         self.canvas_shape = (*canvas_hw, 3)  # the largest image a sample may decode to
         self.max_bytes = max_bytes  # the largest stored sample: the slot holds it too
         self.host_to_device = None  # the bytes go to decode_jpeg, not through a staging copy
+
+    @classmethod
+    def from_reader(cls, reader: Reader, canvas_hw: tuple[int, int]) -> GpuDecode:
+        return cls(canvas_hw, max_stored_bytes(reader))
 
     def ops(self) -> tuple[Operation, Operation]:
         return BytesPassthrough(self.max_bytes, self.canvas_shape[:2]), SampleInfoDecoder()
@@ -132,7 +140,4 @@ def decode_strategy(decode: str, reader: Reader,
     """The strategy of `decode` for the .beton `reader` reads; a bad mode is refused first.
     `max_size`: the slot's (H, W) if not the largest image of the file (must hold it)."""
     check_decode(decode)
-    canvas_hw = canvas_size(image_metadata(reader), max_size)
-    if decode == "gpu":
-        return GpuDecode(canvas_hw, max_stored_bytes(reader))
-    return CpuDecode(canvas_hw)
+    return DECODE_MODES[decode].from_reader(reader, canvas_size(image_metadata(reader), max_size))

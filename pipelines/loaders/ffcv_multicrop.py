@@ -28,15 +28,13 @@ from ffcv.reader import Reader
 
 from pipelines.batch import EpochSampler, LoaderSettings, MultiCropBatch
 from pipelines.convert.beton import check_beton
-from pipelines.loaders.ffcv_decode import DECODE_MODES, decode_strategy
+from pipelines.loaders.ffcv_decode import decode_strategy
 from pipelines.loaders.ffcv_ops import IMAGE_FIELD, LABEL_FIELD, SIZE_OUTPUT, EpochLoader
 from pipelines.spec import MultiCropSpec, val_resize_size
 from pipelines.stage.dispatch import GpuMultiCrop
 from pipelines.stage.handoff import SampleMeta
 from pipelines.stage.overlap import overlapped
 from pipelines.stage.torch_spec import normalize, val_resize_center_crop
-
-__all__ = ["DECODE_MODES", "FfcvTrainData", "FfcvValData"]
 
 
 def _check_beton(path: str) -> None:
@@ -70,8 +68,9 @@ def _drain(iterator) -> None:
 
 class FfcvTrainData:
     """Train batches as MultiCropBatch on the device, epoch by epoch (same interface as
-    pipelines.loaders.reference.ReferenceTrainData). `decode`: one of DECODE_MODES;
-    `max_size`: the slot's (H, W) if not the file's largest image."""
+    pipelines.loaders.reference.ReferenceTrainData). `decode`: "cpu" or "gpu"
+    (ffcv_decode.DECODE_MODES); `max_size`: the slot's (H, W) if not the file's largest
+    image."""
 
     def __init__(self, beton: str, spec: MultiCropSpec, settings: LoaderSettings,
                  max_size: tuple[int, int] | None = None, decode: str = "cpu"):
