@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--c", type=_int_list, default=GRID_CLASSES,
         help=f"classes, comma-separated (default {_csv(GRID_CLASSES)})")
     add("--shapes", type=_shape_list, default=None,
-        help="NxC pairs instead of the --n x --c grid, e.g. 2304x1000, or 'production': "
+        help="NxC pairs instead of the --n x --c grid, e.g. 64x50,128x50, or 'production': "
              f"{shapes_flag()} (trex_fast/kernels/shapes.py)")
     add("--d", type=int, default=PRODUCTION_DIM,
         help=f"feature dim of the projector output (default {PRODUCTION_DIM})")
