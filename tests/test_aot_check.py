@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.stage.aot import TARGETS, programs_per_sm
+from trex_fast.kernels.shapes import PRODUCTION_SHAPES, shape_label
 
 triton = pytest.importorskip("triton")
 
@@ -24,7 +25,7 @@ FIELDS = {"kernel", "file", "target", "registers", "spill_bytes", "shared_bytes"
           "production", "has_dot", "num_warps", "num_stages", "programs_per_sm", "triton",
           "ptxas"}
 MATRIX_KERNELS = ("prototype_ce_fwd", "prototype_ce_grad_z", "prototype_ce_grad_w")
-SHAPES = ("N=2304,C=1000", "N=16384,C=21841")
+SHAPES = tuple(shape_label(n, c) for n, c in PRODUCTION_SHAPES)
 
 
 def run_aot_check(*args: str, pythonpath: Path | None = None):

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from trex_fast.kernels.shapes import PRODUCTION_SHAPES, shapes_flag
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "bench_kernel.py"
 SPEEDUPS = {"speedup_vs_torch", "speedup_vs_eager_bf16", "speedup_vs_compile",
@@ -142,5 +144,5 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--impls=torch,jax"])
     assert bench.parse_args(["--n=1,2", "--c=3,4"]).shapes == [(1, 3), (1, 4), (2, 3), (2, 4)]
-    assert bench.parse_args(["--shapes=2304x1000,16384x21841"]).shapes == [
-        (2304, 1000), (16384, 21841)]
+    assert bench.parse_args([f"--shapes={shapes_flag()}"]).shapes == list(PRODUCTION_SHAPES)
+    assert bench.parse_args(["--shapes=production"]).shapes == list(PRODUCTION_SHAPES)

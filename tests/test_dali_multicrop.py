@@ -341,7 +341,7 @@ def test_numba_op_in_dali_equals_the_direct_call(photos):
     directly with the same uniforms (CPU mode's whole photometric stage)."""
     from nvidia.dali import fn
 
-    from pipelines.loaders.dali_multicrop import photometric_numba_op
+    from pipelines.loaders.dali_graphs import photometric_numba_op
     from pipelines.loaders.photometric_numba import NUM_DRAWS, augment, spec_vector
     group = SPEC.global_group
     rng = np.random.default_rng(4)

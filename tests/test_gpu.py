@@ -25,6 +25,7 @@ from trex_fast.build import build_state
 from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
 from trex_fast.kernels.dispatch import prototype_ce_with_top1
+from trex_fast.kernels.shapes import PRODUCTION_DIM, PRODUCTION_SHAPES
 from trex_fast.plan import COMPUTE_DTYPES, make_plan
 from trex_fast.step import train_step
 
@@ -96,7 +97,8 @@ def test_triton_and_torch_steps_agree(device):
 
 
 @pytest.mark.parametrize("device,n,c,d", [
-    pytest.param("cuda", 2304, 1000, 256, marks=pytest.mark.gpu, id="cuda-production"),
+    pytest.param("cuda", *PRODUCTION_SHAPES[0], PRODUCTION_DIM, marks=pytest.mark.gpu,
+                 id="cuda-production"),
     pytest.param("cpu", 72, 40, 32, id="cpu-tiny"),
 ])
 def test_kernel_matches_reference(device, n, c, d):
@@ -152,7 +154,8 @@ def test_multicrop_stage_bf16_matches_torch_spec(device, monkeypatch):
 # The fused prototype CE on its production path: bf16 autocast, wgmma kernels (issue 22, item 5)
 # ---------------------------------------------------------------------------------------------
 AUTOCAST_CE_SHAPES = [  # (N rows, C classes, D): the training step's at batch 256, and a tiny one
-    pytest.param("cuda", 2304, 1000, 256, marks=pytest.mark.gpu, id="cuda-production"),
+    pytest.param("cuda", *PRODUCTION_SHAPES[0], PRODUCTION_DIM, marks=pytest.mark.gpu,
+                 id="cuda-production"),
     pytest.param("cpu", 40, 23, 32, id="cpu-tiny"),
 ]
 AUTOCAST_CE_GRAD_SCALE = 3.7  # a non-unit upstream gradient

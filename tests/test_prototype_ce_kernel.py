@@ -39,6 +39,7 @@ from trex_fast.kernels.prototype_ce import (  # noqa: E402
     fused_prototype_ce,
     plan_launch,
 )
+from trex_fast.kernels.shapes import PRODUCTION_DIM, PRODUCTION_SHAPES  # noqa: E402
 from trex_fast.losses import torch_prototype_ce_with_top1  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,13 +167,15 @@ def test_autocast_runs_the_dots_in_the_autocast_dtype():
 
 
 def test_production_shape():
-    """N = 2304 rows (9 crops x 256 images), C = 1000 classes, D = 256, bf16, 50 absent classes.
+    """The first production shape (N = 9 crops x 256 images, C = ImageNet-1K's classes,
+    D = PRODUCTION_DIM), bf16, every 20th class absent.
 
     On CPU the interpreter runs 256 x 256 tiles (the CPU default), so each kernel takes only
     9 x 4 tile iterations; on CUDA the GPU defaults are used.
     """
-    z, weight, labels = make_inputs(2304, 1000, 256, torch.bfloat16, seed=3,
-                                    zero_classes=tuple(range(0, 1000, 20)))
+    (n, c), d = PRODUCTION_SHAPES[0], PRODUCTION_DIM
+    z, weight, labels = make_inputs(n, c, d, torch.bfloat16, seed=3,
+                                    zero_classes=tuple(range(0, c, 20)))
     out = run_kernel(z, weight, labels, blocks=None, weight_grad=False)
     ref = reference64(z, weight, labels, weight_grad=False)
     assert_matches(out, ref, torch.bfloat16, weight_grad=False)
@@ -277,8 +280,8 @@ def test_production_launch_fills_an_h100_with_wgmma_tiles():
     assert blocks.block_n >= 64 and blocks.block_c >= 64
     assert blocks.num_warps in (4, 8) and blocks.grad_num_warps in (4, 8)
     sms = 132
-    for n, c in prototype_ce.PRODUCTION_SHAPES:
-        plan = plan_launch(n, c, 256, blocks, sms=sms)
+    for n, c in PRODUCTION_SHAPES:
+        plan = plan_launch(n, c, PRODUCTION_DIM, blocks, sms=sms)
         for programs, resident in ((plan.row_blocks * plan.class_splits, blocks.programs_per_sm),
                                    (plan.row_blocks * plan.grad_class_splits,
                                     blocks.grad_programs_per_sm),
@@ -291,11 +294,13 @@ def test_production_launch_fills_an_h100_with_wgmma_tiles():
                               (plan.grad_class_chunk, plan.grad_class_splits)):
             assert chunk % blocks.block_c == 0
             assert (splits - 1) * chunk < c <= splits * chunk  # no empty chunk
-    plan = plan_launch(2304, 1000, 256, blocks, sms=sms)
+    (n, c), (big_n, big_c) = PRODUCTION_SHAPES
+    plan = plan_launch(n, c, PRODUCTION_DIM, blocks, sms=sms)
     assert sms <= plan.row_blocks * plan.class_splits <= sms * blocks.programs_per_sm
     assert 0.8 * sms <= plan.row_blocks * plan.grad_class_splits <= sms  # dL/dz: 108
     assert 0.9 * sms <= plan.class_blocks * plan.weight_grad_splits <= sms
-    big = plan_launch(16384, 21841, 256, blocks, sms=sms)  # fills the GPU unsplit: no partials
+    # the large shape fills the GPU unsplit: no partials
+    big = plan_launch(big_n, big_c, PRODUCTION_DIM, blocks, sms=sms)
     assert big.class_splits == big.grad_class_splits == big.weight_grad_splits == 1
 
 

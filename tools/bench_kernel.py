@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
 
+from trex_fast.kernels.shapes import PRODUCTION_DIM, PRODUCTION_SHAPES, shapes_flag  # noqa: E402
 from trex_fast.losses import torch_prototype_ce_with_top1  # noqa: E402
 
 IMPLS = ("torch", "eager_bf16", "compile", "compile_bf16", "triton")  # baselines first
@@ -66,7 +67,19 @@ def _int_list(text: str) -> list[int]:
 
 
 def _shape_list(text: str) -> list[tuple[int, int]]:
+    if text == "production":
+        return list(PRODUCTION_SHAPES)
     return [tuple(int(x) for x in pair.split("x")) for pair in text.split(",") if pair]
+
+
+# the default --n x --c grid: the production shapes' rows and classes, and 9216 rows between
+# them (9 crops x a global batch of 1024)
+GRID_ROWS = sorted({n for n, _ in PRODUCTION_SHAPES} | {9 * 1024})
+GRID_CLASSES = sorted({c for _, c in PRODUCTION_SHAPES})
+
+
+def _csv(values) -> str:
+    return ",".join(map(str, values))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,14 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=summary, epilog=details,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--n", type=_int_list, default=[2304, 9216, 16384],
-        help="rows (crops per step), comma-separated (default 2304,9216,16384)")
-    add("--c", type=_int_list, default=[1000, 21841],
-        help="classes, comma-separated (default 1000,21841)")
+    add("--n", type=_int_list, default=GRID_ROWS,
+        help=f"rows (crops per step), comma-separated (default {_csv(GRID_ROWS)})")
+    add("--c", type=_int_list, default=GRID_CLASSES,
+        help=f"classes, comma-separated (default {_csv(GRID_CLASSES)})")
     add("--shapes", type=_shape_list, default=None,
-        help="NxC pairs instead of the --n x --c grid, e.g. 2304x1000,16384x21841 (the two "
-             "production shapes)")
-    add("--d", type=int, default=256, help="feature dim of the projector output (default 256)")
+        help="NxC pairs instead of the --n x --c grid, e.g. 64x50,128x50, or 'production': "
+             f"{shapes_flag()} (trex_fast/kernels/shapes.py)")
+    add("--d", type=int, default=PRODUCTION_DIM,
+        help=f"feature dim of the projector output (default {PRODUCTION_DIM})")
     add("--dtype", choices=sorted(DTYPES), default="bfloat16",
         help="dtype of z, the projector output (default bfloat16)")
     add("--weight_dtype", choices=sorted(DTYPES), default="float32",

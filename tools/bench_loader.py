@@ -153,7 +153,7 @@ def bench_decode_only(args) -> dict:
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline.pipeline_spec import PipelineSpec
 
-    from pipelines.loaders.ffcv_multicrop import CanvasDecoder
+    from pipelines.loaders.ffcv_ops import CanvasDecoder
     loader = Loader(os.path.join(args.data, "train.beton"), batch_size=args.batch_size,
                     num_workers=args.num_workers, order=OrderOption.RANDOM, seed=0,
                     pipelines={"image": PipelineSpec("image", decoder=CanvasDecoder()),

@@ -86,7 +86,7 @@ else
   STEP_SIZE="--arch=resnet50 --precision=bf16"
   STEPS="--steps=20 --warmup=5" COMPILE_STEPS="--steps=10 --warmup=3"
   COMPILE_BACKEND=""
-  KERNEL_SIZE="--shapes=2304x1000,16384x21841 --impls=torch,eager_bf16,compile_bf16,triton"
+  KERNEL_SIZE="--shapes=production --impls=torch,eager_bf16,compile_bf16,triton"
   KERNEL_SIZE="$KERNEL_SIZE --dtype=bf16" KERNEL_ITERS=""
   CROP_SIZE="" CROP_STEPS=""
   TESTS=tests

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from pipelines import atomic
-from trex_fast.config import Config, to_dict
+from trex_fast.config import MATCH, SCHEDULE, Config, fields_with_role, to_dict
 from trex_fast.optim import LRSchedule
-from trex_fast.plan import schedule_facts
+from trex_fast.plan import RunPlan, schedule_facts
 from trex_fast.safe_load import RELEASE_GLOBALS, UnsafeFileError, load_file
 from trex_fast.step import TrainState
 
@@ -268,14 +268,10 @@ def _step_of(path: str) -> int | None:
 # resume compares plans (issue #15): a change that would make the run differ from an
 # uninterrupted one is refused, naming every changed key with its old and new value.
 # ---------------------------------------------------------------------------------------------
-MODEL_KEYS = ("arch", "pr_hidden_layers", "pr_hidden_dim", "pr_bottleneck_dim",
-              "pr_input_l2_norm", "memory_size", "clf_tau", "ema_momentum", "weight_decay",
-              "momentum", "seed")
-CROP_KEYS = ("global_crops", "local_crops", "global_size", "local_size", "global_scale",
-             "local_scale")
-SCHEDULE_KEYS = ("epochs", "warmup_epochs", "lr", "min_lr")
-PLAN_KEYS = ("global_batch", "world_size", "precision", "num_classes", "steps_per_epoch",
-             "pipeline")
+# The keys compared are derived from each field's declared resume role (trex_fast.config).
+MATCH_KEYS = fields_with_role(Config, MATCH)  # the model, the recipe knobs, the crops, the seed
+SCHEDULE_KEYS = fields_with_role(Config, SCHEDULE)  # refused unless --reschedule=True
+PLAN_KEYS = fields_with_role(RunPlan, MATCH)  # global batch, world size, precision, ...
 
 
 class NotACheckpointError(ValueError):
@@ -320,7 +316,7 @@ def check_resumable(ckpt: dict, cfg: Config, plan, reschedule: bool = False) -> 
     old_plan = ckpt["plan"]
     new_plan = plan.to_dict()
     refused = [f"{k}: {a!r} -> {b!r}" for k, a, b in
-               _changes(old_cfg, new_cfg, MODEL_KEYS + CROP_KEYS)
+               _changes(old_cfg, new_cfg, MATCH_KEYS)
                + _changes(old_plan, new_plan, PLAN_KEYS)]
     if any(k == "world_size" for k, _, _ in _changes(old_plan, new_plan, PLAN_KEYS)):
         refused.append(

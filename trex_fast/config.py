@@ -11,7 +11,6 @@ import typing
 from dataclasses import dataclass
 
 from trex_fast.cli import FlagError, check_names, coerce, flags_help
-from trex_fast.cli import flag as _f
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -25,85 +24,128 @@ class ConfigError(FlagError):
     """A flag has a wrong name, type or value; the message names it and what is accepted."""
 
 
+# Each field's role on resume (trex_fast.checkpoint.check_resumable derives its lists from these):
+MATCH = "must match"  # the run would differ from an uninterrupted one: a change is refused
+SCHEDULE = "schedule"  # the LR schedule: a change is refused unless --reschedule=True
+FREE = "free"  # may change (speed, I/O, logging), or is checked through its RunPlan fact
+RESUME_ROLES = (MATCH, SCHEDULE, FREE)
+
+
+def _f(default, help: str, resume: str):
+    """A Config field: a CLI flag (trex_fast.cli.flag) with its resume role."""
+    return dataclasses.field(default=default, metadata={"help": help, "resume": resume})
+
+
+def role_field(resume: str, **kwargs):
+    """A dataclass field carrying only its resume role (the RunPlan's fields)."""
+    return dataclasses.field(metadata={"resume": resume}, **kwargs)
+
+
+def check_resume_roles(cls) -> None:
+    """Every field of the dataclass `cls` declares one of RESUME_ROLES (called at import, so
+    a field added without one stops the import, naming it)."""
+    for f in dataclasses.fields(cls):
+        role = f.metadata.get("resume")
+        if role not in RESUME_ROLES:
+            raise TypeError(f"{cls.__name__}.{f.name}: resume role {role!r}; declare one of "
+                            f"{', '.join(map(repr, RESUME_ROLES))} with the field")
+
+
+def fields_with_role(cls, role: str) -> tuple[str, ...]:
+    """The names of cls's fields whose resume role is `role`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["resume"] == role)
+
+
 @dataclass(frozen=True)
 class Config:
+    """Every field is declared with `_f(default, help, resume role)`. The role says what
+    resuming a checkpoint does when the flag changed: MATCH refuses, SCHEDULE refuses unless
+    --reschedule=True, FREE accepts (flags that only change speed or I/O, and flags whose
+    effect is checked through the resolved RunPlan: batch_size as global_batch, precision,
+    pipeline). A new field must declare its role: a field without one fails at import."""
+
     # ---- what to train -------------------------------------------------------------
     preset: str = _f("trex", "recipe preset: trex, trex_star, plain (cosine classifier) or "
                              "demo (small, CPU); flags given explicitly override it. Default: "
-                             "demo without --data, trex with it")
-    arch: str = _f("resnet50", f"torchvision backbone, one of {ARCHS}")
+                             "demo without --data, trex with it", FREE)
+    arch: str = _f("resnet50", f"torchvision backbone, one of {ARCHS}", MATCH)
     # ---- optimisation (RECIPE.md: SGD, warm-up + cosine, per-iteration) -------------
-    epochs: int = _f(100, "training epochs")
-    batch_size: int = _f(64, "images per process per step (global batch = this x world size)")
-    lr: float = _f(0.1, "base learning rate per 256 images; scaled by global batch / 256")
-    weight_decay: float = _f(1e-4, "weight decay on tensors with ndim >= 2 (none on biases/BN)")
-    momentum: float = _f(0.9, "SGD momentum (no Nesterov)")
-    warmup_epochs: float = _f(10.0, "linear warm-up from 0, in epochs (per-iteration)")
-    min_lr: float = _f(1e-6, "learning rate at the last step of the cosine schedule")
+    epochs: int = _f(100, "training epochs", SCHEDULE)
+    batch_size: int = _f(64, "images per process per step (global batch = this x world size)",
+                         FREE)
+    lr: float = _f(0.1, "base learning rate per 256 images; scaled by global batch / 256", SCHEDULE)
+    weight_decay: float = _f(1e-4, "weight decay on tensors with ndim >= 2 (none on biases/BN)",
+                             MATCH)
+    momentum: float = _f(0.9, "SGD momentum (no Nesterov)", MATCH)
+    warmup_epochs: float = _f(10.0, "linear warm-up from 0, in epochs (per-iteration)", SCHEDULE)
+    min_lr: float = _f(1e-6, "learning rate at the last step of the cosine schedule", SCHEDULE)
     # ---- projector (thrown away after training) -------------------------------------
-    pr_hidden_layers: int = _f(3, "hidden [Linear -> BN -> GELU] layers (t-ReX 3, t-ReX* 1)")
-    pr_hidden_dim: int = _f(2048, "width of the projector's hidden layers")
-    pr_bottleneck_dim: int = _f(256, "projector output dim (memory-bank feature size)")
-    pr_input_l2_norm: bool = _f(True, "L2-normalise the backbone feature before the projector")
+    pr_hidden_layers: int = _f(3, "hidden [Linear -> BN -> GELU] layers (t-ReX 3, t-ReX* 1)", MATCH)
+    pr_hidden_dim: int = _f(2048, "width of the projector's hidden layers", MATCH)
+    pr_bottleneck_dim: int = _f(256, "projector output dim (memory-bank feature size)", MATCH)
+    pr_input_l2_norm: bool = _f(True, "L2-normalise the backbone feature before the projector",
+                                MATCH)
     # ---- classifier: memory-bank prototypes (OCM) or cosine classifier ---------------
     memory_size: int = _f(8192, "memory-bank slots shared by all classes; 0 = learned cosine "
-                                "classifier (the plain preset)")
-    clf_tau: float = _f(0.1, "temperature dividing the cosine logits")
-    ema_momentum: float = _f(0.999, "momentum of the EMA network that fills the memory")
+                                "classifier (the plain preset)", MATCH)
+    clf_tau: float = _f(0.1, "temperature dividing the cosine logits", MATCH)
+    ema_momentum: float = _f(0.999, "momentum of the EMA network that fills the memory", MATCH)
     # ---- multi-crop ------------------------------------------------------------------
-    global_crops: int = _f(1, "global crops per image")
-    local_crops: int = _f(8, "local crops per image")
-    global_size: int = _f(224, "global crop side in pixels")
-    local_size: int = _f(96, "local crop side in pixels")
+    global_crops: int = _f(1, "global crops per image", MATCH)
+    local_crops: int = _f(8, "local crops per image", MATCH)
+    global_size: int = _f(224, "global crop side in pixels", MATCH)
+    local_size: int = _f(96, "local crop side in pixels", MATCH)
     global_scale: tuple[float, float] = _f((0.25, 1.0), "RandomResizedCrop area scale of the "
-                                           "global crops, as min,max in (0, 1]")
+                                           "global crops, as min,max in (0, 1]", MATCH)
     local_scale: tuple[float, float] = _f((0.05, 0.25), "RandomResizedCrop area scale of the "
-                                          "local crops, as min,max in (0, 1]")
+                                          "local crops, as min,max in (0, 1]", MATCH)
     # ---- speed -------------------------------------------------------------------------
-    precision: str = _f("auto", f"one of {PRECISIONS}; auto = bf16 on CUDA, fp32 on CPU")
-    channels_last: bool = _f(True, "channels-last memory format for the model and the crops")
-    compile: bool = _f(False, "torch.compile the backbone")
-    loss_impl: str = _f("auto", f"one of {LOSS_IMPLS}; auto = fused Triton kernel on CUDA")
+    precision: str = _f("auto", f"one of {PRECISIONS}; auto = bf16 on CUDA, fp32 on CPU", FREE)
+    channels_last: bool = _f(True, "channels-last memory format for the model and the crops", FREE)
+    compile: bool = _f(False, "torch.compile the backbone", FREE)
+    loss_impl: str = _f("auto", f"one of {LOSS_IMPLS}; auto = fused Triton kernel on CUDA", FREE)
     sync_bn: str = _f("auto", f"SyncBatchNorm under DDP, one of {ONOFF_AUTO}; auto = on with "
-                              "CUDA (as the reference), off on CPU (gloo has no SyncBN)")
+                              "CUDA (as the reference), off on CPU (gloo has no SyncBN)", FREE)
     # ---- data and run -------------------------------------------------------------------
-    seed: int = _f(0, "seed of weights, data order and augmentations")
+    seed: int = _f(0, "seed of weights, data order and augmentations", MATCH)
     data: str = _f("", "ImageFolder root with train/ and val/, or a converted directory; "
-                       "empty = the built-in demo dataset (made once, cached)")
+                       "empty = the built-in demo dataset (made once, cached)", FREE)
     pipeline: str = _f("auto", f"one of {PIPELINES}; auto = ffcv if the data directory holds "
-                               ".beton files, dali if it holds dali/, else reference")
+                               ".beton files, dali if it holds dali/, else reference", FREE)
     decode: str = _f("auto", f"FFCV JPEG decode, one of {DECODES}; auto = gpu (batched "
-                             "decode_jpeg on the device) with CUDA, cpu (in the loader) else")
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the rank's GPU)")
-    num_workers: int = _f(-1, "data-loading workers per process; -1 = CPU cores / processes")
+                             "decode_jpeg on the device) with CUDA, cpu (in the loader) else", FREE)
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the rank's GPU)", FREE)
+    num_workers: int = _f(-1, "data-loading workers per process; -1 = CPU cores / processes", FREE)
     output_dir: str = _f("", "where config, metrics, plots and checkpoints go; empty = "
-                             "runs/<preset>. Rerunning with the same directory resumes")
-    log_every: int = _f(50, "steps between reads of the on-device metrics (the only host sync)")
-    eval_every: int = _f(1, "epochs between validations (0 = only after the last epoch)")
+                             "runs/<preset>. Rerunning with the same directory resumes", FREE)
+    log_every: int = _f(50, "steps between reads of the on-device metrics (the only host sync)",
+                        FREE)
+    eval_every: int = _f(1, "epochs between validations (0 = only after the last epoch)", FREE)
     tensorboard: bool = _f(False, "also write each epoch's metrics as TensorBoard events in "
-                                  "output_dir/tensorboard (needs the tensorboard extra)")
+                                  "output_dir/tensorboard (needs the tensorboard extra)", FREE)
     resume: str = _f("", "checkpoint to resume from; empty = the newest checkpoint of "
-                         "output_dir that loads, if any")
+                         "output_dir that loads, if any", FREE)
     reschedule: bool = _f(False, "on resume, accept a change of epochs, warmup_epochs, lr or "
                                  "min_lr (the LR schedule is recomputed: the run then differs "
-                                 "from an uninterrupted one; the LR before and after is printed)")
+                                 "from an uninterrupted one; the LR before and after is printed)",
+                           FREE)
     fresh_start: bool = _f(False, "when output_dir holds checkpoints but none of them loads "
                                   "(e.g. truncated), start from step 0 and replace them at the "
-                                  "first save; default: stop, naming them, and touch nothing")
+                                  "first save; default: stop, naming them, and touch nothing", FREE)
     checkpoint_every_min: float = _f(20.0, "also checkpoint mid-epoch, at the first metric read "
                                            "after this many minutes (no extra host sync); 0 = "
-                                           "only at epoch ends")
+                                           "only at epoch ends", FREE)
     keep_checkpoints: int = _f(3, "checkpoints kept in output_dir, newest first (checkpoint.pt, "
-                                  "then checkpoint-step<N>.pt)")
+                                  "then checkpoint-step<N>.pt)", FREE)
     trust_file: bool = _f(False, "DANGEROUS: load the checkpoint to resume from with full "
                                  "pickle, which runs any code a crafted file holds; only for a "
                                  "file you trust that weights-only loading refuses (e.g. one "
-                                 "written before trex_fast stored RNG states as tensors)")
+                                 "written before trex_fast stored RNG states as tensors)", FREE)
     profile_steps: int = _f(0, "instead of training: time this many steps with real data, with "
                                "synthetic data and of the loader alone, print whether the run "
-                               "is data- or compute-bound, write bottleneck.json, exit")
+                               "is data- or compute-bound, write bottleneck.json, exit", FREE)
     stop_at_step: int = _f(0, "save a checkpoint and exit after this global step (0 = run to "
-                              "the end); for splitting a run across time-limited jobs")
+                              "the end); for splitting a run across time-limited jobs", FREE)
 
 
 PRESETS: dict[str, dict] = {
@@ -118,6 +160,7 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+check_resume_roles(Config)
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 

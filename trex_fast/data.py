@@ -16,7 +16,7 @@ from pipelines.convert.report import load_meta
 from pipelines.errors import BadFileError
 from pipelines.loaders.reference import ReferenceTrainData, ReferenceValData
 from pipelines.spec import multicrop_spec
-from trex_fast import distributed
+from trex_fast import distributed, runlog
 from trex_fast.config import Config
 
 
@@ -108,4 +108,4 @@ def epoch_data_counts(train_data, device: torch.device) -> dict:
     if count is None:
         return {}
     total = distributed.all_reduce_sum(torch.tensor([int(count)], device=device))
-    return {"corrupt_images": int(total.item())}  # .item(): the epoch's end, not the hot path
+    return {runlog.CORRUPT_IMAGES: int(total.item())}  # .item(): the epoch's end, not per batch

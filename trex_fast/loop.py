@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trex_fast import distributed
+from trex_fast import distributed, runlog
 from trex_fast.checkpoint import left_behind
 from trex_fast.step import TrainState, train_step
 
@@ -92,10 +92,10 @@ class EpochTotals:
         world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
         steps = max(s["steps"] / world, 1)
         return {
-            "train_loss": s["loss_sum"] / (steps * world),
-            "train_top1": 100.0 * s["correct"] / max(s["rows"], 1),
-            "train_global_top1": 100.0 * s["global_correct"] / max(s["images"], 1),
-            "samples_per_s": s["images"] / max(self.train_seconds, 1e-9),
+            runlog.TRAIN_LOSS: s["loss_sum"] / (steps * world),
+            runlog.TRAIN_TOP1: 100.0 * s["correct"] / max(s["rows"], 1),
+            runlog.TRAIN_GLOBAL_TOP1: 100.0 * s["global_correct"] / max(s["images"], 1),
+            runlog.SAMPLES_PER_S: s["images"] / max(self.train_seconds, 1e-9),
         }
 
 

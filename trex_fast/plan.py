@@ -19,11 +19,15 @@ import torch
 from pipelines.batch import LoaderSettings
 from trex_fast import availability
 from trex_fast.config import (
+    FREE,
+    MATCH,
     RECIPE_GLOBAL_BATCH,
     RECIPE_PRESETS,
     Config,
+    check_resume_roles,
     check_world,
     global_batch,
+    role_field,
 )
 from trex_fast.distributed import DistInfo
 
@@ -32,29 +36,35 @@ COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.f
 
 @dataclass(frozen=True)
 class RunPlan:
-    device: str  # e.g. "cpu", "cuda:3": this process's device
-    precision: str  # bf16 | fp16 | fp32
-    loss_impl: str  # torch | triton
-    stage_impl: str  # torch | triton: the multi-crop stage (FFCV, DALI); falls back with the loss
-    pipeline: str  # reference | ffcv | dali
-    decode: str  # cpu | gpu (FFCV's JPEG decode; the other pipelines record it unused)
-    sync_bn: bool
-    workers: int  # data-loading workers per process
-    rank: int
-    local_rank: int
-    world_size: int
-    batch_size: int  # per process
-    global_batch: int  # batch_size x world_size
-    num_classes: int
-    steps_per_epoch: int
-    total_steps: int  # epochs x steps_per_epoch
-    warmup_steps: int
-    peak_lr: float  # lr per 256 images x global_batch / 256
-    seed: int
-    channels_last: bool
-    data_root: str
-    output_dir: str
-    is_main: bool
+    """Each fact declares its resume role (trex_fast.config.RESUME_ROLES): MATCH facts must
+    be the checkpoint's; FREE ones may differ (the schedule's derived steps and LR are checked
+    through the Config fields they come from)."""
+
+    device: str = role_field(FREE)  # e.g. "cpu", "cuda:3": this process's device
+    precision: str = role_field(MATCH)  # bf16 | fp16 | fp32
+    loss_impl: str = role_field(FREE)  # torch | triton
+    # torch | triton: the multi-crop stage (FFCV, DALI); falls back with the loss
+    stage_impl: str = role_field(FREE)
+    pipeline: str = role_field(MATCH)  # reference | ffcv | dali
+    # cpu | gpu (FFCV's JPEG decode; the other pipelines record it unused)
+    decode: str = role_field(FREE)
+    sync_bn: bool = role_field(FREE)
+    workers: int = role_field(FREE)  # data-loading workers per process
+    rank: int = role_field(FREE)
+    local_rank: int = role_field(FREE)
+    world_size: int = role_field(MATCH)
+    batch_size: int = role_field(FREE)  # per process
+    global_batch: int = role_field(MATCH)  # batch_size x world_size
+    num_classes: int = role_field(MATCH)
+    steps_per_epoch: int = role_field(MATCH)
+    total_steps: int = role_field(FREE)  # epochs x steps_per_epoch
+    warmup_steps: int = role_field(FREE)
+    peak_lr: float = role_field(FREE)  # lr per 256 images x global_batch / 256
+    seed: int = role_field(FREE)
+    channels_last: bool = role_field(FREE)
+    data_root: str = role_field(FREE)
+    output_dir: str = role_field(FREE)
+    is_main: bool = role_field(FREE)
 
     @property
     def torch_device(self) -> torch.device:
@@ -73,6 +83,8 @@ class RunPlan:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+check_resume_roles(RunPlan)
 
 def output_dir(cfg: Config) -> str:
     return cfg.output_dir or os.path.join("runs", cfg.preset)

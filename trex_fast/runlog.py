@@ -19,6 +19,31 @@ from trex_fast.config import Config, to_dict
 
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+# metrics.jsonl: one record per epoch. Its keys and their units live here, once: the writers
+# (trex_fast.loop's epoch summary, trex_fast.train's record, trex_fast.data's counts,
+# trex_fast.eval.in1k's val metrics) and the readers (plots, TensorBoard, resume's truncation,
+# sweep reports, the eval CLI) name them through these constants; append_metrics refuses a key
+# that is not declared here.
+EPOCH, STEP, LR, ELAPSED_S = "epoch", "step", "lr", "elapsed_s"
+TRAIN_LOSS, TRAIN_TOP1, TRAIN_GLOBAL_TOP1 = "train_loss", "train_top1", "train_global_top1"
+SAMPLES_PER_S, CORRUPT_IMAGES = "samples_per_s", "corrupt_images"
+VAL_TOP1, VAL_TOP5, VAL_LOSS, VAL_IMAGES = "val_top1", "val_top5", "val_loss", "val_images"
+METRIC_UNITS = {
+    EPOCH: "epochs completed (1 = the first)",
+    STEP: "global steps done",
+    LR: "learning rate of the epoch's last step",
+    ELAPSED_S: "seconds of the run so far, resumed parts included",
+    TRAIN_LOSS: "nats: cross-entropy over all crops, mean over the epoch's steps and ranks",
+    TRAIN_TOP1: "percent of all crops (rows) whose top-1 is their label",
+    TRAIN_GLOBAL_TOP1: "percent of images whose global crop 0 has top-1 = its label",
+    SAMPLES_PER_S: "images per second over all ranks, training time only",
+    CORRUPT_IMAGES: "images replaced after a failed decode, all ranks (FFCV only)",
+    VAL_TOP1: "percent of val images, top-1",
+    VAL_TOP5: "percent of val images, top-5",
+    VAL_LOSS: "nats: cross-entropy, mean over val images",
+    VAL_IMAGES: "val images evaluated (each once)",
+}
 # scikit-learn: where the transfer suite's L-BFGS probe stops depends on its version (1.4
 # rescaled the objective), optuna: the search's sampler
 _LIBRARIES = ("torch", "torchvision", "numpy", "pillow", "numba", "fire", "ffcv",
@@ -76,7 +101,7 @@ def read_metrics(out_dir: str) -> list[dict]:
 def truncate_metrics(out_dir: str, completed_epochs: int) -> None:
     """On resume, drop records of epochs the checkpoint does not contain (they will rerun).
     Records are numbered by completed epochs: 1 is the first epoch."""
-    kept = [r for r in read_metrics(out_dir) if r["epoch"] <= completed_epochs]
+    kept = [r for r in read_metrics(out_dir) if r[EPOCH] <= completed_epochs]
     _write_metrics(out_dir, kept)
 
 
@@ -86,6 +111,11 @@ def _write_metrics(out_dir: str, records: list[dict]) -> None:
 
 
 def append_metrics(out_dir: str, record: dict) -> None:
+    """Append one epoch's record; every key must be declared in METRIC_UNITS."""
+    unknown = sorted(set(record) - METRIC_UNITS.keys())
+    if unknown:
+        raise ValueError(f"metrics.jsonl record with undeclared keys {unknown}: declare each "
+                         "with its unit in trex_fast.runlog.METRIC_UNITS")
     # rewritten whole (a few KB): a kill mid-write never leaves a partial line
     _write_metrics(out_dir, [*read_metrics(out_dir), record])
 
@@ -109,8 +139,8 @@ def write_tensorboard(out_dir: str, record: dict) -> None:
     """One metrics.jsonl record as TensorBoard scalars at its global step (flushed)."""
     writer = _tensorboard_writer(out_dir)
     for key, value in record.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-            writer.add_scalar(key, value, global_step=record["step"])
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != STEP:
+            writer.add_scalar(key, value, global_step=record[STEP])
     writer.flush()
 
 
@@ -124,10 +154,10 @@ def plot_metrics(out_dir: str) -> list[str]:
     records = read_metrics(out_dir)
     if not records:
         return []
-    epochs = [r["epoch"] for r in records]
+    epochs = [r[EPOCH] for r in records]
     paths = []
-    for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "cross-entropy"),
-                               ("accuracy.png", ("train_top1", "val_top1"), "top-1 (%)")):
+    for name, keys, ylabel in (("loss.png", (TRAIN_LOSS, VAL_LOSS), "cross-entropy"),
+                               ("accuracy.png", (TRAIN_TOP1, VAL_TOP1), "top-1 (%)")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in keys:
             points = [(e, r[key]) for e, r in zip(epochs, records) if r.get(key) is not None]

@@ -216,8 +216,9 @@ def _profile(cfg: Config, plan: RunPlan, state: TrainState, train_data) -> dict:
 
 def _end_of_epoch(cfg: Config, plan: RunPlan, state: TrainState, val_data, epoch: int,
                   outcome, elapsed: float, data_counts: dict) -> dict:
-    record = {"epoch": epoch + 1, "step": state.step, **outcome.totals.summary(),
-              "lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2),
+    record = {runlog.EPOCH: epoch + 1, runlog.STEP: state.step, **outcome.totals.summary(),
+              runlog.LR: state.optimizer.param_groups[0]["lr"],
+              runlog.ELAPSED_S: round(elapsed, 2),
               **data_counts}  # e.g. corrupt_images (trex_fast.data.epoch_data_counts)
     last_epoch = epoch + 1 == cfg.epochs
     if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
@@ -234,12 +235,12 @@ def _end_of_epoch(cfg: Config, plan: RunPlan, state: TrainState, val_data, epoch
 
 def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict) -> dict:
     if not last:  # the run had already finished: report it again
-        last = {"epoch": cfg.epochs, "step": state.step, **evaluate(state, val_data)}
+        last = {runlog.EPOCH: cfg.epochs, runlog.STEP: state.step, **evaluate(state, val_data)}
     out_dir = plan.output_dir
     if plan.is_main:
         backbone_path = os.path.join(out_dir, "backbone.pth")
         atomic.save_torch(backbone_state_dict(state.online), backbone_path)
-        _log(f"done: val top-1 {last['val_top1']:.2f}% after {last['epoch']} epochs "
+        _log(f"done: val top-1 {last[runlog.VAL_TOP1]:.2f}% after {last[runlog.EPOCH]} epochs "
              f"({state.step} steps)")
         _log(f"outputs in {os.path.abspath(out_dir)}: config.json env.json metrics.jsonl "
              f"loss.png accuracy.png checkpoint.pt backbone.pth (torchvision {cfg.arch}, fc "

@@ -13,7 +13,10 @@ files written by tools/convert_in1k.py) and decode each image once:
   four ops in a random order per sample, grayscale, blur, solarize) as one numba_function per
   crop fed by one uniform-draw op (pipelines/loaders/photometric_numba.py), then flip + normalise +
   cast in crop_mirror_normalize, HWC (so the torch view is channels-last for free).
-No per-sample Python runs in either. docs/DALI.md lists every parameter mapping and tolerance.
+No per-sample Python runs in either. The graphs live in pipelines/loaders/dali_graphs.py; the
+choice between them is made once, at construction: a StageCrops or NumbaCrops object
+(crop_strategy) builds the epoch's graph and turns its outputs into batches, and one DaliDevice
+says where the graph runs. docs/DALI.md lists every parameter mapping and tolerance.
 
 Data order: per epoch, the shard files are permuted and the reader's shuffle buffer reseeded,
 both from (seed, epoch); rank r reads DALI shard r of num_shards = world size; every rank stops
@@ -27,13 +30,13 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.numba import NumbaFunction
+from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from torch.utils.dlpack import from_dlpack
 
@@ -42,15 +45,11 @@ from pipelines.convert.options import ConvertOptions
 from pipelines.convert.report import load_meta
 from pipelines.convert.shards import check_shard
 from pipelines.errors import BadFileError
-from pipelines.loaders.photometric_numba import NUM_DRAWS, augment, spec_vector
-from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec, val_resize_size
+from pipelines.loaders.dali_graphs import READER, canvas_graph, crops_graph, parse_labels, val_graph
+from pipelines.spec import MultiCropSpec
 from pipelines.stage.dispatch import GpuMultiCrop
+from pipelines.stage.handoff import DeviceImages, from_canvas
 
-READER = "shards"
-LABEL_BYTES = 8  # a `.cls` is ASCII decimal; padded with zero bytes to this many
-SHUFFLE_BUFFER = 8192  # samples held by the reader's shuffle buffer (encoded JPEGs)
-MEAN_255 = [255 * m for m in IMAGENET_MEAN]  # crop_mirror_normalize works in uint8 units
-STD_255 = [255 * s for s in IMAGENET_STD]
 PHOTOMETRIC_IMPLS = ("numba", "stage")  # see photometric_impl()
 
 
@@ -93,124 +92,22 @@ def canvas_side(folder: str, max_resolution: int | None = None) -> int:
         raise ValueError(f"max_resolution={side!r}: expected a positive int (pixels)")
     return side
 
-
-def parse_labels(raw: torch.Tensor) -> torch.Tensor:
-    """[B, LABEL_BYTES] ASCII digits right-padded with zeros -> [B] int64, vectorised."""
-    valid = raw > 0
-    digits = (raw.long() - ord("0")).clamp(min=0) * valid
-    power = (valid.sum(1, keepdim=True) - 1 - torch.arange(raw.shape[1])).clamp(min=0)
-    return (digits * torch.pow(10, power)).sum(1)
-
-
-# ---------------------------------------------------------------- graphs
-def _reader(tars: list[str], indexes: list[str], rank: int, world: int, **shuffle):
-    jpegs, cls = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["jpg", "cls"],
-                                       missing_component_behavior="error", shard_id=rank,
-                                       num_shards=world, stick_to_shard=True, name=READER,
-                                       **shuffle)
-    return jpegs, fn.pad(cls, fill_value=0, shape=[LABEL_BYTES])
-
-
-def _decode(jpegs, gpu: bool):
-    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-
-
-@pipeline_def(enable_conditionals=True)
-def canvas_graph(tars, indexes, rank, world, reader_seed, side: int, gpu: bool):
-    """The stage hand-off: canvas [B, side, side, 3] uint8 with each decoded image at its
-    top-left (zeros elsewhere), sizes [B, 2] int32 (height, width) and the label bytes. GPU
-    mode differs only in its device strings ("mixed" decode, sizes moved to the GPU)."""
-    jpegs, labels = _reader(tars, indexes, rank, world, random_shuffle=True,
-                            initial_fill=SHUFFLE_BUFFER, seed=reader_seed)
-    image = _decode(jpegs, gpu)
-    hw = image.shape(dtype=types.INT32)  # [3] per sample, on the CPU in both modes
-    if (hw[0] > side) | (hw[1] > side):  # only images not from the converter (or a smaller S)
-        image = fn.resize(image, resize_longer=side, interp_type=types.INTERP_LINEAR,
-                          antialias=True)  # downscale with a triangle filter, like INTER_AREA
-    sizes = image.shape(dtype=types.INT32)[0:2]
-    canvas = fn.pad(image, axes=(0, 1), shape=(side, side), fill_value=0)
-    return canvas, sizes.gpu() if gpu else sizes, labels
-
-
-def _uniforms():
-    """The photometric randomness of one crop: NUM_DRAWS uniforms per sample, one DALI op."""
-    return fn.random.uniform(range=(0.0, 1.0), shape=[NUM_DRAWS])
-
-
-def photometric_numba_op(crop, group: CropSpec, uniforms=None):
-    """CPU mode: the photometric stage as one numba_function call per crop
-    (pipelines/photometric_numba.augment), which skips the ops a sample does not get; its
-    randomness is one DALI op, NUM_DRAWS uniforms per sample (or the `uniforms` given)."""
-    if uniforms is None:
-        uniforms = _uniforms()
-    spec = types.Constant(spec_vector(group), device="cpu")
-    out = _augment_op()(crop, uniforms, spec)
-    return fn.reshape(out, layout="HWC")  # numba_function drops the layout
-
-
-@functools.cache
-def _augment_op() -> NumbaFunction:
-    """One operator instance per process, called once per crop: compiling its C callbacks
-    takes seconds, so a new instance per call (fn.numba_function) would cost that per crop and
-    per epoch's pipeline."""
-    return NumbaFunction(run_fn=_run_augment, setup_fn=_same_shape,
-                         in_types=[types.UINT8, types.FLOAT, types.FLOAT], ins_ndim=[3, 1, 1],
-                         out_types=[types.UINT8], outs_ndim=[3], device="cpu")
-
-
-def _run_augment(out0, in0, in1, in2):
-    """numba_function's run_fn (a plain function: DALI compiles it with numba.njit)."""
-    augment(out0, in0, in1, in2)
-
-
-def _same_shape(outs, ins):
-    """numba_function's setup: the output has the crop's shape."""
-    for i in range(len(outs[0])):
-        for d in range(3):
-            outs[0][i][d] = ins[0][i][d]
-
-
-def _crop(image, group: CropSpec, dtype):
-    """One crop of a group in the recipe's order; the flip happens last, in
-    crop_mirror_normalize: every op after it is pixel-wise or a symmetric blur, so it commutes."""
-    crop = fn.random_resized_crop(image, size=[group.size, group.size],
-                                  random_area=list(group.scale),
-                                  random_aspect_ratio=list(group.ratio), num_attempts=10,
-                                  interp_type=types.INTERP_CUBIC, antialias=True)
-    crop = photometric_numba_op(crop, group)
-    return fn.crop_mirror_normalize(crop, mirror=fn.random.coin_flip(probability=group.flip_p),
-                                    mean=MEAN_255, std=STD_255, dtype=dtype,
-                                    output_layout="HWC")
-
-
-@pipeline_def
-def crops_graph(tars, indexes, rank, world, reader_seed, spec: MultiCropSpec, dtype):
-    """CPU mode's crops: 1 + 8 normalised HWC crops per image and the label bytes."""
-    jpegs, labels = _reader(tars, indexes, rank, world, random_shuffle=True,
-                            initial_fill=SHUFFLE_BUFFER, seed=reader_seed)
-    image = _decode(jpegs, gpu=False)
-    crops = [_crop(image, group, dtype) for group in spec.groups for _ in range(group.count)]
-    return (*crops, labels)
-
-
-@pipeline_def
-def val_graph(tars, indexes, rank, world, global_size, gpu, dtype):
-    jpegs, labels = _reader(tars, indexes, rank, world, pad_last_batch=True)
-    image = _decode(jpegs, gpu)
-    image = fn.resize(image, resize_shorter=val_resize_size(global_size),
-                      interp_type=types.INTERP_LINEAR, antialias=True)
-    image = fn.crop_mirror_normalize(image, crop=(global_size, global_size), mean=MEAN_255,
-                                     std=STD_255, dtype=dtype, output_layout="HWC")
-    return image, labels
-
-
 # ---------------------------------------------------------------- loaders
-def _device_args(settings: LoaderSettings) -> dict:
-    """DALI's dtype (no bfloat16 in DALI: fp16 then a cast on the device) and device id."""
+@dataclass(frozen=True)
+class DaliDevice:
+    """Where a DALI graph runs, decided once from the loader settings: CPU mode (device_id
+    None, "cpu" decode) or GPU mode ("mixed" = nvJPEG decode, on device_id)."""
+
+    gpu: bool
+    device_id: int | None
+    dtype: object  # DALI's output dtype: no bfloat16 in DALI, so fp16 then a cast on the device
+
+
+def dali_device(settings: LoaderSettings) -> DaliDevice:
     gpu = settings.device.type == "cuda"
     dtype = types.FLOAT if settings.dtype == torch.float32 else types.FLOAT16
     device_id = (settings.device.index or torch.cuda.current_device()) if gpu else None
-    return {"gpu": gpu, "dtype": dtype, "device_id": device_id}
+    return DaliDevice(gpu, device_id, dtype)
 
 
 def photometric_impl(requested: str | None, gpu: bool) -> str:
@@ -243,59 +140,26 @@ def _hwc_to_nchw(parts: list[torch.Tensor], settings: LoaderSettings) -> torch.T
     return x if settings.channels_last else x.contiguous()
 
 
-class DaliTrainData:
-    """Train batches as MultiCropBatch on the device, epoch by epoch (the interface of
-    pipelines.loaders.reference.ReferenceTrainData). `photometric`: "stage" or "numba" (see
-    photometric_impl; None picks by device). `max_resolution`: the stage's canvas side (see
-    canvas_side; None reads it from meta.json)."""
+class StageCrops:
+    """photometric="stage": DALI decodes into a [B, S, S, 3] canvas (canvas_graph) and the
+    device stage (GpuMultiCrop, as for FFCV) makes the crops from the zero-copy hand-off."""
 
-    def __init__(self, folder: str, spec: MultiCropSpec, settings: LoaderSettings,
-                 photometric: str | None = None, max_resolution: int | None = None):
-        self.tars, self.indexes, self.num_samples = find_shards(folder)
-        self.spec, self.settings = spec, settings
-        self.photometric = photometric_impl(photometric, settings.device.type == "cuda")
-        self.side = canvas_side(folder, max_resolution)
+    name = "stage"
+
+    def __init__(self, spec: MultiCropSpec, settings: LoaderSettings, side: int):
+        self.settings = settings
+        self.canvas_shape = (side, side, 3)
+        self.stage = GpuMultiCrop(spec, settings.device, settings.dtype, settings.channels_last,
+                                  settings.seed, rank=settings.rank, impl=settings.stage_impl)
+
+    def graph(self, data: tuple, device: DaliDevice, run: dict):
+        return canvas_graph(*data, self.canvas_shape[0], device.gpu, **run)
+
+    def decoded(self, make_pipe: Callable, steps: int, start_step: int) -> Iterator[tuple]:
+        """(canvas, sizes, labels) of steps start_step..steps - 1 of the graph make_pipe()."""
+        pipe = make_pipe()
         try:
-            self.steps_per_epoch = whole_steps(self.num_samples, settings.batch_size,
-                                               settings.world_size)
-        except ValueError as e:
-            raise ValueError(f"{folder!r}: {e}") from None
-        self.names = [f"{kind}{i}" for kind, group in zip("gl", spec.groups)
-                      for i in range(group.count)]
-        self.stage = None
-        if self.photometric == "stage":
-            self.stage = GpuMultiCrop(spec, settings.device, settings.dtype,
-                                      settings.channels_last, settings.seed, rank=settings.rank,
-                                      impl=settings.stage_impl)
-
-    @property
-    def canvas_shape(self) -> tuple[int, int, int]:
-        return (self.side, self.side, 3)
-
-    def pipeline(self, epoch: int):
-        """The epoch's graph: shard order and seeds from (seed, epoch), the same on all ranks
-        for the shard permutation (so DALI's split is a partition), per rank for the rest."""
-        s = self.settings
-        order = np.random.default_rng(derived_seed(s.seed, epoch)).permutation(len(self.tars))
-        dev = _device_args(s)
-        data = ([self.tars[i] for i in order], [self.indexes[i] for i in order], s.rank,
-                s.world_size, derived_seed(s.seed, epoch, s.rank, 0))
-        run = {"batch_size": s.batch_size, "num_threads": max(1, s.num_workers),
-               "device_id": dev["device_id"], "seed": derived_seed(s.seed, epoch, s.rank, 1)}
-        if self.photometric == "stage":
-            return canvas_graph(*data, self.side, dev["gpu"], **run)
-        return crops_graph(*data, self.spec, dev["dtype"], **run)
-
-    def decoded(self, epoch: int, start_step: int = 0
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The stage graph's hand-off, steps start_step.. of the epoch: (canvas [B, S, S, 3]
-        uint8, sizes [B, 2] int32, labels [B] int64), canvas and sizes on DALI's memory (the
-        device's in GPU mode), labels on the training device."""
-        if self.photometric != "stage":
-            raise ValueError(f"decoded() needs photometric='stage', not {self.photometric!r}")
-        pipe = self.pipeline(epoch)
-        try:
-            for step in range(self.steps_per_epoch):
+            for step in range(steps):
                 canvas, sizes, labels = pipe.run()
                 if step < start_step:  # resume: same seeds, so dropping replays the order
                     continue
@@ -305,32 +169,53 @@ class DaliTrainData:
         finally:
             del pipe
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
-        if self.photometric == "stage":
-            for step, (canvas, sizes, labels) in enumerate(self.decoded(epoch, start_step),
-                                                           start=start_step):
-                yield self.stage(canvas, sizes, labels, epoch, step)
-        else:
-            yield from self._numba_epoch(epoch, start_step)
+    def to_images(self, canvas: torch.Tensor, sizes: torch.Tensor) -> DeviceImages:
+        """One hand-off as the stage's input: the canvas on the training device, read in
+        place (a no-op move in GPU mode, where DALI's canvas already is there)."""
+        return from_canvas(canvas.to(self.settings.device, non_blocking=True), sizes)
 
-    def _numba_epoch(self, epoch: int, start_step: int) -> Iterator[MultiCropBatch]:
-        s = self.settings
-        n_global = self.spec.global_group.count
-        iterator = DALIGenericIterator(self.pipeline(epoch), [*self.names, "label"],
-                                       reader_name=READER, auto_reset=False,
-                                       last_batch_policy=LastBatchPolicy.DROP)
+    def batches(self, make_pipe: Callable, epoch: int, steps: int, start_step: int
+                ) -> Iterator[MultiCropBatch]:
+        hand_off = self.decoded(make_pipe, steps, start_step)
+        for step, (canvas, sizes, labels) in enumerate(hand_off, start=start_step):
+            yield self.stage(self.to_images(canvas, sizes), None, labels, epoch, step)
+
+
+class NumbaCrops:
+    """photometric="numba" (CPU mode): DALI makes the 1 + 8 crops and their augmentations
+    (crops_graph, the numba operator); batches are the graph's normalised outputs."""
+
+    name = "numba"
+    canvas_shape = None  # no canvas: the graph hands out the crops
+
+    def __init__(self, spec: MultiCropSpec, settings: LoaderSettings):
+        self.spec, self.settings = spec, settings
+        self.names = [f"{kind}{i}" for kind, group in zip("gl", spec.groups)
+                      for i in range(group.count)]
+
+    def graph(self, data: tuple, device: DaliDevice, run: dict):
+        return crops_graph(*data, self.spec, device.dtype, **run)
+
+    def decoded(self, make_pipe: Callable, steps: int, start_step: int):
+        raise ValueError(f"decoded() needs photometric='stage', not {self.name!r}")
+
+    def batches(self, make_pipe: Callable, epoch: int, steps: int, start_step: int
+                ) -> Iterator[MultiCropBatch]:
+        s, n_global = self.settings, self.spec.global_group.count
+        iterator = DALIGenericIterator(make_pipe(), [*self.names, "label"], reader_name=READER,
+                                       auto_reset=False, last_batch_policy=LastBatchPolicy.DROP)
         try:
             for step, outputs in enumerate(iterator):
-                if step >= self.steps_per_epoch:
+                if step >= steps:
                     break
                 if step < start_step:  # resume: same seeds, so dropping replays the order
                     continue
-                out = outputs[0]
-                crops = [out[name] for name in self.names]
+                crops = [outputs[0][name] for name in self.names]
                 yield MultiCropBatch(
                     global_crops=_hwc_to_nchw(crops[:n_global], s),
                     local_crops=self._locals(crops[n_global:]),
-                    labels=parse_labels(out["label"].cpu()).to(s.device, non_blocking=True))
+                    labels=parse_labels(outputs[0]["label"].cpu()).to(s.device,
+                                                                      non_blocking=True))
         finally:
             del iterator
 
@@ -341,6 +226,63 @@ class DaliTrainData:
         return torch.empty(0, 3, 1, 1, device=s.device, dtype=s.dtype)
 
 
+def crop_strategy(photometric: str | None, spec: MultiCropSpec, settings: LoaderSettings,
+                  side: int) -> StageCrops | NumbaCrops:
+    """The strategy of photometric_impl(photometric, device), refused first if unknown."""
+    choice = photometric_impl(photometric, settings.device.type == "cuda")
+    return StageCrops(spec, settings, side) if choice == "stage" else NumbaCrops(spec, settings)
+
+
+class DaliTrainData:
+    """Train batches as MultiCropBatch on the device, epoch by epoch (the interface of
+    pipelines.loaders.reference.ReferenceTrainData). `photometric`: "stage" or "numba" (see
+    photometric_impl; None picks by device), chosen once (crop_strategy). `max_resolution`:
+    the stage's canvas side (see canvas_side; None reads it from meta.json)."""
+
+    def __init__(self, folder: str, spec: MultiCropSpec, settings: LoaderSettings,
+                 photometric: str | None = None, max_resolution: int | None = None):
+        self.tars, self.indexes, self.num_samples = find_shards(folder)
+        self.settings, self.device = settings, dali_device(settings)
+        self.crops = crop_strategy(photometric, spec, settings,
+                                   canvas_side(folder, max_resolution))
+        try:
+            self.steps_per_epoch = whole_steps(self.num_samples, settings.batch_size,
+                                               settings.world_size)
+        except ValueError as e:
+            raise ValueError(f"{folder!r}: {e}") from None
+
+    @property
+    def photometric(self) -> str:
+        return self.crops.name
+
+    @property
+    def canvas_shape(self) -> tuple[int, int, int] | None:
+        return self.crops.canvas_shape
+
+    def pipeline(self, epoch: int):
+        """The epoch's graph: shard order and seeds from (seed, epoch), the same on all ranks
+        for the shard permutation (so DALI's split is a partition), per rank for the rest."""
+        s = self.settings
+        order = np.random.default_rng(derived_seed(s.seed, epoch)).permutation(len(self.tars))
+        data = ([self.tars[i] for i in order], [self.indexes[i] for i in order], s.rank,
+                s.world_size, derived_seed(s.seed, epoch, s.rank, 0))
+        run = {"batch_size": s.batch_size, "num_threads": max(1, s.num_workers),
+               "device_id": self.device.device_id, "seed": derived_seed(s.seed, epoch, s.rank, 1)}
+        return self.crops.graph(data, self.device, run)
+
+    def decoded(self, epoch: int, start_step: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The stage graph's hand-off, steps start_step.. of the epoch: (canvas [B, S, S, 3]
+        uint8, sizes [B, 2] int32, labels [B] int64), canvas and sizes on DALI's memory (the
+        device's in GPU mode), labels on the training device. photometric="stage" only."""
+        return self.crops.decoded(functools.partial(self.pipeline, epoch), self.steps_per_epoch,
+                                  start_step)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[MultiCropBatch]:
+        return self.crops.batches(functools.partial(self.pipeline, epoch), epoch,
+                                  self.steps_per_epoch, start_step)
+
+
 class DaliValData:
     """Val images (Resize shorter side + CenterCrop), DALI shard r of world size per rank,
     padded by the reader and trimmed by the iterator so every image counts exactly once;
@@ -349,13 +291,13 @@ class DaliValData:
     def __init__(self, folder: str, global_size: int, settings: LoaderSettings):
         self.tars, self.indexes, self.num_images = find_shards(folder)
         self.global_size, self.settings = global_size, settings
+        self.device = dali_device(settings)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        s = self.settings
-        dev = _device_args(s)
+        s, device = self.settings, self.device
         pipe = val_graph(self.tars, self.indexes, s.rank, s.world_size, self.global_size,
-                         dev["gpu"], dev["dtype"], batch_size=s.batch_size,
-                         num_threads=max(1, s.num_workers), device_id=dev["device_id"], seed=0)
+                         device.gpu, device.dtype, batch_size=s.batch_size,
+                         num_threads=max(1, s.num_workers), device_id=device.device_id, seed=0)
         iterator = DALIGenericIterator(pipe, ["image", "label"], reader_name=READER,
                                        auto_reset=False,
                                        last_batch_policy=LastBatchPolicy.PARTIAL)

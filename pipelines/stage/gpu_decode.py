@@ -1,6 +1,6 @@
 """Batched JPEG decode on the training device, for the FFCV loader's decode="gpu" mode.
 
-The FFCV side (pipelines/ffcv_multicrop.BytesPassthrough) hands out each sample's stored bytes
+The FFCV side (pipelines/loaders/ffcv_ops.BytesPassthrough) hands out each sample's stored bytes
 unchanged: a JPEG, or raw pixels packed h*w*3 (row stride w). Here the whole batch's JPEGs go
 through one torchvision.io.decode_jpeg call (nvJPEG, batched, on CUDA; libjpeg on CPU, which
 is what the tests run); the decoded [3, h, w] images and any raw samples are concatenated
@@ -13,10 +13,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.batch import replacement_pairs
-from pipelines.stage.handoff import DeviceImages, from_planes
-
-# columns of the per-sample info the FFCV side writes next to the bytes
-INFO_HEIGHT, INFO_WIDTH, INFO_NBYTES, INFO_IS_JPEG = range(4)
+from pipelines.stage.handoff import META_COLUMNS, DeviceImages, SampleMeta, from_planes
 
 
 def _decode_each(streams: list[torch.Tensor], device: torch.device) -> list:
@@ -47,13 +44,13 @@ def decode_images(stored: torch.Tensor, info: torch.Tensor, height: int, width: 
     if stored.dtype != torch.uint8 or stored.ndim != 2 or stored.device.type != "cpu":
         raise ValueError(f"stored must be CPU uint8 [B, slot], got {stored.dtype} "
                          f"{tuple(stored.shape)} on {stored.device}")
-    if info.ndim != 2 or info.shape != (stored.shape[0], 4):
-        raise ValueError(f"info must be [B, 4] (height, width, nbytes, is_jpeg), got "
-                         f"{tuple(info.shape)}")
+    if info.ndim != 2 or info.shape != (stored.shape[0], len(META_COLUMNS)):
+        raise ValueError(f"info must be [B, {len(META_COLUMNS)}] ({', '.join(META_COLUMNS)}), "
+                         f"got {tuple(info.shape)}")
     device = torch.device(device)
-    meta = info.numpy()  # CPU metadata (numpy() refuses device tensors): no device sync
-    hw = [(int(h), int(w)) for h, w in meta[:, :2]]
-    nbytes, is_jpeg = meta[:, INFO_NBYTES], meta[:, INFO_IS_JPEG]
+    meta = SampleMeta(info)  # CPU metadata (numpy() refuses device tensors): no device sync
+    hw = [(int(h), int(w)) for h, w in meta.sizes.numpy()]
+    nbytes, is_jpeg = meta.nbytes.numpy(), meta.is_jpeg.numpy()
     jpeg = [i for i, flag in enumerate(is_jpeg) if flag]
     # views, no copy: decode_jpeg wants one 1-D CPU tensor per image (batched nvJPEG on CUDA)
     decoded = dict(zip(jpeg, _decode_each([stored[i, :int(nbytes[i])] for i in jpeg],
@@ -71,7 +68,7 @@ def decode_images(stored: torch.Tensor, info: torch.Tensor, height: int, width: 
             image = stored[i, :h * w * 3].to(device, non_blocking=True).view(h, w, 3)
             image = image.permute(2, 0, 1)
         planes.append(image)
-    sizes = info[:, :2]
+    sizes = meta.sizes
     if failed.any():
         sizes = sizes.clone()
         for bad, donor in replacement_pairs(failed):

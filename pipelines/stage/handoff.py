@@ -17,6 +17,34 @@ from pipelines.stage.torch_spec import unpack_canvas
 
 CANVAS, PACKED, PLANES = range(3)
 
+# The per-sample int32 metadata a loader hands over next to the image slots, one row per sample:
+# a loader that decodes writes the first two columns, one that hands over the stored bytes for
+# a device decode writes all four. Writers index it by these names, readers use SampleMeta.
+META_COLUMNS = ("height", "width", "nbytes", "is_jpeg")
+HEIGHT, WIDTH, NBYTES, IS_JPEG = range(len(META_COLUMNS))
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """A loader's [B, 2] or [B, 4] metadata table (META_COLUMNS), read by column name."""
+
+    table: torch.Tensor
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """[B, 2] (height, width), a view: the stage's image sizes."""
+        return self.table[:, HEIGHT:WIDTH + 1]
+
+    @property
+    def nbytes(self) -> torch.Tensor:
+        """[B] the stored length of each sample's bytes (device decode only)."""
+        return self.table[:, NBYTES]
+
+    @property
+    def is_jpeg(self) -> torch.Tensor:
+        """[B] 1 where the stored bytes are a JPEG, 0 for raw pixels (device decode only)."""
+        return self.table[:, IS_JPEG]
+
 
 @dataclass(frozen=True)
 class DeviceImages:

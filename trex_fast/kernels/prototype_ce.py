@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from trex_fast.kernels.shapes import PRODUCTION_DIM, PRODUCTION_SHAPES, shape_label
 from trex_fast.losses import NORM_EPS, dot_operand_dtype
 
 _NO_CLASS = tl.constexpr(2**31 - 1)  # above any class index: neutral for the argmax's min
@@ -686,8 +687,6 @@ def fused_prototype_ce(z: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile configurations (tools/aot_check.py)
 # ---------------------------------------------------------------------------------------------
-PRODUCTION_SHAPES = ((2304, 1000), (16384, 21841))  # (N, C): DESIGN.md "Kernel"; D = 256
-PRODUCTION_DIM = 256
 H100_SMS = 132  # H100 / H200 SXM: the split counts aot_kernels reports
 _FLOAT_ARGS = ("inv_tau", "inv_n", "eps")
 
@@ -747,14 +746,15 @@ def _aot_variant(n: int, c: int, tag: str, z_dtype: torch.dtype, w_dtype: torch.
 
 def aot_kernels() -> list:
     """The launch configurations the launchers pick at the production shapes (N, C) in
-    PRODUCTION_SHAPES, D = 256, on an H100/H200: production is the training step's bf16
-    projector outputs against fp32 prototypes under bf16 autocast (bf16 dots); precision=fp32
-    (exact fp32 dots, no tensor cores) is listed as not production. The weight-gradient
-    kernels are those of the plain preset's learned classifier."""
+    PRODUCTION_SHAPES, D = PRODUCTION_DIM (kernels/shapes.py), on an H100/H200: production is
+    the training step's bf16 projector outputs against fp32 prototypes under bf16 autocast
+    (bf16 dots); precision=fp32 (exact fp32 dots, no tensor cores) is listed as not
+    production. The weight-gradient kernels are those of the plain preset's learned
+    classifier."""
     kernels = []
     for n, c in PRODUCTION_SHAPES:
-        kernels += _aot_variant(n, c, f"N={n},C={c}", torch.bfloat16, torch.float32,
+        kernels += _aot_variant(n, c, shape_label(n, c), torch.bfloat16, torch.float32,
                                 torch.bfloat16, production=True)
-        kernels += _aot_variant(n, c, f"fp32,N={n},C={c}", torch.float32, torch.float32,
-                                torch.float32, production=False)
+        kernels += _aot_variant(n, c, f"fp32,{shape_label(n, c)}", torch.float32,
+                                torch.float32, torch.float32, production=False)
     return kernels
