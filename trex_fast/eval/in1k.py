@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.loaders.reference import ReferenceValData
-from trex_fast import distributed
+from trex_fast import distributed, runlog
 from trex_fast.build import build_state
 from trex_fast.checkpoint import load_checkpoint, restore
 from trex_fast.cli import flag, required
@@ -68,8 +68,8 @@ def evaluate(state: TrainState, val_data) -> dict:
     loss_sum, hits, hits5, count = distributed.all_reduce_sum(totals).tolist()  # the host sync
     if count == 0:
         raise RuntimeError("the val split has no images")
-    return {"val_top1": 100.0 * hits / count, "val_top5": 100.0 * hits5 / count,
-            "val_loss": loss_sum / count, "val_images": count}
+    return {runlog.VAL_TOP1: 100.0 * hits / count, runlog.VAL_TOP5: 100.0 * hits5 / count,
+            runlog.VAL_LOSS: loss_sum / count, runlog.VAL_IMAGES: count}
 
 
 def _restored_state(s: In1kSettings) -> tuple[TrainState, RunPlan]:
@@ -94,5 +94,5 @@ def evaluate_in1k(s: In1kSettings) -> dict:
     settings = dataclasses.replace(plan.loader_settings(), batch_size=s.batch_size,
                                    num_workers=loader_workers(s.num_workers))
     result = evaluate(state, ReferenceValData(s.val, state.cfg.global_size, settings))
-    return {"eval": "in1k", "top1": result["val_top1"], "top5": result["val_top5"],
+    return {"eval": "in1k", "top1": result[runlog.VAL_TOP1], "top5": result[runlog.VAL_TOP5],
             "images": int(result["val_images"])}

@@ -11,7 +11,6 @@ outputs written, the report returned.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import statistics
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch
 import torchvision.transforms as T
 
 from pipelines import atomic
+from trex_fast import runlog
 from trex_fast.availability import resolve_device
 from trex_fast.cli import FlagError, flag
 from trex_fast.eval.datasets import ImageList, Labelled, is_path, resolve_all
@@ -182,13 +182,9 @@ def _in1k_top1(backbone: str, report: dict) -> float | None:
     last val_top1 of the training run the backbone file sits in (metrics.jsonl)."""
     if report["in1k_probe_top1"] is not None:
         return report["in1k_probe_top1"]
-    metrics = os.path.join(os.path.dirname(os.path.abspath(backbone)), "metrics.jsonl")
-    if os.path.isfile(metrics):
-        with open(metrics) as f:
-            vals = [json.loads(line).get("val_top1") for line in f if line.strip()]
-        vals = [v for v in vals if v is not None]
-        return vals[-1] if vals else None
-    return None
+    run_dir = os.path.dirname(os.path.abspath(backbone))
+    vals = [r[runlog.VAL_TOP1] for r in runlog.read_metrics(run_dir) if runlog.VAL_TOP1 in r]
+    return vals[-1] if vals else None
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def point_status(point: Point) -> str:
     continue from) or 'pending' (nothing yet)."""
     records = runlog.read_metrics(point.run_dir)
     last = records[-1] if records else {}
-    if (last.get("epoch", 0) >= point.cfg.epochs and "val_top1" in last
+    if (last.get(runlog.EPOCH, 0) >= point.cfg.epochs and runlog.VAL_TOP1 in last
             and os.path.isfile(os.path.join(point.run_dir, "backbone.pth"))):
         return "finished"
     if os.path.isfile(os.path.join(point.run_dir, "checkpoint.pt")):

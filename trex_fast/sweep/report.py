@@ -70,10 +70,10 @@ def _data_root(point: Point) -> str:
 
 def point_row(point: Point, knn: bool, transfer: tuple[str, ...]) -> dict:
     status = point_status(point)
-    records = [r for r in runlog.read_metrics(point.run_dir) if "val_top1" in r]
+    records = [r for r in runlog.read_metrics(point.run_dir) if runlog.VAL_TOP1 in r]
     last = records[-1] if records else {}
     row = {"point": point.name, **point.knobs, "status": status, "epochs_done": last.get("epoch"),
-           "in1k_top1": last.get("val_top1"), "run_dir": point.run_dir}
+           "in1k_top1": last.get(runlog.VAL_TOP1), "run_dir": point.run_dir}
     if status != "finished":
         return row
     common = dict(backbone=os.path.join(point.run_dir, "backbone.pth"), arch=point.cfg.arch,
