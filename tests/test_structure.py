@@ -2,7 +2,8 @@
 pipelines/ imports trex_fast/, and the training core's top level stays small (rooms by role)."""
 from __future__ import annotations
 
-import ast
+import io
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,41 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
+def imported_names(source: str) -> set[str]:
+    """Dotted names a module's import statements name, lazy ones included, read with tokenize
+    (ast.parse can raise "AST constructor recursion depth mismatch" on CPython 3.11 late in a
+    long session that ran numba; tokenize is plain Python). (module, level) pairs come back as
+    '.'-prefixed names for relative imports."""
+    names, line = set(), []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            names |= _statement_imports(line)
+            line = []
+        elif tok.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+            line.append(tok.string)
+    return names
+
+
+def _statement_imports(words: list[str]) -> set[str]:
+    if words[:1] == ["import"]:
+        return {n for n in "".join(words[1:]).split(",") for n in [n.split("as")[0]] if n}
+    if words[:1] != ["from"] or "import" not in words:
+        return set()
+    cut = words.index("import")
+    base = "".join(words[1:cut])
+    items = [w for w in words[cut + 1:] if w not in ("(", ")")]
+    out, skip = set(), False
+    for w in items:
+        if skip or w == ",":
+            skip = False
+            continue
+        if w == "as":
+            skip = True
+            continue
+        out.add(base + w if base.endswith(".") else f"{base}.{w}")
+    return out
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports anywhere in its body (lazy imports included)."""
     mods = _modules()
@@ -32,17 +68,21 @@ def import_graph() -> dict[str, set[str]]:
     for mod, path in mods.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(parts + ([base] if base else []))
-                targets |= {f"{base}.{alias.name}" for alias in node.names}
+        for name in imported_names(path.read_text()):
+            level = len(name) - len(name.lstrip("."))
+            if level:
+                parts = package.split(".")[: len(package.split(".")) - level + 1]
+                name = ".".join(parts + [name.lstrip(".")])
+            targets.add(name)
         graph[mod] = {owner(t) for t in targets if owner(t) not in ("", mod)}
     return graph
+
+
+def test_the_import_reader_reads_every_form():
+    source = ('"""from trex_fast import not_an_import"""\nimport a.b, c as d\n'
+              "from e import (f,\n    g as h)  # comment\nfrom . import i\nfrom .j import k\n"
+              "def lazy():\n    from l.m import n\n")
+    assert imported_names(source) == {"a.b", "c", "e.f", "e.g", ".i", ".j.k", "l.m.n"}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
