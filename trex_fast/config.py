@@ -12,7 +12,9 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+from trex_fast.models.registry import GLOBAL_POOLS, ArchError, BackboneOptions, check_backbone
+
+OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOSS_IMPLS = ("auto", "torch", "triton")
 PIPELINES = ("auto", "reference", "ffcv", "dali")
@@ -34,15 +36,27 @@ class Config:
     preset: str = _f("trex", "recipe preset: trex, trex_star, plain (cosine classifier) or "
                              "demo (small, CPU); flags given explicitly override it. Default: "
                              "demo without --data, trex with it")
-    arch: str = _f("resnet50", f"torchvision backbone, one of {ARCHS}")
+    arch: str = _f("resnet50", "backbone: a torchvision ResNet (resnet18, resnet34, resnet50, "
+                               "resnet101) or any timm model as timm/<name>, e.g. "
+                               "timm/vit_small_patch16_224 (trex_fast.models.registry)")
+    drop_path: float = _f(0.0, "stochastic depth rate of a timm backbone (drop_path_rate); 0 = "
+                               "none (torchvision ResNets have none)")
+    global_pool: str = _f("default", f"backbone feature, one of {GLOBAL_POOLS}: default = the "
+                                     "model's own (ViT: the class token; convnets: the average), "
+                                     "token (class token) or avg (mean of the tokens/positions)")
     # ---- optimisation (RECIPE.md: SGD, warm-up + cosine, per-iteration) -------------
+    optimizer: str = _f("sgd", f"one of {OPTIMIZERS}: sgd (the recipe's, with --momentum) or "
+                               "adamw (betas 0.9, 0.999; the ViT presets, docs/VIT.md)")
     epochs: int = _f(100, "training epochs")
     batch_size: int = _f(64, "images per process per step (global batch = this x world size)")
     lr: float = _f(0.1, "base learning rate per 256 images; scaled by global batch / 256")
-    weight_decay: float = _f(1e-4, "weight decay on tensors with ndim >= 2 (none on biases/BN)")
+    weight_decay: float = _f(1e-4, "weight decay; none on biases, norms (ndim < 2), position "
+                                   "embeddings and class tokens (the backbone registry's set)")
     momentum: float = _f(0.9, "SGD momentum (no Nesterov)")
     warmup_epochs: float = _f(10.0, "linear warm-up from 0, in epochs (per-iteration)")
     min_lr: float = _f(1e-6, "learning rate at the last step of the cosine schedule")
+    clip_grad: float = _f(0.0, "clip the global gradient norm to this value; 0 = no clipping "
+                               "(the recipe's)")
     # ---- projector (thrown away after training) -------------------------------------
     pr_hidden_layers: int = _f(3, "hidden [Linear -> BN -> GELU] layers (t-ReX 3, t-ReX* 1)")
     pr_hidden_dim: int = _f(2048, "width of the projector's hidden layers")
@@ -119,6 +133,12 @@ PRESETS: dict[str, dict] = {
         pr_hidden_dim=512, memory_size=1024, global_size=64, local_size=32, local_crops=4,
         log_every=10,
     ),
+    # The project's own ViT recipes (RECIPE.md "Beyond the paper"; reasons in docs/VIT.md):
+    # t-ReX's projector, memory and crops, a timm ViT trunk, AdamW as in DINO and DeiT.
+    "trex_vit_s": dict(arch="timm/vit_small_patch16_224", optimizer="adamw", lr=5e-4,
+                       weight_decay=0.05, drop_path=0.1, clip_grad=3.0),
+    "trex_vit_b": dict(arch="timm/vit_base_patch16_224", optimizer="adamw", lr=2.5e-4,
+                       weight_decay=0.05, drop_path=0.1, clip_grad=3.0),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -176,7 +196,8 @@ def _check(cond: bool, name: str, value, accepted: str) -> None:
 def validate(cfg: Config) -> Config:
     """Reject impossible values before any work; returns cfg for chaining."""
     _check_choice("preset", cfg.preset, tuple(PRESETS))
-    _check_choice("arch", cfg.arch, ARCHS)
+    _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _check_choice("global_pool", cfg.global_pool, GLOBAL_POOLS)
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("loss_impl", cfg.loss_impl, LOSS_IMPLS)
     _check_choice("pipeline", cfg.pipeline, PIPELINES)
@@ -212,7 +233,18 @@ def validate(cfg: Config) -> Config:
         _check(0 < lo <= hi <= 1, name, (lo, hi), "min,max with 0 < min <= max <= 1")
     _check(cfg.memory_size == 0 or cfg.memory_size >= cfg.batch_size, "memory_size",
            cfg.memory_size, f"0 or >= the global batch (batch_size={cfg.batch_size} x processes)")
+    _check(cfg.clip_grad >= 0, "clip_grad", cfg.clip_grad, ">= 0 (0 = no clipping)")
+    _check(0 <= cfg.drop_path < 1, "drop_path", cfg.drop_path, "in [0, 1)")
+    sizes = (cfg.global_size, cfg.local_size) if cfg.local_crops else (cfg.global_size,)
+    try:  # last: a timm model is checked at the crop sizes, on the meta device
+        check_backbone(cfg.arch, backbone_options(cfg), sizes)
+    except ArchError as e:
+        raise ConfigError(str(e)) from None
     return cfg
+
+
+def backbone_options(cfg: Config) -> BackboneOptions:
+    return BackboneOptions(drop_path=cfg.drop_path, global_pool=cfg.global_pool)
 
 
 def default_preset(data: str) -> str:

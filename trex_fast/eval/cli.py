@@ -7,7 +7,8 @@
     transfer  the paper's transfer protocol (Optuna-searched linear probes, seeds averaged) on
             datasets by name in their official layouts or ImageFolder roots: the per-dataset
             top-1 and mean log-odds table, JSON, CSV and the trade-off plot (eval/transfer.py)
-    export  a trex_fast checkpoint's backbone as a torchvision state_dict
+    export  a trex_fast checkpoint's backbone as model.safetensors (or .pth), or as a folder
+            with config.json and a model card (--format=hf)
 
 Backbones load from trex_fast checkpoints, backbone.pth, torchvision state_dicts or released
 files with `module.` / `model.` / `encoder.` prefixes (trex_fast.models.weights). Every file loads
@@ -39,7 +40,10 @@ from trex_fast.eval.in1k import evaluate
 from trex_fast.eval.probes import TRIALS
 from trex_fast.eval.report import markdown, write_outputs
 from trex_fast.eval.transfer import TransferSettings, backbone_tag, run_transfer
-from trex_fast.models.weights import export_backbone, load_backbone
+from trex_fast.models.export import resolve_format, run_facts, write_hf, write_safetensors
+from trex_fast.models.net import build_backbone
+from trex_fast.models.registry import ArchError
+from trex_fast.models.weights import backbone_state, export_backbone, load_backbone
 from trex_fast.plan import make_plan
 from trex_fast.runlog import device_name, git_revision, library_versions
 from trex_fast.safe_load import BadFileError
@@ -96,7 +100,7 @@ def knn(backbone: str, train: str, val: str, arch: str = "resnet50", k: int = 20
         backbone: weights file (trex_fast checkpoint, backbone.pth, torchvision or released).
         train: ImageFolder of the labelled (memory) images.
         val: ImageFolder of the images to classify.
-        arch: torchvision architecture of the backbone.
+        arch: the backbone's --arch (resnet50, timm/vit_small_patch16_224, ...).
         k: neighbours.
         temperature: of the exp(cosine / T) vote weights.
         image_size: centre-crop side (Resize to 256/224 of it first).
@@ -184,7 +188,7 @@ def transfer(backbone: str, datasets: str, data_root: str = ".", arch: str = "re
             sun397, inat2018, inat2019, cog_l1..cog_l5, in1k; layouts in docs/TRANSFER.md)
             and/or ImageFolder roots holding train/ and test/ (or val/).
         data_root: the folder the named datasets sit in, each in its official layout.
-        arch: torchvision architecture of the backbone.
+        arch: the backbone's --arch (resnet50, timm/vit_small_patch16_224, ...).
         trials: Optuna trials per dataset and seed (the paper: 30).
         seeds: seeds averaged (validation split, sampler, SGD order); mean and std reported.
         probe_kind: auto (the paper's: L-BFGS for the 8 small datasets and ImageFolder roots,
@@ -235,26 +239,41 @@ def transfer(backbone: str, datasets: str, data_root: str = ".", arch: str = "re
                       "features_reused": report["features_reused"]}))
 
 
-def export(checkpoint: str, out: str, arch: str = "", trust_file: bool = False) -> None:
-    """Write the backbone of a trex_fast checkpoint as a torchvision state_dict.
+def export(checkpoint: str, out: str = "model.safetensors", arch: str = "",
+           format: str = "auto", transfer: str = "", trust_file: bool = False) -> None:
+    """Write the backbone of a trex_fast checkpoint as shareable weights (models/export.py).
 
     Args:
         checkpoint: a trex_fast checkpoint.pt (or any file backbone_io reads).
-        out: the .pth to write; loads into torchvision.models.<arch>() with only fc missing.
+        out: the file (safetensors, pth) or folder (hf) to write; loads into
+            timm.create_model(<name>) or torchvision.models.<arch>() with only the head missing.
         arch: the architecture; default: the one recorded in the checkpoint.
+        format: auto (pth for an --out ending in .pth/.pt, else safetensors), safetensors, pth,
+            or hf (a folder: config.json, model.safetensors, README.md model card).
+        transfer: hf: the transfer.json (or its folder) whose results the model card states;
+            default: <run>/transfer/transfer.json when present.
         trust_file: DANGEROUS: load --checkpoint with full pickle, which runs any code a crafted
             file holds; only for a file you trust (default: weights-only, which refuses it).
     """
-    if not arch:
-        arch = load_checkpoint(checkpoint, trust_file, flag="--checkpoint")["config"]["arch"]
-    print(f"wrote {export_backbone(checkpoint, out, arch, trust_file)} ({arch})")
+    fmt = resolve_format(format, out)
+    ckpt = load_checkpoint(checkpoint, trust_file, flag="--checkpoint") if (
+        fmt == "hf" or not arch) else None
+    arch = arch or ckpt["config"]["arch"]
+    if fmt == "pth":
+        written = export_backbone(checkpoint, out, arch, trust_file)
+    else:
+        state = backbone_state(checkpoint, arch, trust_file)
+        written = write_safetensors(state, out, arch) if fmt == "safetensors" else write_hf(
+            out, state, run_facts(ckpt, os.path.dirname(os.path.abspath(checkpoint)), transfer),
+            build_backbone(arch)[1])
+    print(f"wrote {written} ({arch}, {fmt})")
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export}, argv)
     except (BadFileError, FileNotFoundError, NotACheckpointError, UnavailableError,
-            DatasetNotReady) as e:
+            DatasetNotReady, ArchError) as e:
         # a user's error (a refused, unreadable, missing or foreign file, a backbone of another
         # --arch, an unusable device, a missing dataset): one line
         print(f"trex_fast.eval: error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ from pipelines import atomic
 from pipelines.batch import normalize_uint8
 from trex_fast.eval.datasets import ImageList, Labelled, is_path
 from trex_fast.eval.probes import log_odds, per_class_split, probe
+from trex_fast.models.weights import SAFETENSORS
 from trex_fast.safe_load import load_file
 
 CACHE_VERSION = 1  # bump when the extraction changes: older cache files are then ignored
@@ -57,10 +58,12 @@ def backbone_tag(path: str, arch: str) -> str:
     """One cache folder per backbone: its file name, arch and a hash of its bytes (a
     retrained file under the same name gets new features)."""
     digest = hashlib.sha1()
-    with open(path, "rb") as f:
+    weights = os.path.join(path, SAFETENSORS) if os.path.isdir(path) else path  # an hf folder
+    with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return f"{os.path.basename(path)}_{arch}_{digest.hexdigest()[:12]}"
+    name = os.path.basename(os.path.normpath(path))
+    return f"{name}_{arch.replace('/', '-')}_{digest.hexdigest()[:12]}"  # timm/<name>: one folder
 
 
 @torch.no_grad()
