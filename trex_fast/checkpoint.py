@@ -270,7 +270,7 @@ def _step_of(path: str) -> int | None:
 # ---------------------------------------------------------------------------------------------
 MODEL_KEYS = ("arch", "pr_hidden_layers", "pr_hidden_dim", "pr_bottleneck_dim",
               "pr_input_l2_norm", "memory_size", "clf_tau", "ema_momentum", "weight_decay",
-              "momentum", "seed")
+              "momentum", "seed", "optimizer", "drop_path", "global_pool", "clip_grad")
 CROP_KEYS = ("global_crops", "local_crops", "global_size", "local_size", "global_scale",
              "local_scale")
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "lr", "min_lr")

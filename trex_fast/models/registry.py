@@ -168,8 +168,8 @@ class TimmFamily:
         try:
             out = model(torch.empty(2, 3, size, size, device="meta"))
         except Exception as e:  # noqa: BLE001 - any failure means this size cannot be trained
-            raise ArchError(f"--arch={arch!r}: the model cannot take {size} px crops "
-                            f"(no position-embedding resize to the crop's grid?): "
+            raise ArchError(f"--arch={arch!r}: the model cannot take {size} px crops (every "
+                            f"crop size must run through the same weights): "
                             f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
         if tuple(out.shape) != (2, dim):
             raise ArchError(f"--arch={arch!r}: at {size} px the model returns features of shape "
