@@ -165,3 +165,28 @@ def test_hf_folder_holds_config_weights_and_a_card_with_the_runs_figures(tmp_pat
         assert fact in card, fact
     assert set(backbone_state(folder, VIT))  # an hf folder is a --backbone too
     assert "not evaluated" in model_card({**facts, "in1k_top1": None, "transfer": None})
+
+
+def test_a_sweep_grid_crosses_a_resnet_and_a_vit(tmp_path):
+    from trex_fast.sweep.points import build_points, parse_grid
+
+    points = build_points({"preset": "demo", "global_size": 32, "local_size": 16},
+                          parse_grid(f"arch=resnet18,{VIT}"), [], str(tmp_path))
+    assert [p.cfg.arch for p in points] == ["resnet18", VIT]
+    assert [p.name for p in points] == ["arch-resnet18", "arch-timm_test_vit"]  # one folder each
+
+
+@pytest.mark.parametrize("change", [dict(optimizer="adamw"), dict(drop_path=0.1),
+                                    dict(global_pool="avg"), dict(clip_grad=1.0)])
+def test_resume_refuses_a_change_of_the_new_model_and_optimiser_knobs(change):
+    from tests.helpers import SINGLE
+    from trex_fast.checkpoint import ResumeError, check_resumable
+    from trex_fast.config import to_dict
+    from trex_fast.plan import make_plan
+
+    old, new = _config(VIT, device="cpu"), _config(VIT, device="cpu", **change)
+    plan = make_plan(new, SINGLE, 4, steps_per_epoch=1)
+    ckpt = {"config": to_dict(old), "plan": plan.to_dict(), "step": 0}
+    name = next(iter(change))
+    with pytest.raises(ResumeError, match=f"{name}: "):
+        check_resumable(ckpt, new, plan)

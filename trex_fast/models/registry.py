@@ -199,8 +199,9 @@ class TimmFamily:
             if name in named or any(name.startswith(f"{n}.") for n in named)}
 
     def head(self, arch: str) -> str:
-        return _timm().create_model(self._model_name(arch), device="meta").pretrained_cfg[
-            "classifier"]
+        with torch.device("meta"):
+            model = _timm().create_model(self._model_name(arch))
+        return model.pretrained_cfg["classifier"]
 
 
 FAMILIES = (TimmFamily(), TorchvisionFamily())
