@@ -190,3 +190,12 @@ def test_resume_refuses_a_change_of_the_new_model_and_optimiser_knobs(change):
     name = next(iter(change))
     with pytest.raises(ResumeError, match=f"{name}: "):
         check_resumable(ckpt, new, plan)
+
+
+def test_the_core_needs_no_timm_and_a_timm_arch_says_how_to_get_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    assert make_config("trex").arch == "resnet50"
+    with pytest.raises(ConfigError, match=r"timm is not installed; pip install 'trex_fast\[models"):
+        make_config("trex", arch=VIT)

@@ -72,3 +72,24 @@ def test_kill_9_mid_epoch_then_rerun_ends_like_an_uninterrupted_vit_run(tmp_path
     assert first["step"] < 8, "the run finished before it was killed"
     run(survive_config(str(data), out, **EVERY_READ, **vit))  # the same command again
     assert_same_run(out, whole, epochs=2)
+
+
+@pytest.mark.slow
+def test_a_vit_step_runs_under_bf16_autocast_and_dynamo(capsys):
+    """tools/bench_step.py's step (EMA and enqueue included) with timm's test ViT in bf16,
+    compiled by Dynamo (the eager backend: tracing without inductor's code generation)."""
+    import torch
+
+    from tests.test_bench_step import _load_bench_step
+
+    try:
+        _load_bench_step().main(preset="trex", arch="timm/test_vit", batch_size=2,
+                                global_size=32, local_size=16, local_crops=2, steps=1, warmup=1,
+                                device="cpu", precision="bf16", num_classes=5, compile=True,
+                                compile_backend="eager")
+    finally:
+        torch._dynamo.reset()
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "error" not in record, record
+    assert record["precision"] == "bf16" and record["compiled_graphs"] >= 1
+    assert record["gflop_per_sample"] > 0

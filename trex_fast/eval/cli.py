@@ -40,10 +40,9 @@ from trex_fast.eval.in1k import evaluate
 from trex_fast.eval.probes import TRIALS
 from trex_fast.eval.report import markdown, write_outputs
 from trex_fast.eval.transfer import TransferSettings, backbone_tag, run_transfer
-from trex_fast.models.export import resolve_format, run_facts, write_hf, write_safetensors
-from trex_fast.models.net import build_backbone
+from trex_fast.models.export import ExportError, export_weights
 from trex_fast.models.registry import ArchError
-from trex_fast.models.weights import backbone_state, export_backbone, load_backbone
+from trex_fast.models.weights import load_backbone
 from trex_fast.plan import make_plan
 from trex_fast.runlog import device_name, git_revision, library_versions
 from trex_fast.safe_load import BadFileError
@@ -255,17 +254,7 @@ def export(checkpoint: str, out: str = "model.safetensors", arch: str = "",
         trust_file: DANGEROUS: load --checkpoint with full pickle, which runs any code a crafted
             file holds; only for a file you trust (default: weights-only, which refuses it).
     """
-    fmt = resolve_format(format, out)
-    ckpt = load_checkpoint(checkpoint, trust_file, flag="--checkpoint") if (
-        fmt == "hf" or not arch) else None
-    arch = arch or ckpt["config"]["arch"]
-    if fmt == "pth":
-        written = export_backbone(checkpoint, out, arch, trust_file)
-    else:
-        state = backbone_state(checkpoint, arch, trust_file)
-        written = write_safetensors(state, out, arch) if fmt == "safetensors" else write_hf(
-            out, state, run_facts(ckpt, os.path.dirname(os.path.abspath(checkpoint)), transfer),
-            build_backbone(arch)[1])
+    written, arch, fmt = export_weights(checkpoint, out, arch, format, transfer, trust_file)
     print(f"wrote {written} ({arch}, {fmt})")
 
 
@@ -273,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_cli({"in1k": in1k, "knn": knn, "transfer": transfer, "export": export}, argv)
     except (BadFileError, FileNotFoundError, NotACheckpointError, UnavailableError,
-            DatasetNotReady, ArchError) as e:
+            DatasetNotReady, ArchError, ExportError) as e:
         # a user's error (a refused, unreadable, missing or foreign file, a backbone of another
         # --arch, an unusable device, a missing dataset): one line
         print(f"trex_fast.eval: error: {e}", file=sys.stderr)

@@ -16,8 +16,10 @@ import os
 import torch
 
 from pipelines import atomic
+from trex_fast.checkpoint import load_checkpoint
+from trex_fast.models.net import build_backbone
 from trex_fast.models.registry import TIMM_PREFIX, head_prefix
-from trex_fast.models.weights import SAFETENSORS
+from trex_fast.models.weights import SAFETENSORS, backbone_state, export_backbone
 from trex_fast.runlog import read_metrics
 
 FORMATS = ("auto", "safetensors", "pth", "hf")
@@ -35,10 +37,14 @@ RECIPE_KNOBS = ("preset", "optimizer", "lr", "weight_decay", "warmup_epochs", "b
                 "local_crops", "global_size", "local_size", "global_scale", "local_scale")
 
 
+class ExportError(ValueError):
+    """A bad export request; the message names the flag and what is accepted."""
+
+
 def resolve_format(fmt: str, out: str) -> str:
     """auto: a torch file for an out ending in .pth / .pt, safetensors otherwise."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format={fmt!r}: accepted values are {', '.join(FORMATS)}")
+        raise ExportError(f"--format={fmt!r}: accepted values are {', '.join(FORMATS)}")
     if fmt != "auto":
         return fmt
     return "pth" if out.endswith((".pth", ".pt")) else "safetensors"
@@ -136,3 +142,20 @@ def write_hf(folder: str, state: dict[str, torch.Tensor], facts: dict, feature_d
     atomic.write_json(os.path.join(folder, "config.json"), hf_config(facts, feature_dim))
     atomic.write_bytes(os.path.join(folder, "README.md"), model_card(facts).encode())
     return folder
+
+
+def export_weights(checkpoint: str, out: str, arch: str = "", fmt: str = "auto",
+                   transfer: str = "", trust_file: bool = False) -> tuple[str, str, str]:
+    """`python -m trex_fast.eval export`: the checkpoint's backbone written as `fmt` at `out`;
+    arch defaults to the checkpoint's. Returns (path written, arch, format)."""
+    fmt = resolve_format(fmt, out)
+    ckpt = load_checkpoint(checkpoint, trust_file, flag="--checkpoint") if (
+        fmt == "hf" or not arch) else None
+    arch = arch or ckpt["config"]["arch"]
+    if fmt == "pth":
+        return export_backbone(checkpoint, out, arch, trust_file), arch, fmt
+    state = backbone_state(checkpoint, arch, trust_file)
+    if fmt == "safetensors":
+        return write_safetensors(state, out, arch), arch, fmt
+    facts = run_facts(ckpt, os.path.dirname(os.path.abspath(checkpoint)), transfer)
+    return write_hf(out, state, facts, build_backbone(arch)[1]), arch, fmt
