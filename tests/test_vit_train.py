@@ -33,7 +33,7 @@ def test_demo_trains_a_vit_above_chance(vit_run):
 
 
 @pytest.mark.slow
-def test_exported_vit_serves_knn_and_transfer_and_its_card_holds_the_run(vit_run, capsys):
+def test_exported_vit_serves_in1k_knn_and_transfer_and_its_card_holds_the_run(vit_run, capsys):
     from trex_fast.eval import cli as eval_cli
 
     root, result = vit_run
@@ -43,6 +43,7 @@ def test_exported_vit_serves_knn_and_transfer_and_its_card_holds_the_run(vit_run
     card = (root / "hf" / "README.md").read_text()
     assert f"{result['val_top1']:.2f} %" in card and f"- arch: {VIT}" in card
     data = root / "data"
+    eval_cli.in1k(checkpoint, str(data / "val"), num_workers=0, device="cpu")
     eval_cli.knn(str(root / "model.safetensors"), str(data / "train"), str(data / "val"),
                  arch=VIT, image_size=32, num_workers=0, device="cpu")
     eval_cli.transfer(str(root / "hf"), str(data), arch=VIT, trials=1, seeds=1,
@@ -50,7 +51,8 @@ def test_exported_vit_serves_knn_and_transfer_and_its_card_holds_the_run(vit_run
                       cache_dir=str(root / "cache"), num_workers=0, device="cpu")
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
              if line.startswith("{")]
-    knn, transfer = lines[0], lines[-1]
+    in1k, knn, transfer = lines[0], lines[1], lines[-1]
+    assert in1k["top1"] == pytest.approx(result["val_top1"], abs=1e-6)  # the training head
     assert knn["eval"] == "knn" and 0 <= knn["top1"] <= 100
     assert transfer["eval"] == "transfer" and transfer["top1"]
     assert os.path.isfile(root / "transfer" / "transfer.json")
