@@ -33,8 +33,9 @@ def _f(default, help: str):
 @dataclass(frozen=True)
 class Config:
     # ---- what to train -------------------------------------------------------------
-    preset: str = _f("trex", "recipe preset: trex, trex_star, plain (cosine classifier) or "
-                             "demo (small, CPU); flags given explicitly override it. Default: "
+    preset: str = _f("trex", "recipe preset: trex, trex_star, plain (cosine classifier), "
+                             "demo (small, CPU), or the ViT recipes trex_vit_s, trex_vit_b "
+                             "(docs/VIT.md); flags given explicitly override it. Default: "
                              "demo without --data, trex with it")
     arch: str = _f("resnet50", "backbone: a torchvision ResNet (resnet18, resnet34, resnet50, "
                                "resnet101) or any timm model as timm/<name>, e.g. "
@@ -52,7 +53,7 @@ class Config:
     lr: float = _f(0.1, "base learning rate per 256 images; scaled by global batch / 256")
     weight_decay: float = _f(1e-4, "weight decay; none on biases, norms (ndim < 2), position "
                                    "embeddings and class tokens (the backbone registry's set)")
-    momentum: float = _f(0.9, "SGD momentum (no Nesterov)")
+    momentum: float = _f(0.9, "SGD momentum (no Nesterov); unused by adamw")
     warmup_epochs: float = _f(10.0, "linear warm-up from 0, in epochs (per-iteration)")
     min_lr: float = _f(1e-6, "learning rate at the last step of the cosine schedule")
     clip_grad: float = _f(0.0, "clip the global gradient norm to this value; 0 = no clipping "
