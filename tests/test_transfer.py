@@ -385,7 +385,7 @@ def test_transfer_run_writes_table_json_csv_plot_and_reuses_the_cache(layouts, t
 
 def test_missing_dataset_fails_before_the_backbone_is_read(tmp_path):
     """Phase 1 comes first: the error names the dataset even though --backbone is absent."""
-    from trex_fast.eval import transfer
+    from trex_fast.eval.cli import transfer
 
     with pytest.raises(DatasetNotReady, match="'pets'.*OxfordIIITPet"):
         transfer(str(tmp_path / "no_such_backbone.pth"), "pets", data_root=str(tmp_path))
