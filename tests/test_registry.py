@@ -199,3 +199,14 @@ def test_the_core_needs_no_timm_and_a_timm_arch_says_how_to_get_it(monkeypatch):
     assert make_config("trex").arch == "resnet50"
     with pytest.raises(ConfigError, match=r"timm is not installed; pip install 'trex_fast\[models"):
         make_config("trex", arch=VIT)
+
+
+def test_an_average_pooled_vit_loads_back_for_knn_and_transfer(tmp_path):
+    """--global_pool=avg gives timm's fc_norm in place of norm: --backbone reads it as such."""
+    from trex_fast.models.weights import load_backbone
+
+    model = build_model(_config(VIT, global_pool="avg"), num_classes=4)
+    path = write_safetensors(backbone_state_dict(model), str(tmp_path / "m.safetensors"), VIT)
+    loaded = load_backbone(path, VIT).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), model.backbone.eval()(x), atol=1e-6)

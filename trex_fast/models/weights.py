@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from pipelines import atomic
 from trex_fast.models.net import build_backbone
+from trex_fast.models.registry import DEFAULT_OPTIONS, TIMM_PREFIX, BackboneOptions
 from trex_fast.safe_load import RELEASE_GLOBALS, BadFileError, load_file
 
 _CONTAINERS = ("online", "core", "state_dict", "model", "teacher", "student")
@@ -71,11 +72,20 @@ def read_tensors(path: str, trust_file: bool = False) -> dict[str, torch.Tensor]
     return {_strip(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
 
 
-def backbone_state(path: str, arch: str, trust_file: bool = False) -> dict[str, torch.Tensor]:
-    """The `arch` backbone weights stored in `path` (classifier head left out); trust_file:
-    load a torch file with full pickle (see safe_load)."""
+def _options(arch: str, tensors: dict) -> BackboneOptions:
+    """A timm ViT trained with --global_pool=avg holds timm's fc_norm in place of norm: its
+    weights say how to build it."""
+    if arch.startswith(TIMM_PREFIX) and "fc_norm.weight" in tensors and (
+            "norm.weight" not in tensors):
+        return BackboneOptions(global_pool="avg")
+    return DEFAULT_OPTIONS
+
+
+def _matched(path: str, arch: str, trust_file: bool) -> tuple[nn.Module, dict]:
+    """(the registry's `arch` backbone, the weights of `path` it takes), checked by name and
+    shape."""
     tensors = read_tensors(path, trust_file)
-    reference, _ = build_backbone(arch)
+    reference, _ = build_backbone(arch, _options(arch, tensors))
     wanted = reference.state_dict()
     missing = [k for k in wanted if k not in tensors]
     if missing:
@@ -87,13 +97,19 @@ def backbone_state(path: str, arch: str, trust_file: bool = False) -> dict[str, 
         k = wrong[0]
         raise BadFileError(f"--backbone={path!r} does not fit --arch={arch}: {k} has shape "
                          f"{tuple(tensors[k].shape)}, {arch} needs {tuple(wanted[k].shape)}")
-    return {k: tensors[k] for k in wanted}
+    return reference, {k: tensors[k] for k in wanted}
+
+
+def backbone_state(path: str, arch: str, trust_file: bool = False) -> dict[str, torch.Tensor]:
+    """The `arch` backbone weights stored in `path` (classifier head left out); trust_file:
+    load a torch file with full pickle (see safe_load)."""
+    return _matched(path, arch, trust_file)[1]
 
 
 def load_backbone(path: str, arch: str, trust_file: bool = False) -> nn.Module:
     """The registry's `arch` backbone (no head) with the weights from `path`."""
-    backbone, _ = build_backbone(arch)
-    backbone.load_state_dict(backbone_state(path, arch, trust_file))
+    backbone, state = _matched(path, arch, trust_file)
+    backbone.load_state_dict(state)
     return backbone
 
 
