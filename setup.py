@@ -25,6 +25,9 @@ EXTRAS = {
     # `python -m trex_fast.sweep`: submitit for --launcher=slurm, pyyaml for YAML sweep files
     "sweep": ["submitit", "pyyaml"],
     "tensorboard": ["tensorboard"],  # `--tensorboard` event files per run
+    # `--arch=timm/<name>` backbones (ViTs, ConvNeXt; trex_fast.models.registry) and the
+    # shareable weights of `python -m trex_fast.eval export` (model.safetensors)
+    "models": ["timm>=1.0.31,<2", "safetensors>=0.4"],  # the versions tested,
 }
 # everything with one DALI (CUDA 13); a CUDA 12 machine: '.[ffcv,dali-cuda12,dev]'
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dali-cuda12"

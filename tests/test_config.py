@@ -20,7 +20,9 @@ def test_presets_follow_the_recipe():
         assert (cfg.lr, cfg.weight_decay, cfg.momentum, cfg.warmup_epochs, cfg.epochs) == (
             0.1, 1e-4, 0.9, 10.0, 100)
         assert (cfg.clf_tau, cfg.ema_momentum, cfg.pr_bottleneck_dim) == (0.1, 0.999, 256)
-    assert set(PRESETS) == {"trex", "trex_star", "plain", "demo"}
+        assert (cfg.optimizer, cfg.drop_path, cfg.clip_grad) == ("sgd", 0.0, 0.0)
+        assert (cfg.arch, cfg.global_pool) == ("resnet50", "default")
+    assert set(PRESETS) == {"trex", "trex_star", "plain", "demo", "trex_vit_s", "trex_vit_b"}
 
 
 def test_explicit_flags_override_the_preset_and_ints_become_floats():
@@ -41,6 +43,10 @@ def test_explicit_flags_override_the_preset_and_ints_become_floats():
     ({"local_scale": (0.5, 0.2)}, "--local_scale=(0.5, 0.2)"),
     ({"local_scale": 0.5}, "expected two numbers"),
     ({"arch": "vit_b"}, "--arch='vit_b': accepted values are resnet18, resnet34"),
+    ({"drop_path": 0.1}, "--drop_path=0.1: torchvision resnet50 has no stochastic depth"),
+    ({"global_pool": "token"}, "--global_pool='token': torchvision resnet50 pools by average"),
+    ({"optimizer": "lamb"}, "--optimizer='lamb': accepted values are sgd, adamw"),
+    ({"clip_grad": -1}, "--clip_grad=-1.0: must be >= 0"),
     ({"precision": "fp8"}, "--precision='fp8': accepted values are auto, bf16, fp16, fp32"),
     ({"pipeline": "tfrecord"}, "--pipeline='tfrecord': accepted values are auto, reference"),
     ({"loss_impl": "cuda"}, "--loss_impl='cuda'"),

@@ -50,7 +50,7 @@ def build_state(cfg: Config, plan: RunPlan) -> TrainState:
     online = build_model(cfg, num_classes)
     if plan.sync_bn:
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
     online = online.to(device, memory_format=memory_format)
 
     ema, memory = None, None

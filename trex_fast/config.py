@@ -11,8 +11,9 @@ import typing
 from dataclasses import dataclass
 
 from trex_fast.cli import FlagError, check_names, coerce, flags_help
+from trex_fast.models.registry import GLOBAL_POOLS, ArchError, BackboneOptions, check_backbone
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOSS_IMPLS = ("auto", "torch", "triton")
 PIPELINES = ("auto", "reference", "ffcv", "dali")
@@ -65,20 +66,33 @@ class Config:
     pipeline). A new field must declare its role: a field without one fails at import."""
 
     # ---- what to train -------------------------------------------------------------
-    preset: str = _f("trex", "recipe preset: trex, trex_star, plain (cosine classifier) or "
-                             "demo (small, CPU); flags given explicitly override it. Default: "
+    preset: str = _f("trex", "recipe preset: trex, trex_star, plain (cosine classifier), "
+                             "demo (small, CPU), or the ViT recipes trex_vit_s, trex_vit_b "
+                             "(docs/VIT.md); flags given explicitly override it. Default: "
                              "demo without --data, trex with it", FREE)
-    arch: str = _f("resnet50", f"torchvision backbone, one of {ARCHS}", MATCH)
+    arch: str = _f("resnet50", "backbone: a torchvision ResNet (resnet18, resnet34, resnet50, "
+                               "resnet101) or any timm model as timm/<name>, e.g. "
+                               "timm/vit_small_patch16_224 (trex_fast.models.registry)", MATCH)
+    drop_path: float = _f(0.0, "stochastic depth rate of a timm backbone (drop_path_rate); 0 = "
+                               "none (torchvision ResNets have none)", MATCH)
+    global_pool: str = _f("default", f"backbone feature, one of {GLOBAL_POOLS}: default = the "
+                                     "model's own (ViT: the class token; convnets: the average), "
+                                     "token (class token) or avg (mean of the tokens/positions)",
+                          MATCH)
     # ---- optimisation (RECIPE.md: SGD, warm-up + cosine, per-iteration) -------------
+    optimizer: str = _f("sgd", f"one of {OPTIMIZERS}: sgd (the recipe's, with --momentum) or "
+                               "adamw (betas 0.9, 0.999; the ViT presets, docs/VIT.md)", MATCH)
     epochs: int = _f(100, "training epochs", SCHEDULE)
-    batch_size: int = _f(64, "images per process per step (global batch = this x world size)",
-                         FREE)
+    batch_size: int = _f(64, "images per process per step (global batch = this x world size)", FREE)
     lr: float = _f(0.1, "base learning rate per 256 images; scaled by global batch / 256", SCHEDULE)
-    weight_decay: float = _f(1e-4, "weight decay on tensors with ndim >= 2 (none on biases/BN)",
+    weight_decay: float = _f(1e-4, "weight decay; none on biases, norms (ndim < 2), position "
+                                   "embeddings and class tokens (the backbone registry's set)",
                              MATCH)
-    momentum: float = _f(0.9, "SGD momentum (no Nesterov)", MATCH)
+    momentum: float = _f(0.9, "SGD momentum (no Nesterov); unused by adamw", MATCH)
     warmup_epochs: float = _f(10.0, "linear warm-up from 0, in epochs (per-iteration)", SCHEDULE)
     min_lr: float = _f(1e-6, "learning rate at the last step of the cosine schedule", SCHEDULE)
+    clip_grad: float = _f(0.0, "clip the global gradient norm to this value; 0 = no clipping "
+                               "(the recipe's)", MATCH)
     # ---- projector (thrown away after training) -------------------------------------
     pr_hidden_layers: int = _f(3, "hidden [Linear -> BN -> GELU] layers (t-ReX 3, t-ReX* 1)", MATCH)
     pr_hidden_dim: int = _f(2048, "width of the projector's hidden layers", MATCH)
@@ -158,6 +172,12 @@ PRESETS: dict[str, dict] = {
         pr_hidden_dim=512, memory_size=1024, global_size=64, local_size=32, local_crops=4,
         log_every=10,
     ),
+    # The project's own ViT recipes (RECIPE.md "Beyond the paper"; reasons in docs/VIT.md):
+    # t-ReX's projector, memory and crops, a timm ViT trunk, AdamW as in DINO and DeiT.
+    "trex_vit_s": dict(arch="timm/vit_small_patch16_224", optimizer="adamw", lr=5e-4,
+                       weight_decay=0.05, drop_path=0.1, clip_grad=3.0),
+    "trex_vit_b": dict(arch="timm/vit_base_patch16_224", optimizer="adamw", lr=2.5e-4,
+                       weight_decay=0.05, drop_path=0.1, clip_grad=3.0),
 }
 
 check_resume_roles(Config)
@@ -183,7 +203,8 @@ def _check(cond: bool, name: str, value, accepted: str) -> None:
 def validate(cfg: Config) -> Config:
     """Reject impossible values before any work; returns cfg for chaining."""
     _check_choice("preset", cfg.preset, tuple(PRESETS))
-    _check_choice("arch", cfg.arch, ARCHS)
+    _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _check_choice("global_pool", cfg.global_pool, GLOBAL_POOLS)
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("loss_impl", cfg.loss_impl, LOSS_IMPLS)
     _check_choice("pipeline", cfg.pipeline, PIPELINES)
@@ -219,6 +240,13 @@ def validate(cfg: Config) -> Config:
         _check(0 < lo <= hi <= 1, name, (lo, hi), "min,max with 0 < min <= max <= 1")
     _check(cfg.memory_size == 0 or cfg.memory_size >= cfg.batch_size, "memory_size",
            cfg.memory_size, f"0 or >= the global batch (batch_size={cfg.batch_size} x processes)")
+    _check(cfg.clip_grad >= 0, "clip_grad", cfg.clip_grad, ">= 0 (0 = no clipping)")
+    _check(0 <= cfg.drop_path < 1, "drop_path", cfg.drop_path, "in [0, 1)")
+    sizes = (cfg.global_size, cfg.local_size) if cfg.local_crops else (cfg.global_size,)
+    try:  # last: a timm model is checked at the crop sizes, on the meta device
+        check_backbone(cfg.arch, BackboneOptions.of(cfg), sizes)
+    except ArchError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -1,8 +1,11 @@
-"""SGD with weight-decay groups by tensor shape, and the per-iteration LR schedule.
+"""SGD (or AdamW) with weight-decay groups, and the per-iteration LR schedule.
 
 RECIPE.md "Optimisation": SGD momentum 0.9 (no Nesterov), base LR 0.1 per 256 images scaled
 linearly with the global batch, linear warm-up from 0 then cosine to min_lr, weight decay
-1e-4 only on tensors with ndim >= 2 (never biases or BN gammas/betas).
+1e-4 only on tensors with ndim >= 2 (never biases or BN gammas/betas). The groups go by shape;
+a backbone may add parameters the registry names (trex_fast.models.registry: a ViT's position
+embedding and class token, ndim 3, are never decayed). For a ResNet that set is empty, so its
+groups are the recipe's. AdamW (the ViT presets, docs/VIT.md) uses the same groups.
 """
 from __future__ import annotations
 
@@ -13,21 +16,35 @@ import torch
 import torch.nn as nn
 
 from trex_fast.config import Config
+from trex_fast.models.registry import no_decay
+
+ADAMW_BETAS = (0.9, 0.999)  # DINO's and DeiT's
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay for ndim >= 2 tensors, none for the rest: by shape, never by name."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def param_groups(model: nn.Module, weight_decay: float,
+                 undecayed: frozenset[str] = frozenset()) -> list[dict]:
+    """Decay for ndim >= 2 tensors, none for the rest: by shape; `undecayed` adds parameters
+    (by their names in `model`) that the backbone registry keeps from decay."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    keep = [p.ndim < 2 or n in undecayed for n, p in named]
     return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for (_, p), k in zip(named, keep) if not k], "weight_decay": weight_decay},
+        {"params": [p for (_, p), k in zip(named, keep) if k], "weight_decay": 0.0},
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+def undecayed_params(model: nn.Module, arch: str) -> frozenset[str]:
+    """The names in `model` (a MultiCropNet) of the backbone parameters the registry keeps from
+    weight decay; the projector and classifier go by shape alone."""
+    return frozenset(f"backbone.{n}" for n in no_decay(arch, model.backbone))
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, undecayed_params(model, cfg.arch))
     # lr is set every step by the schedule; 0 here so nothing runs at an unscheduled LR.
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=0.0,
-                           momentum=cfg.momentum, nesterov=False)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=ADAMW_BETAS)
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=False)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from trex_fast.config import (
     role_field,
 )
 from trex_fast.distributed import DistInfo
+from trex_fast.models import registry
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -61,7 +62,7 @@ class RunPlan:
     warmup_steps: int = role_field(FREE)
     peak_lr: float = role_field(FREE)  # lr per 256 images x global_batch / 256
     seed: int = role_field(FREE)
-    channels_last: bool = role_field(FREE)
+    channels_last: bool = role_field(FREE)  # --channels_last, where the registry says it helps
     data_root: str = role_field(FREE)
     output_dir: str = role_field(FREE)
     is_main: bool = role_field(FREE)
@@ -122,7 +123,7 @@ def make_plan(cfg: Config, dist_info: DistInfo, num_classes: int, steps_per_epoc
         rank=dist_info.rank, local_rank=dist_info.local_rank, world_size=dist_info.world_size,
         batch_size=cfg.batch_size, global_batch=images_per_step,
         num_classes=num_classes, **_schedule(cfg, images_per_step, steps_per_epoch),
-        seed=cfg.seed, channels_last=cfg.channels_last,
+        seed=cfg.seed, channels_last=cfg.channels_last and registry.channels_last(cfg.arch),
         data_root=data_root, output_dir=output_dir(cfg), is_main=dist_info.is_main,
     )
 

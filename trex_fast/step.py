@@ -155,6 +155,10 @@ def train_step(state: TrainState, batch: MultiCropBatch, timer=NULL_TIMER) -> No
     # (6) backward and the optimiser step (the LR was set from the schedule above).
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
+    if cfg.clip_grad:  # off in the recipe; the ViT presets clip (docs/VIT.md)
+        state.scaler.unscale_(state.optimizer)  # fp16: clip the true gradients
+        # foreach kernels, the norm stays on the device: no host sync
+        nn.utils.clip_grad_norm_(state.online.parameters(), cfg.clip_grad)
     timer.mark("backward")
     state.scaler.step(state.optimizer)
     state.scaler.update()

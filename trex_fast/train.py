@@ -33,6 +33,7 @@ from trex_fast.loop import (
 )
 from trex_fast.measure import bottleneck
 from trex_fast.models.net import backbone_state_dict
+from trex_fast.models.registry import head_prefix
 from trex_fast.plan import RunPlan, batch_deviation, output_dir, plan_run
 from trex_fast.safe_load import BadFileError
 from trex_fast.step import TrainState
@@ -243,8 +244,8 @@ def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict)
         _log(f"done: val top-1 {last[runlog.VAL_TOP1]:.2f}% after {last[runlog.EPOCH]} epochs "
              f"({state.step} steps)")
         _log(f"outputs in {os.path.abspath(out_dir)}: config.json env.json metrics.jsonl "
-             f"loss.png accuracy.png checkpoint.pt backbone.pth (torchvision {cfg.arch}, fc "
-             "missing)")
+             f"loss.png accuracy.png checkpoint.pt backbone.pth ({cfg.arch}, "
+             f"{head_prefix(cfg.arch)} missing)")
     return last
 
 

@@ -151,7 +151,11 @@ class ReferenceTrainData:
             self.dataset, batch_size=settings.batch_size, sampler=self.sampler,
             collate_fn=collate_multicrop, num_workers=settings.num_workers,
             pin_memory=settings.device.type == "cuda", drop_last=True,
-            persistent_workers=settings.num_workers > 0, worker_init_fn=ignore_stop_signals)
+            persistent_workers=settings.num_workers > 0, worker_init_fn=ignore_stop_signals,
+            # the iterator's base seed from a generator of its own, not the global torch RNG:
+            # the model draws from that one (a ViT's drop path), and a resumed run builds its
+            # iterator after the RNG is restored, which would shift every draw (issue #24)
+            generator=torch.Generator())
         _LIVE.add(self)
 
     @property
@@ -187,7 +191,8 @@ class ReferenceValData:
                                  batch_size=settings.batch_size,
                                  num_workers=settings.num_workers,
                                  pin_memory=settings.device.type == "cuda",
-                                 worker_init_fn=ignore_stop_signals)
+                                 worker_init_fn=ignore_stop_signals,
+                                 generator=torch.Generator())  # as the train loader's
         self._iterator = None  # the pass in progress (its workers), for close()
         _LIVE.add(self)
 

@@ -7,7 +7,8 @@
     transfer  the paper's transfer protocol (Optuna-searched linear probes, seeds averaged) on
             datasets by name in their official layouts or ImageFolder roots: the per-dataset
             top-1 and mean log-odds table, JSON, CSV and the trade-off plot (eval/transfer.py)
-    export  a trex_fast checkpoint's backbone as a torchvision state_dict
+    export  a trex_fast checkpoint's backbone as model.safetensors (or .pth), or as a folder
+            with config.json and a model card (--format=hf)
 
 Backbones load from trex_fast checkpoints, backbone.pth, torchvision state_dicts or released
 files with `module.` / `model.` / `encoder.` prefixes (trex_fast.models.weights). Every file loads
@@ -25,18 +26,19 @@ from trex_fast.availability import UnavailableError
 from trex_fast.checkpoint import NotACheckpointError
 from trex_fast.cli import command, run_cli
 from trex_fast.eval.datasets import DatasetNotReady
-from trex_fast.eval.export import ExportSettings, export
+from trex_fast.eval.export import ExportError, ExportSettings, export
 from trex_fast.eval.in1k import In1kSettings, evaluate_in1k
 from trex_fast.eval.knn import KnnSettings, evaluate_knn
 from trex_fast.eval.report import markdown
 from trex_fast.eval.transfer import TransferSettings, evaluate_transfer, summary
+from trex_fast.models.registry import ArchError
 from trex_fast.safe_load import BadFileError
 
 PROGRAM = "trex_fast.eval"
 # A user's error (a refused, unreadable, missing or foreign file, a backbone of another --arch,
 # an unusable device, a missing dataset): one line, exit 2.
 USER_ERRORS = (BadFileError, FileNotFoundError, NotACheckpointError, UnavailableError,
-               DatasetNotReady)
+               DatasetNotReady, ArchError, ExportError)
 
 
 def _in1k(s: In1kSettings) -> None:
@@ -64,7 +66,7 @@ def _transfer(s: TransferSettings) -> None:
 
 def _export(s: ExportSettings) -> None:
     result = export(s)
-    print(f"wrote {result['path']} ({result['arch']})")
+    print(f"wrote {result['path']} ({result['arch']}, {result['format']})")
 
 
 def _command(settings, run, doc: str):
@@ -82,7 +84,8 @@ COMMANDS = {
                          "scored on test, averaged over seeds; the table, JSON, CSV and "
                          "trade-off plot; the last line is one JSON object."),
     "export": _command(ExportSettings, _export, "Write the backbone of a trex_fast checkpoint "
-                       "as a torchvision state_dict."),
+                       "as shareable weights: model.safetensors, a torch .pth, or an hf folder "
+                       "with a model card."),
 }
 
 

@@ -19,7 +19,8 @@ class KnnSettings:
                              "released)")
     train: str = required("ImageFolder of the labelled (memory) images")
     val: str = required("ImageFolder of the images to classify")
-    arch: str = flag("resnet50", "torchvision architecture of the backbone")
+    arch: str = flag("resnet50", "backbone architecture: a torchvision ResNet or timm/<name> "
+                                 "(trex_fast.models.registry)")
     k: int = flag(20, "neighbours")
     temperature: float = flag(0.07, "of the exp(cosine / T) vote weights")
     image_size: int = flag(224, "centre-crop side (Resize to 256/224 of it first)")

@@ -27,7 +27,7 @@ from trex_fast.eval.datasets import ImageList, Labelled, is_path, resolve_all
 from trex_fast.eval.features import AUTO_WORKERS, extract_features, trust_help
 from trex_fast.eval.probes import SGD_EPOCHS, TRIALS, log_odds, per_class_split, probe
 from trex_fast.eval.report import NOT_IN_MEAN, write_outputs
-from trex_fast.models.weights import load_backbone
+from trex_fast.models.weights import SAFETENSORS, load_backbone
 from trex_fast.runlog import device_name, git_revision, library_versions
 from trex_fast.safe_load import load_file
 
@@ -47,7 +47,8 @@ class TransferSettings:
             "and/or ImageFolder roots holding train/ and test/ (or val/)", required=True)
     data_root: str = flag(".", "the folder the named datasets sit in, each in its official "
                                "layout")
-    arch: str = flag("resnet50", "torchvision architecture of the backbone")
+    arch: str = flag("resnet50", "backbone architecture: a torchvision ResNet or timm/<name> "
+                                 "(trex_fast.models.registry)")
     trials: int = flag(TRIALS, "Optuna trials per dataset and seed (the paper: 30)")
     seeds: int = flag(3, "seeds averaged (validation split, sampler, SGD order); mean and std "
                          "reported")
@@ -85,10 +86,12 @@ def backbone_tag(path: str, arch: str) -> str:
     """One cache folder per backbone: its file name, arch and a hash of its bytes (a
     retrained file under the same name gets new features)."""
     digest = hashlib.sha1()
-    with open(path, "rb") as f:
+    weights = os.path.join(path, SAFETENSORS) if os.path.isdir(path) else path  # an hf folder
+    with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return f"{os.path.basename(path)}_{arch}_{digest.hexdigest()[:12]}"
+    name = os.path.basename(os.path.normpath(path))
+    return f"{name}_{arch.replace('/', '-')}_{digest.hexdigest()[:12]}"  # timm/<name>: one folder
 
 
 def cached_features(net, images: ImageList, cache: str, device: torch.device, batch_size: int,

@@ -1,9 +1,10 @@
 """Backbone, projector, cosine classifier and the per-resolution multi-crop forward.
 
-RECIPE.md "Model": torchvision ResNet (default init, no zero-init of residual BN gammas) with
-`fc` replaced by identity; a projector that is thrown away after training; the backbone runs
-once per resolution group so BatchNorm statistics are per resolution, and the projector sees
-all crops of the step at once.
+RECIPE.md "Model": a backbone of the registry (trex_fast.models.registry: the torchvision
+ResNet of the recipe, default init, `fc` replaced by identity, or a timm model without its
+head); a projector that is thrown away after training; the backbone runs once per resolution
+group so BatchNorm statistics are per resolution (a ViT resizes its position embedding to each
+group's grid), and the projector sees all crops of the step at once.
 """
 from __future__ import annotations
 
@@ -12,19 +13,16 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-from trex_fast.config import ARCHS, Config
+from trex_fast.models.registry import DEFAULT_OPTIONS, BackboneOptions
+from trex_fast.models.registry import build_backbone as build_registered
 
 
-def build_backbone(arch: str) -> tuple[nn.Module, int]:
-    """A bare torchvision ResNet with fc = identity, and its pooled feature dimension."""
-    if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
-    net = getattr(torchvision.models, arch)(weights=None)  # zero_init_residual=False
-    feature_dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, feature_dim
+def build_backbone(arch: str, options: BackboneOptions = DEFAULT_OPTIONS
+                   ) -> tuple[nn.Module, int]:
+    """The registry's backbone of `arch` (head removed) and its pooled feature dimension."""
+    backbone = build_registered(arch, options)
+    return backbone.module, backbone.feature_dim
 
 
 class Projector(nn.Module):
@@ -106,8 +104,10 @@ class MultiCropNet(nn.Module):
         return self.projector(torch.cat(features))  # [(G+L)*B, D]
 
 
-def build_model(cfg: Config, num_classes: int) -> MultiCropNet:
-    backbone, feature_dim = build_backbone(cfg.arch)
+def build_model(cfg, num_classes: int) -> MultiCropNet:
+    """The online network of a trex_fast.config.Config: backbone, projector, and the cosine
+    classifier when the run has no memory bank."""
+    backbone, feature_dim = build_backbone(cfg.arch, BackboneOptions.of(cfg))
     projector = Projector(feature_dim, cfg.pr_hidden_dim, cfg.pr_bottleneck_dim,
                           cfg.pr_hidden_layers, cfg.pr_input_l2_norm)
     classifier = None
@@ -117,5 +117,6 @@ def build_model(cfg: Config, num_classes: int) -> MultiCropNet:
 
 
 def backbone_state_dict(net: MultiCropNet) -> dict[str, torch.Tensor]:
-    """The backbone's weights, loadable into a bare torchvision model (only fc missing)."""
+    """The backbone's weights, loadable into the library's bare model of the arch (torchvision
+    or timm) with only the classifier head missing."""
     return {k: v.detach().cpu().clone() for k, v in net.backbone.state_dict().items()}
