@@ -19,11 +19,11 @@ from pipelines.convert.verify import verify as verify_outputs
 from pipelines.errors import BadFileError
 
 
-def main(src=None, dst=None, formats=None, splits=None, max_resolution=None, jpeg_quality=None,
-         write_mode=None, compress_probability=None, smart_threshold=None, shard_size=None,
-         val_labels=None, classes=None, limit_per_class=None, on_error=None, seed=None,
-         train_order=None, chunk_size=None, num_workers=None, overwrite=None, verify=None,
-         check_disk=None) -> None:
+def main(src=None, dst=None, formats=None, splits=None, max_resolution=None,
+         val_max_resolution=None, jpeg_quality=None, write_mode=None, compress_probability=None,
+         smart_threshold=None, shard_size=None, val_labels=None, classes=None,
+         limit_per_class=None, on_error=None, seed=None, train_order=None, chunk_size=None,
+         num_workers=None, overwrite=None, verify=None, check_disk=None) -> None:
     """Convert <src>/{train,val} into <dst>/{train,val}.beton, <dst>/dali/ and <dst>/meta.json.
 
     Args:
@@ -33,6 +33,8 @@ def main(src=None, dst=None, formats=None, splits=None, max_resolution=None, jpe
         formats: comma-separated subset of ffcv,dali.
         splits: comma-separated subset of train,val.
         max_resolution: images are resized so the longer side is at most this many px.
+        val_max_resolution: the same for val (default: max_resolution); 0 keeps val at full
+            resolution, as the source JPEG bytes where no repair is needed (docs/CONVERT.md).
         jpeg_quality: JPEG quality (1-100) of the re-encoded images.
         write_mode: FFCV storage, one of jpg, raw, smart, proportion (DALI always gets JPEG).
         compress_probability: with write_mode=proportion, the probability that an image is
