@@ -7,6 +7,8 @@ disjoint shards; their counts are summed.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -16,9 +18,12 @@ from trex_fast.step import TrainState
 
 
 @torch.no_grad()
-def evaluate(state: TrainState, val_data) -> dict:
+def evaluate(state: TrainState, val_data, fp32: bool = False) -> dict:
     """val_top1 and val_top5 (percent) and val_loss over the whole val split. Counts stay on
-    the device until the one host sync at the end (no per-batch .item())."""
+    the device until the one host sync at the end (no per-batch .item()). fp32: autocast off
+    whatever the run's precision (the end-of-run figure, trex_fast.eval.final); val_data then
+    yields fp32 images."""
+    precision = contextlib.nullcontext() if fp32 else state.autocast()
     online = state.online
     was_training = online.training
     online.eval()
@@ -28,7 +33,7 @@ def evaluate(state: TrainState, val_data) -> dict:
     # loss sum, top-1 hits, top-5 hits, images
     totals = torch.zeros(4, device=state.device, dtype=torch.float64)
     for images, labels in val_data:
-        with state.autocast():
+        with precision:
             z = online.embed(images)  # [n, D]
         loss, correct = prototype_ce_with_top1(z, class_weight, labels, state.cfg.clf_tau,
                                                state.loss_impl)
