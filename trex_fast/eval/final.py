@@ -115,18 +115,8 @@ def _mismatch(folder: str, classes: list[str]) -> str | None:
 # ---------------------------------------------------------------------------------------------
 def head_figure(cfg: Config, plan: RunPlan, state: TrainState, fin: FinalPlan,
                 val_data) -> dict:
-    """The training head's top-1/top-5 in fp32 (every rank, on its shard). `val_data` (the
-    run's own) is read again only where it already is that: the reference pipeline's val in
-    fp32."""
-    settings = dataclasses.replace(plan.loader_settings(), dtype=torch.float32)
-    own = plan.pipeline == "reference" and plan.precision == "fp32" and fin.val_folder == \
-        os.path.abspath(val_location(plan))
-    if own:
-        data = val_data
-    elif fin.val_folder is not None:
-        data = ReferenceValData(fin.val_folder, cfg.global_size, settings)
-    else:
-        data = build_val(cfg, plan, settings)
+    """The training head's top-1/top-5 in fp32 (every rank, on its shard)."""
+    data = _fp32_val(cfg, plan, fin, val_data)
     try:
         result = evaluate(state, data, fp32=True)
     finally:
@@ -137,6 +127,18 @@ def head_figure(cfg: Config, plan: RunPlan, state: TrainState, fin: FinalPlan,
             "in1k_head_images": int(result["val_images"]), "in1k_head_source": fin.source,
             "in1k_head_on_original_val": fin.val_folder is not None,
             "in1k_head_transform": f"Resize({val_resize_size(size)}) + CenterCrop({size})"}
+
+
+def _fp32_val(cfg: Config, plan: RunPlan, fin: FinalPlan, val_data):
+    """The val images of FinalPlan as fp32 batches: the run's own loader where it already reads
+    them so (the reference pipeline in fp32), else a loader made for this one pass."""
+    reads_them = plan.pipeline == "reference" and plan.precision == "fp32"
+    if reads_them and fin.val_folder == os.path.abspath(val_location(plan)):
+        return val_data
+    settings = dataclasses.replace(plan.loader_settings(), dtype=torch.float32)
+    if fin.val_folder is not None:
+        return ReferenceValData(fin.val_folder, cfg.global_size, settings)
+    return build_val(cfg, plan, settings)
 
 
 def probe_figure(cfg: Config, plan: RunPlan, root: str, backbone: str,

@@ -1,9 +1,10 @@
 """IN1K-style validation with the training head (RECIPE.md "Evaluation").
 
-The one validation path: training's per-epoch validation and `trex_fast.eval in1k` both call
-`evaluate`. The online network in eval mode embeds each val image (Resize + CenterCrop), and
-the head is the one the loss uses: memory prototypes or the cosine classifier. Ranks hold
-disjoint shards; their counts are summed.
+The one validation path: training's per-epoch validation, the end-of-run figure in fp32
+(trex_fast.eval.final) and `trex_fast.eval in1k` all call `evaluate`. The online network in
+eval mode embeds each val image (Resize + CenterCrop), and the head is the one the loss uses:
+memory prototypes or the cosine classifier. Ranks hold disjoint shards; their counts are
+summed.
 """
 from __future__ import annotations
 
