@@ -91,7 +91,7 @@ def _candidates(plan: RunPlan) -> list[tuple[str, str]]:
         src = load_meta(Path(plan.data_root)).get("options", {}).get("src")
         if src:
             found.append((os.path.join(src, "val"), "the converter's source, meta.json"))
-    return found
+    return [(os.path.abspath(folder), name) for folder, name in found]
 
 
 def _mismatch(folder: str, classes: list[str]) -> str | None:
