@@ -453,7 +453,7 @@ def test_cli_reports_errors_without_traceback(tree, tmp_path):
 
 def test_permission_error_is_reported_as_unreadable(tree, monkeypatch):
     _deny_noperm(monkeypatch)
-    spec = convert_mod.encode_spec(make_options(src=str(tree), dst="out"))
+    spec = convert_mod.encode_spec(make_options(src=str(tree), dst="out"), "train")
     rel = f"train/{WNIDS[0]}/bad_noperm.JPEG"
     encoded, issues = images.convert_file(str(tree / rel), rel, "train", 0, spec)
     assert encoded is None and [i.kind for i in issues] == ["unreadable"]
@@ -472,7 +472,7 @@ def test_an_unexpected_failure_is_one_issue_not_a_crash(tree, monkeypatch):
         raise ValueError("conversion not supported")
 
     monkeypatch.setattr(images, "_to_rgb", broken)
-    spec = convert_mod.encode_spec(make_options(src=str(tree), dst="out"))
+    spec = convert_mod.encode_spec(make_options(src=str(tree), dst="out"), "train")
     rel = f"train/{WNIDS[1]}/{WNIDS[1]}_0.JPEG"
     encoded, issues = images.convert_file(str(tree / rel), rel, "train", 0, spec)
     assert encoded is None and [(i.kind, i.action) for i in issues] == [("decode_error",
@@ -630,3 +630,56 @@ def test_an_invalid_meta_json_is_named_in_one_line(converted, tmp_path):
             with pytest.raises(BadFileError, match=f"^{dst / 'meta.json'}: {says}") as e:
                 read()
             assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #25: val at full resolution, as the source JPEG bytes where no repair is needed
+# ---------------------------------------------------------------------------------------------
+def _shard_jpegs(folder: Path) -> list[bytes]:
+    jpegs = []
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            jpegs += [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".jpg")]
+    return jpegs
+
+
+def test_val_max_resolution_0_keeps_val_as_the_source(tmp_path):
+    src = make_tree(tmp_path / "src", per_class=1, val_per_class=2, bad=False, seed=3)
+    rng = np.random.default_rng(1)
+    big = src / "val" / WNIDS[0] / "ILSVRC2012_val_big.JPEG"  # over the train cap
+    big.write_bytes(_in1k_jpeg(rng, 150, 300))
+    gray = src / "val" / WNIDS[1] / "ILSVRC2012_val_gray.JPEG"  # needs a repair
+    gray.write_bytes(_in1k_jpeg(rng, 140, 90, gray=True))
+    kw = {"formats": "dali", "max_resolution": 64, "jpeg_quality": 50}
+    meta = _run(src, tmp_path / "full", **kw, val_max_resolution=0)
+    sources = [p for d in sorted((src / "val").iterdir()) for p in sorted(d.iterdir())]
+    stored = _shard_jpegs(tmp_path / "full" / "dali" / "val")
+    assert len(stored) == len(sources) == meta["counts"]["val"]
+    for path, data in zip(sources, stored, strict=True):
+        original = Image.open(path)
+        assert Image.open(io.BytesIO(data)).size == original.size, path.name
+        assert (data == path.read_bytes()) == (path != gray), path.name  # gray: re-encoded
+    assert max(Image.open(p).size[0] for p in sources) > 64
+    assert all(max(Image.open(io.BytesIO(d)).size) <= 64  # train keeps its cap
+               for d in _shard_jpegs(tmp_path / "full" / "dali" / "train"))
+    opts = make_options(src=str(src), dst=str(tmp_path / "full"), **{**SMALL, **kw},
+                        val_max_resolution=0)
+    assert verify(opts) == []
+    # the default caps val too and keeps the fingerprint of conversions made before the option
+    assert "val_max_resolution" not in make_options(src=str(src), dst="o").output_options()
+    _run(src, tmp_path / "capped", **kw)
+    assert all(max(Image.open(io.BytesIO(d)).size) <= 64
+               for d in _shard_jpegs(tmp_path / "capped" / "dali" / "val"))
+
+
+def _in1k_jpeg(rng: np.random.Generator, height: int, width: int, gray: bool = False) -> bytes:
+    from _in1k_fixture import jpeg_bytes, smooth_image
+
+    rgb = smooth_image(rng, height, width)
+    return jpeg_bytes(rgb[:, :, 0] if gray else rgb)
+
+
+@pytest.mark.parametrize("value", [8, -1, 70000, "full", 1.5, True])
+def test_a_bad_val_max_resolution_names_the_flag(tree, value):
+    with pytest.raises(ConvertError, match=r"--val_max_resolution=.*expected 0 \(no cap"):
+        make_options(src=str(tree), dst="out", val_max_resolution=value)

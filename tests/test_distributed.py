@@ -1,6 +1,8 @@
-"""A 2-process gloo DDP run: ranks end with identical memory banks and identical weights."""
+"""A 2-process gloo DDP run: ranks end with identical memory banks and identical weights, and
+distributed.main_then_all makes every rank wait for rank 0's work."""
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,8 +34,24 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             train_step(state, synthetic_batch(state.cfg, seed=100 * rank + step))
         torch.save({"memory": state.memory.state_dict(), "online": state.online.state_dict(),
                     "ema": state.ema.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        _check_main_then_all(rank, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def _check_main_then_all(rank: int, out_dir: str) -> None:
+    """distributed.main_then_all (the end-of-run probe, issue #25): the work runs on rank 0 and
+    no rank returns before it has ended (checked here, in the same spawn: spawns are slow)."""
+    done = os.path.join(out_dir, "main_work_done")
+
+    def work():
+        time.sleep(0.5)
+        open(done, "w").close()
+        return "result"
+
+    result = distributed.main_then_all(work)
+    assert result == ("result" if rank == 0 else None), result
+    assert os.path.exists(done), f"rank {rank} returned before rank 0's work ended"
 
 
 def test_two_rank_ddp_keeps_memory_and_weights_identical(tmp_path):

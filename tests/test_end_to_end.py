@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,23 @@ def test_convert_then_train(converted, tmp_path, pipeline):
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     # the FFCV pipeline replaces and counts images that fail to decode (issue #26); DALI stops
     assert record.get("corrupt_images") == (0 if pipeline == "ffcv" else None)
+    # the end-of-run head figure (issue #25) read the converter's source val JPEGs; without
+    # them, reporting the finished run again reads the run's own val data in fp32 and says so
+    final = json.loads((out / "final.json").read_text())
+    src_val = os.path.join(json.loads((Path(converted) / "meta.json").read_text())["options"]
+                           ["src"], "val")
+    assert final["in1k_head_source"] == \
+        f"original val JPEGs at {src_val} (the converter's source, meta.json)"
+    assert final["in1k_head_images"] == 16
+    os.rename(src_val, src_val + ".away")
+    try:
+        run(cfg)
+    finally:
+        os.rename(src_val + ".away", src_val)
+    final = json.loads((out / "final.json").read_text())
+    assert final["in1k_head_source"].startswith(f"the run's own val data, {pipeline} at ")
+    assert final["in1k_head_on_original_val"] is False and final["in1k_head_images"] == 16
+    assert final["in1k_head_top1_fp32"] == pytest.approx(result["val_top1"], abs=1e-9)  # fp32
 
 
 @pytest.mark.parametrize("pipeline", [

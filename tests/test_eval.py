@@ -42,6 +42,19 @@ def test_in1k_with_the_training_head_matches_training_validation(trained):
     assert report["top5"] >= report["top1"]
 
 
+def test_the_run_ends_with_both_in1k_figures_named(trained):
+    """final.json (issue #25): on the CPU the run trains in fp32 on the ImageFolder's own val
+    JPEGs, so the head's end-of-run figure is its last epoch's val_top1."""
+    root, result = trained
+    record = json.loads((root / "run" / "final.json").read_text())
+    assert record["in1k_head_top1_fp32"] == pytest.approx(result["val_top1"], abs=1e-9)
+    assert record["in1k_head_images"] == 16 and record["in1k_head_on_original_val"] is True
+    assert record["in1k_head_source"] == f"original val JPEGs at {root / 'data' / 'val'} " \
+                                         "(<data>/val)"
+    assert record["in1k_probe_top1"] is None and record["val_top1_last_epoch"] == \
+        result["val_top1"]
+
+
 def test_export_then_import_gives_identical_features(trained, tmp_path):
     root, _ = trained
     out = tmp_path / "r18.pth"

@@ -30,3 +30,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["resolved"]["world_size"] == 2 and config["resolved"]["global_batch"] == 8
     assert (out / "backbone.pth").is_file() and (out / "checkpoint.pt").is_file()
+    final = json.loads((out / "final.json").read_text())  # both ranks evaluated, rank 0 wrote
+    assert final["in1k_head_images"] == 24 and final["in1k_head_on_original_val"] is True
+    assert final["in1k_head_top1_fp32"] == record["val_top1"]  # fp32 on the CPU: the same pass
+    assert "IN1K at the end of the run" in proc.stdout + proc.stderr

@@ -19,6 +19,7 @@ LOSS_IMPLS = ("auto", "torch", "triton")
 PIPELINES = ("auto", "reference", "ffcv", "dali")
 DECODES = ("auto", "cpu", "gpu")
 ONOFF_AUTO = ("auto", "on", "off")
+FINAL_PROBES = ("off", "in1k")
 
 
 class ConfigError(FlagError):
@@ -135,6 +136,15 @@ class Config:
     log_every: int = _f(50, "steps between reads of the on-device metrics (the only host sync)",
                         FREE)
     eval_every: int = _f(1, "epochs between validations (0 = only after the last epoch)", FREE)
+    val_images: str = _f("", "ImageFolder of the original IN1K val JPEGs (<wnid>/*.JPEG, the "
+                             "run's classes) for the end-of-run head top-1 in fp32; empty = "
+                             "<data>/val if it is one, else the val/ of the converter's source "
+                             "named in <data>/meta.json, else the run's own val data "
+                             "(final.json says which)", FREE)
+    final_probe: str = _f("off", f"one of {FINAL_PROBES}: in1k = also run the transfer suite's "
+                                 "linear probe on frozen IN1K features at the end (costly: "
+                                 "features of all train/ images next to the original val "
+                                 "folder, 30 trials x 3 seeds)", FREE)
     tensorboard: bool = _f(False, "also write each epoch's metrics as TensorBoard events in "
                                   "output_dir/tensorboard (needs the tensorboard extra)", FREE)
     resume: str = _f("", "checkpoint to resume from; empty = the newest checkpoint of "
@@ -210,6 +220,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("pipeline", cfg.pipeline, PIPELINES)
     _check_choice("decode", cfg.decode, DECODES)
     _check_choice("sync_bn", cfg.sync_bn, ONOFF_AUTO)
+    _check_choice("final_probe", cfg.final_probe, FINAL_PROBES)
     dev = cfg.device
     _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
            "device", dev, "auto, cpu, cuda or cuda:N")

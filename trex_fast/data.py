@@ -12,6 +12,7 @@ import torch
 from torchvision.datasets.folder import find_classes
 
 from pipelines import demo_data
+from pipelines.batch import LoaderSettings
 from pipelines.convert.report import load_meta
 from pipelines.errors import BadFileError
 from pipelines.loaders.reference import ReferenceTrainData, ReferenceValData
@@ -37,13 +38,13 @@ def _check_imagefolder(root: str) -> None:
                 "ImageFolder root with train/<class>/*.JPEG and val/<class>/*.JPEG")
 
 
-def count_classes(root: str, pipeline: str) -> int:
-    """The number of classes, the one home of this fact (issue #15): the converter's class list
-    in <root>/meta.json for converted data (ffcv, dali), the train/ class folders otherwise
-    (as ImageFolder lists them). Labels are indexes into that list."""
+def class_names(root: str, pipeline: str) -> list[str]:
+    """The run's classes in label order, the one home of this fact (issue #15): the converter's
+    class list in <root>/meta.json for converted data (ffcv, dali), the train/ class folders
+    otherwise (as ImageFolder lists them). Labels are indexes into this list."""
     if pipeline == "reference":
         _check_imagefolder(root)
-        return len(find_classes(os.path.join(root, "train"))[0])
+        return find_classes(os.path.join(root, "train"))[0]
     if not os.path.isfile(os.path.join(root, "meta.json")):
         raise FileNotFoundError(f"--data={root!r} has no meta.json: --pipeline={pipeline} reads "
                                 "data converted by tools/convert_in1k.py, which writes it last")
@@ -51,7 +52,11 @@ def count_classes(root: str, pipeline: str) -> int:
     if not classes:
         raise BadFileError(f"{os.path.join(root, 'meta.json')}: lists no classes; rerun "
                            "tools/convert_in1k.py")
-    return len(classes)
+    return list(classes)
+
+
+def count_classes(root: str, pipeline: str) -> int:
+    return len(class_names(root, pipeline))
 
 
 def build_data(cfg: Config, plan):
@@ -62,32 +67,46 @@ def build_data(cfg: Config, plan):
         from trex_fast import availability
 
         availability.require("ffcv", availability.has_ffcv(), "ffcv")
-        from pipelines.loaders.ffcv_multicrop import FfcvTrainData, FfcvValData  # imports ffcv
+        from pipelines.loaders.ffcv_multicrop import FfcvTrainData  # imports ffcv
 
         train = FfcvTrainData(os.path.join(root, "train.beton"), multicrop_spec(cfg), settings,
                               decode=plan.decode)
-        val = FfcvValData(os.path.join(root, "val.beton"), cfg.global_size, settings,
-                          decode=plan.decode)
-        return train, val
+        return train, build_val(cfg, plan, settings)
     if pipeline == "dali":
         from trex_fast import availability
 
         availability.require("nvidia-dali", availability.has_dali(), "dali")
-        from pipelines.loaders.dali_multicrop import (  # imports nvidia.dali
-            DaliTrainData,
-            DaliValData,
-        )
+        from pipelines.loaders.dali_multicrop import DaliTrainData  # imports nvidia.dali
 
         train = DaliTrainData(os.path.join(root, "dali", "train"), multicrop_spec(cfg), settings)
-        val = DaliValData(os.path.join(root, "dali", "val"), cfg.global_size, settings)
-        return train, val
+        return train, build_val(cfg, plan, settings)
     if pipeline != "reference":
         raise NotImplementedError(f"--pipeline={pipeline!r}: accepted values are auto, "
                                   "reference, ffcv, dali")
     _check_imagefolder(root)
     train = ReferenceTrainData(os.path.join(root, "train"), multicrop_spec(cfg), settings)
-    val = ReferenceValData(os.path.join(root, "val"), cfg.global_size, settings)
-    return train, val
+    return train, build_val(cfg, plan, settings)
+
+
+def val_location(plan) -> str:
+    """Where the run's own val split is stored (its pipeline's format)."""
+    return os.path.join(plan.data_root, {"ffcv": "val.beton", "dali": os.path.join("dali", "val"),
+                                         "reference": "val"}[plan.pipeline])
+
+
+def build_val(cfg: Config, plan, settings: LoaderSettings):
+    """The run's own val data, read by its pipeline with `settings` (the end of the run reads
+    it again in fp32: trex_fast.eval.final)."""
+    where = val_location(plan)
+    if plan.pipeline == "ffcv":
+        from pipelines.loaders.ffcv_multicrop import FfcvValData  # imports ffcv
+
+        return FfcvValData(where, cfg.global_size, settings, decode=plan.decode)
+    if plan.pipeline == "dali":
+        from pipelines.loaders.dali_multicrop import DaliValData  # imports nvidia.dali
+
+        return DaliValData(where, cfg.global_size, settings)
+    return ReferenceValData(where, cfg.global_size, settings)
 
 
 def close_data(*datas) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,3 +90,20 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x)
     return x
+
+
+MAIN_WORK_TIMEOUT = datetime.timedelta(hours=48)  # e.g. the IN1K probe's feature extraction
+
+
+def main_then_all(work: Callable[[], object]) -> object:
+    """work() on rank 0 while the other ranks wait for it; its result on rank 0, None elsewhere.
+    The wait is a barrier of a gloo group made for it: a collective of the training group
+    (NCCL) would be ended by its watchdog after the group's 30 minutes. If work() raises,
+    torchrun ends the waiting ranks when rank 0 exits."""
+    if not is_distributed():
+        return work()
+    group = dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT)
+    result = work() if dist.get_rank() == 0 else None
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
+    return result

@@ -18,6 +18,8 @@ from pipelines import atomic
 from trex_fast.config import Config, to_dict
 
 METRICS_NAME = "metrics.jsonl"
+FINAL_NAME = "final.json"  # the end of a run: both IN1K figures (trex_fast.eval.final)
+HEAD_TOP1_FP32 = "in1k_head_top1_fp32"  # final.json: the training head, fp32
 TENSORBOARD_DIR = "tensorboard"
 
 # metrics.jsonl: one record per epoch. Its keys and their units live here, once: the writers
@@ -96,6 +98,19 @@ def read_metrics(out_dir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def in1k_head_top1(out_dir: str) -> float | None:
+    """A run's IN1K top-1 with the training head: final.json's fp32 figure when the run ended
+    with one, else the last validated epoch's val_top1 (bf16 on a GPU), else None."""
+    path = os.path.join(out_dir, FINAL_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            top1 = json.load(f).get(HEAD_TOP1_FP32)
+        if top1 is not None:
+            return top1
+    vals = [r[VAL_TOP1] for r in read_metrics(out_dir) if r.get(VAL_TOP1) is not None]
+    return vals[-1] if vals else None
 
 
 def truncate_metrics(out_dir: str, completed_epochs: int) -> None:

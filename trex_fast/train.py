@@ -22,6 +22,7 @@ from trex_fast.build import build_state
 from trex_fast.cli import fail, flags_signature, run_cli
 from trex_fast.config import Config, ConfigError, help_text, make_config
 from trex_fast.data import close_data, epoch_data_counts
+from trex_fast.eval import final
 from trex_fast.eval.in1k import evaluate
 from trex_fast.loop import (
     CheckpointClock,
@@ -141,6 +142,7 @@ def _run_planned(cfg: Config, plan: RunPlan, train_data, val_data, stop: StopSig
     if cfg.profile_steps:  # a fresh state: the run's own checkpoints are not touched
         return _profile(cfg, plan, build_state(cfg, plan), train_data)
     found = _find_checkpoint(cfg, plan, ckpts)  # refuses a changed run before any work
+    fin = final.plan_final(cfg, plan)  # a bad --val_images fails now, not after training
     state = build_state(cfg, plan)
     resumed = _resume(cfg, plan, state, found)
     if plan.is_main:
@@ -153,10 +155,12 @@ def _run_planned(cfg: Config, plan: RunPlan, train_data, val_data, stop: StopSig
         deviation = batch_deviation(cfg, plan)
         if deviation:
             _log(f"deviation from the recipe: {deviation}")
+        _log(f"at the end: the training head's IN1K top-1 in fp32 on {fin.source}"
+             + (f"; the IN1K linear probe on {fin.probe_root}" if fin.probe_root else ""))
     last = _train(cfg, plan, state, train_data, val_data, ckpts, resumed, stop)
     if "stopped_at_step" in last:
         return last
-    return _finish(cfg, plan, state, val_data, last)
+    return _finish(cfg, plan, state, val_data, last, fin)
 
 
 def _train(cfg: Config, plan: RunPlan, state: TrainState, train_data, val_data,
@@ -234,18 +238,24 @@ def _end_of_epoch(cfg: Config, plan: RunPlan, state: TrainState, val_data, epoch
     return record
 
 
-def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict) -> dict:
+def _finish(cfg: Config, plan: RunPlan, state: TrainState, val_data, last: dict,
+            fin: final.FinalPlan) -> dict:
     if not last:  # the run had already finished: report it again
         last = {runlog.EPOCH: cfg.epochs, runlog.STEP: state.step, **evaluate(state, val_data)}
     out_dir = plan.output_dir
+    backbone_path = os.path.join(out_dir, "backbone.pth")
     if plan.is_main:
-        backbone_path = os.path.join(out_dir, "backbone.pth")
         atomic.save_torch(backbone_state_dict(state.online), backbone_path)
         _log(f"done: val top-1 {last[runlog.VAL_TOP1]:.2f}% after {last[runlog.EPOCH]} epochs "
              f"({state.step} steps)")
+    # both IN1K figures, named (issue #25): every rank evaluates, rank 0 probes and writes
+    record = final.final_figures(cfg, plan, state, fin, val_data, backbone_path, last)
+    if plan.is_main:
+        for line in final.report_lines(record):
+            _log(line)
         _log(f"outputs in {os.path.abspath(out_dir)}: config.json env.json metrics.jsonl "
-             f"loss.png accuracy.png checkpoint.pt backbone.pth ({cfg.arch}, "
-             f"{head_prefix(cfg.arch)} missing)")
+             f"{final.FINAL_JSON} loss.png accuracy.png checkpoint.pt backbone.pth "
+             f"({cfg.arch}, {head_prefix(cfg.arch)} missing)")
     return last
 
 

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from .atomic import replace_durably, write_bytes_atomic
@@ -46,11 +47,12 @@ def fingerprint(opts: ConvertOptions, plan: SourcePlan) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def encode_spec(opts: ConvertOptions) -> EncodeSpec:
-    return EncodeSpec(max_resolution=opts.max_resolution, jpeg_quality=opts.jpeg_quality,
+def encode_spec(opts: ConvertOptions, split: str) -> EncodeSpec:
+    return EncodeSpec(max_resolution=opts.resolution(split), jpeg_quality=opts.jpeg_quality,
                       write_mode=opts.write_mode, compress_probability=opts.compress_probability,
                       smart_threshold=opts.smart_threshold, seed=opts.seed,
-                      want_ffcv="ffcv" in opts.formats, want_dali="dali" in opts.formats)
+                      want_ffcv="ffcv" in opts.formats, want_dali="dali" in opts.formats,
+                      keep_source=opts.keeps_source(split))
 
 
 def convert(opts: ConvertOptions, timings: dict | None = None) -> dict:
@@ -104,8 +106,8 @@ def _run(opts: ConvertOptions, plan: SourcePlan, fp: str, work: WorkDir, todo: l
     """Encode what is missing, write what is missing, then meta.json; return its content."""
     dst = Path(opts.dst)
     work.begin(fp, opts.output_options())
-    tasks = {name: make_tasks(work, name, opts.src, plan.splits[name].samples, encode_spec(opts),
-                              opts.chunk_size) for name in todo}
+    tasks = {name: make_tasks(work, name, opts.src, plan.splits[name].samples,
+                              encode_spec(opts, name), opts.chunk_size) for name in todo}
     start, start_cpu = time.perf_counter(), _cpu_seconds()
     timings["encoded"] = _encode_all([t for ts in tasks.values() for t in ts], opts)
     timings["encode_s"] = time.perf_counter() - start
@@ -261,16 +263,18 @@ def estimate_bytes(opts: ConvertOptions, plan: SourcePlan, splits: list[str]) ->
     small splits."""
     raw_share = {"jpg": 0.0, "raw": 1.0, "smart": 1.0,
                  "proportion": 1.0 - opts.compress_probability}[opts.write_mode]
-    raw = raw_share * opts.max_resolution ** 2 * 3 * 0.75  # 4:3 image at the longest side
-    page_size = page_size_for(opts.max_resolution ** 2 * 3 if raw_share else 0)
     total = 0.0
     for name in splits:
         samples = plan.splits[name].samples
         if not samples:
             continue
         step = max(1, len(samples) // 200)  # stat a deterministic spread, not every file
-        sizes = [_size(os.path.join(opts.src, s.path)) for s in samples[::step]]
+        sampled = [os.path.join(opts.src, s.path) for s in samples[::step]]
+        sizes = [_size(path) for path in sampled]
         jpeg = sum(sizes) / len(sizes)  # re-encoded ImageNet JPEGs stay close to the source
+        pixels, largest = _stored_pixels(opts, name, sampled if raw_share else [])
+        raw = raw_share * pixels * 3
+        page_size = page_size_for(largest * 3 if raw_share else 0)
         ffcv = "ffcv" in opts.formats
         dali = jpeg if "dali" in opts.formats else 0.0
         # Until a split is written, its chunk files hold the JPEG (and raw pixels) once more.
@@ -279,6 +283,16 @@ def estimate_bytes(opts: ConvertOptions, plan: SourcePlan, splits: list[str]) ->
         if ffcv:
             total += beton_size(len(samples), raw + (1.0 - raw_share) * jpeg, page_size)
     return int(DISK_MARGIN * total)
+
+
+def _stored_pixels(opts: ConvertOptions, split: str, sampled: list[str]) -> tuple[float, int]:
+    """(mean, largest) pixels of a stored image of the split: a 4:3 image at the cap, or for
+    an uncapped split the sizes in the sampled files' headers."""
+    side = opts.resolution(split)
+    if not opts.keeps_source(split) or not sampled:
+        return side * side * 0.75, side * side
+    areas = [_header_pixels(path) for path in sampled]
+    return sum(areas) / len(areas), max(areas)
 
 
 def check_disk(dst: Path, opts: ConvertOptions, plan: SourcePlan, splits: list[str]) -> None:
@@ -297,6 +311,14 @@ def check_disk(dst: Path, opts: ConvertOptions, plan: SourcePlan, splits: list[s
             f"({images} images: the work files and the {'+'.join(opts.formats)} outputs, "
             f".beton pages included), {free / 1e9:.1f} GB free. Free some space, "
             "choose another --dst, or pass --check_disk=False to skip this estimate")
+
+
+def _header_pixels(path: str) -> int:
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size[0] * im.size[1]
+    except Exception:  # a bad file is skipped by the conversion; count it as empty here
+        return 0
 
 
 def _size(path: str) -> int:

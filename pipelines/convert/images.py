@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .issues import HUGE_PIXELS, TINY_SIDE, Issue
+from .issues import HUGE_PIXELS, REPAIRED, TINY_SIDE, Issue
 
 # Decoded pixels above this (after DCT scaling for JPEG) would need > 0.8 GB per worker.
 MAX_DECODE_PIXELS = 1 << 28
@@ -43,6 +43,7 @@ class EncodeSpec:
     seed: int
     want_ffcv: bool
     want_dali: bool
+    keep_source: bool = False  # store the source's own JPEG bytes when it needs no repair
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,22 @@ def convert_file(path: str, rel: str, split: str, index: int,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's per-file warnings become Issues instead
-            rgb = _decode_rgb(_read(path), PurePosixPath(rel).suffix, spec.max_resolution, note)
-            return _encode(fit_within(rgb, spec.max_resolution), spec, split, index), issues
+            data = _read(path)
+            rgb = _decode_rgb(data, PurePosixPath(rel).suffix, spec.max_resolution, note)
+            fitted = fit_within(rgb, spec.max_resolution)
+            kept = data if spec.keep_source and _as_is(data, fitted is rgb, issues) else None
+            return _encode(fitted, spec, split, index, kept), issues
     except _Skip as skip:  # repairs noted before the failure no longer matter
         return None, [Issue(split, rel, skip.kind, skip.detail)]
     except Exception as e:  # one odd file (an exotic mode, a codec bug) must not stop the run
         return None, [Issue(split, rel, "decode_error", f"{type(e).__name__}: {e}")]
+
+
+def _as_is(data: bytes, unresized: bool, issues: list[Issue]) -> bool:
+    """Whether the source bytes are what the converter would otherwise have to make: a whole
+    JPEG (start and end markers) that needed no resize and no repair (upright 8-bit RGB)."""
+    whole_jpeg = data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"
+    return whole_jpeg and unresized and all(i.action != REPAIRED for i in issues)
 
 
 def _read(path: str) -> bytes:
@@ -197,9 +208,12 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return out.getvalue()
 
 
-def _encode(rgb: np.ndarray, spec: EncodeSpec, split: str, index: int) -> Encoded:
+def _encode(rgb: np.ndarray, spec: EncodeSpec, split: str, index: int,
+            source_jpeg: bytes | None = None) -> Encoded:
+    """The stored forms of rgb; source_jpeg: the source's own bytes, stored instead of a
+    re-encode (they decode to rgb)."""
     store_raw = spec.want_ffcv and _stores_raw(spec, rgb.nbytes, split, index)
     need_jpeg = spec.want_dali or (spec.want_ffcv and not store_raw)
-    jpeg = encode_jpeg(rgb, spec.jpeg_quality) if need_jpeg else None
+    jpeg = (source_jpeg or encode_jpeg(rgb, spec.jpeg_quality)) if need_jpeg else None
     raw = np.ascontiguousarray(rgb).tobytes() if store_raw else None
     return Encoded(width=rgb.shape[1], height=rgb.shape[0], jpeg=jpeg, raw=raw)

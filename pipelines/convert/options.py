@@ -19,6 +19,7 @@ WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 ON_ERROR = ("skip", "fail")
 TRAIN_ORDERS = ("shuffled", "source")
 RUNTIME_ONLY = ("dst", "num_workers", "overwrite", "verify", "check_disk")
+MAX_SIDE = 65535  # px: FFCV stores image sizes as uint16
 
 
 class ConvertError(Exception):
@@ -41,6 +42,11 @@ class ConvertOptions:
     splits: tuple[str, ...] = _flag(SPLITS, "comma-separated subset of train,val")
     max_resolution: int = _flag(500, "images are resized so the longer side is at most this "
                                      "many px")
+    val_max_resolution: int | None = _flag(None, "the same for val; default (None) "
+                                                 "max_resolution; 0 keeps val at full resolution, "
+                                                 "as the source JPEG bytes where no repair is "
+                                                 "needed (docs/CONVERT.md): the headline IN1K "
+                                                 "figure's images")
     jpeg_quality: int = _flag(90, "JPEG quality (1-100) of the re-encoded images")
     write_mode: str = _flag("jpg", "FFCV storage, one of jpg, raw, smart, proportion (DALI "
                                    "always gets JPEG)")
@@ -78,7 +84,19 @@ class ConvertOptions:
         """Everything that decides the output bytes (the fingerprint's and meta.json's view),
         as meta.json holds them (JSON values: tuples are lists), so the two compare equal."""
         kept = {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
+        if kept["val_max_resolution"] is None:  # conversions made before it keep their
+            del kept["val_max_resolution"]      # fingerprint: None changes no byte
         return json.loads(json.dumps(kept))
+
+    def resolution(self, split: str) -> int:
+        """The longer-side cap of the split's images (MAX_SIDE for an uncapped val)."""
+        if split != "val" or self.val_max_resolution is None:
+            return self.max_resolution
+        return self.val_max_resolution or MAX_SIDE
+
+    def keeps_source(self, split: str) -> bool:
+        """Whether the split stores the source's own JPEG bytes where no repair is needed."""
+        return split == "val" and self.val_max_resolution == 0
 
     @property
     def workers(self) -> int:
@@ -104,6 +122,13 @@ def _check_int(flag: str, value: object, low: int, high: int | None = None) -> N
     if not ok or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ConvertError(f"--{flag}={value!r}: expected an integer {bound}")
+
+
+def _check_val_cap(value: object) -> None:
+    if value is None or (type(value) is int and (value == 0 or 16 <= value <= MAX_SIDE)):
+        return
+    raise ConvertError(f"--val_max_resolution={value!r}: expected 0 (no cap: val kept as the "
+                       f"source) or an integer between 16 and {MAX_SIDE}")
 
 
 def _check_choice(flag: str, value: object, accepted: tuple[str, ...]) -> None:
@@ -151,7 +176,8 @@ def _check_dst_outside_src(src: str, dst: str) -> None:
 
 
 def _validate_numbers(opts: ConvertOptions) -> None:
-    _check_int("max_resolution", opts.max_resolution, 16, 65535)  # FFCV stores sizes as uint16
+    _check_int("max_resolution", opts.max_resolution, 16, MAX_SIDE)
+    _check_val_cap(opts.val_max_resolution)
     _check_int("jpeg_quality", opts.jpeg_quality, 1, 100)
     _check_int("shard_size", opts.shard_size, 1)
     _check_int("chunk_size", opts.chunk_size, 1)

@@ -81,7 +81,7 @@ def _verify_split(dst: Path, split: str, labels: list[int], opts: ConvertOptions
             label, data, size, is_jpeg = sample
             if label != expected:
                 problems.add(where, f"label {label}, source label {expected}")
-            _check_image(where, data, size, is_jpeg, opts.max_resolution, problems)
+            _check_image(where, data, size, is_jpeg, opts.resolution(split), problems)
         if same_bytes and None not in samples.values() and \
                 samples["ffcv"][1] != samples["dali"][1]:
             problems.add(f"{split} sample {index}", "FFCV and DALI hold different JPEG bytes")

@@ -187,7 +187,10 @@ def _cog(level: int):
 
 
 def _in1k(root):
-    base = os.path.join(root, "imagenet")
+    return _in1k_folders(os.path.join(root, "imagenet"))
+
+
+def _in1k_folders(base):
     return (_pairs(tvd.ImageFolder(os.path.join(base, "train"))),
             _pairs(tvd.ImageFolder(os.path.join(base, "val"))), "official train / val")
 
@@ -256,13 +259,23 @@ def resolve(entry: str, data_root: str) -> Labelled:
     """One --datasets entry (a name in SPECS, or an ImageFolder root) read and checked."""
     if is_path(entry):
         name = os.path.basename(os.path.normpath(entry))
-        reader, where = _image_folder, entry
-        reads_with, layout, kind = ("torchvision.datasets.ImageFolder",
-                                    "train/<class>/* and test/<class>/* (or val/)", "lbfgs")
-    else:
-        spec = SPECS[entry]
-        name, reader, where = entry, spec.reader, data_root
-        reads_with, layout, kind = spec.reads_with, spec.layout, spec.probe
+        return _read_checked(name, _image_folder, entry, "torchvision.datasets.ImageFolder",
+                             "train/<class>/* and test/<class>/* (or val/)", "lbfgs")
+    spec = SPECS[entry]
+    return _read_checked(entry, spec.reader, data_root, spec.reads_with, spec.layout,
+                         spec.probe)
+
+
+def in1k_at(root: str) -> Labelled:
+    """The `in1k` dataset (its reader, split and probe) read from an ImageNet root that holds
+    train/ and val/ directly, e.g. a training run's own data (trex_fast.eval.final)."""
+    spec = SPECS["in1k"]
+    return _read_checked("in1k", _in1k_folders, root, spec.reads_with,
+                         "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG", spec.probe)
+
+
+def _read_checked(name: str, reader: Callable, where: str, reads_with: str, layout: str,
+                  kind: str) -> Labelled:
     try:
         train, test, split = reader(where)
         missing = [p for p, _ in train + test if not os.path.isfile(p)]

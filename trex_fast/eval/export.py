@@ -24,7 +24,7 @@ from trex_fast.eval.features import trust_help
 from trex_fast.models.net import build_backbone
 from trex_fast.models.registry import TIMM_PREFIX, head_prefix
 from trex_fast.models.weights import SAFETENSORS, backbone_state, export_backbone
-from trex_fast.runlog import read_metrics
+from trex_fast.runlog import in1k_head_top1
 
 FORMATS = ("auto", "safetensors", "pth", "hf")
 CITATION = """@inproceedings{sariyildiz2023trex,
@@ -76,13 +76,13 @@ def _transfer_report(path: str) -> dict | None:
 
 def run_facts(ckpt: dict, run_dir: str, transfer: str = "") -> dict:
     """What the model card states, from a checkpoint and the run folder it sits in: the config,
-    epochs and step, the last IN1K val top-1 of metrics.jsonl, and the transfer report (the
+    epochs and step, the IN1K top-1 with the training head (runlog.in1k_head_top1: final.json's
+    fp32 figure, else the last epoch's), and the transfer report (the
     --transfer file or folder, else <run_dir>/transfer/transfer.json) when there is one."""
     cfg = ckpt["config"]
-    val = [r["val_top1"] for r in read_metrics(run_dir) if r.get("val_top1") is not None]
     return {"arch": cfg["arch"], "epochs": ckpt["epoch"], "step": ckpt["step"],
             "recipe": {k: cfg[k] for k in RECIPE_KNOBS if k in cfg},
-            "in1k_top1": val[-1] if val else None,
+            "in1k_top1": in1k_head_top1(run_dir),
             "transfer": _transfer_report(transfer or os.path.join(run_dir, "transfer"))}
 
 

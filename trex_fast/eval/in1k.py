@@ -1,13 +1,14 @@
 """IN1K-style validation with the training head (RECIPE.md "Evaluation").
 
-The one validation path: training's per-epoch validation and `trex_fast.eval in1k`
-(`evaluate_in1k`, a checkpoint evaluated in fp32) both call `evaluate`. The online network in
+The one validation path: training's per-epoch validation, the end-of-run figure in fp32
+(trex_fast.eval.final) and `trex_fast.eval in1k` all call `evaluate`. The online network in
 eval mode embeds each val image (Resize + CenterCrop), and the head is the one the loss uses:
 memory prototypes or the cosine classifier. Ranks hold disjoint shards; their counts are
 summed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -42,9 +43,12 @@ class In1kSettings:
 
 
 @torch.no_grad()
-def evaluate(state: TrainState, val_data) -> dict:
+def evaluate(state: TrainState, val_data, fp32: bool = False) -> dict:
     """val_top1 and val_top5 (percent) and val_loss over the whole val split. Counts stay on
-    the device until the one host sync at the end (no per-batch .item())."""
+    the device until the one host sync at the end (no per-batch .item()). fp32: autocast off
+    whatever the run's precision (the end-of-run figure, trex_fast.eval.final); val_data then
+    yields fp32 images."""
+    precision = contextlib.nullcontext() if fp32 else state.autocast()
     online = state.online
     was_training = online.training
     online.eval()
@@ -54,7 +58,7 @@ def evaluate(state: TrainState, val_data) -> dict:
     # loss sum, top-1 hits, top-5 hits, images
     totals = torch.zeros(4, device=state.device, dtype=torch.float64)
     for images, labels in val_data:
-        with state.autocast():
+        with precision:
             z = online.embed(images)  # [n, D]
         loss, correct = prototype_ce_with_top1(z, class_weight, labels, state.cfg.clf_tau,
                                                state.loss_impl)

@@ -182,12 +182,10 @@ def run_transfer(net: torch.nn.Module, tag: str, entries: list[str], datasets: l
 
 def _in1k_top1(backbone: str, report: dict) -> float | None:
     """The model's IN1K top-1 for the trade-off plot: an `in1k` probe in this run, else the
-    last val_top1 of the training run the backbone file sits in (metrics.jsonl)."""
+    training head's figure of the run the backbone file sits in (runlog.in1k_head_top1)."""
     if report["in1k_probe_top1"] is not None:
         return report["in1k_probe_top1"]
-    run_dir = os.path.dirname(os.path.abspath(backbone))
-    vals = [r[runlog.VAL_TOP1] for r in runlog.read_metrics(run_dir) if runlog.VAL_TOP1 in r]
-    return vals[-1] if vals else None
+    return runlog.in1k_head_top1(os.path.dirname(os.path.abspath(backbone)))
 
 
 @dataclass(frozen=True)
