@@ -33,25 +33,28 @@ def test_demo_trains_a_vit_above_chance(vit_run):
 
 
 @pytest.mark.slow
-def test_exported_vit_serves_in1k_knn_and_transfer_and_its_card_holds_the_run(vit_run, capsys):
-    from trex_fast.eval import cli as eval_cli
+def test_exported_vit_serves_in1k_knn_and_transfer_and_its_card_holds_the_run(vit_run):
+    from trex_fast.eval.export import ExportSettings, export
+    from trex_fast.eval.in1k import In1kSettings, evaluate_in1k
+    from trex_fast.eval.knn import KnnSettings, evaluate_knn
+    from trex_fast.eval.transfer import TransferSettings, evaluate_transfer, summary
 
     root, result = vit_run
     checkpoint = str(root / "run" / "checkpoint.pt")
-    eval_cli.export(checkpoint, str(root / "model.safetensors"))
-    eval_cli.export(checkpoint, str(root / "hf"), format="hf")
+    export(ExportSettings(checkpoint, str(root / "model.safetensors")))
+    export(ExportSettings(checkpoint, str(root / "hf"), format="hf"))
     card = (root / "hf" / "README.md").read_text()
     assert f"{result['val_top1']:.2f} %" in card and f"- arch: {VIT}" in card
     data = root / "data"
-    eval_cli.in1k(checkpoint, str(data / "val"), num_workers=0, device="cpu")
-    eval_cli.knn(str(root / "model.safetensors"), str(data / "train"), str(data / "val"),
-                 arch=VIT, image_size=32, num_workers=0, device="cpu")
-    eval_cli.transfer(str(root / "hf"), str(data), arch=VIT, trials=1, seeds=1,
-                      image_size=32, output_dir=str(root / "transfer"),
-                      cache_dir=str(root / "cache"), num_workers=0, device="cpu")
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-             if line.startswith("{")]
-    in1k, knn, transfer = lines[0], lines[1], lines[-1]
+    in1k = evaluate_in1k(In1kSettings(checkpoint, str(data / "val"), num_workers=0,
+                                      device="cpu"))
+    knn = evaluate_knn(KnnSettings(str(root / "model.safetensors"), str(data / "train"),
+                                   str(data / "val"), arch=VIT, image_size=32, num_workers=0,
+                                   device="cpu"))
+    transfer = summary(evaluate_transfer(TransferSettings(
+        str(root / "hf"), (str(data),), arch=VIT, trials=1, seeds=1, image_size=32,
+        output_dir=str(root / "transfer"), cache_dir=str(root / "cache"), num_workers=0,
+        device="cpu")).report)
     assert in1k["top1"] == pytest.approx(result["val_top1"], abs=1e-6)  # the training head
     assert knn["eval"] == "knn" and 0 <= knn["top1"] <= 100
     assert transfer["eval"] == "transfer" and transfer["top1"]
