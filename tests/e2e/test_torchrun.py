@@ -7,8 +7,7 @@ import sys
 import pytest
 
 from pipelines.demo_data import write_dataset
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """Evaluation: checkpoint interop, export/import, k-NN, IN1K top-1 with the training head."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,12 +8,10 @@ import torch
 import torchvision
 
 from pipelines.demo_data import write_dataset
-from tests.helpers import tiny_config
+from tests.helpers import REPO, tiny_config
 from trex_fast.eval.cli import knn_top1
 from trex_fast.models.weights import backbone_state, load_backbone
 from trex_fast.train import run
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

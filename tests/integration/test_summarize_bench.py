@@ -1,13 +1,13 @@
 """tools/summarize_bench.py on fabricated gpu_check.sh output: the figures in summary.md are
 the ones computed here by hand from the same JSON lines."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
+
 IMAGES = 100 * 1_281_167
 
 STEP = {"bench": "step", "device_name": "NVIDIA H200", "arch": "resnet50", "precision": "bf16",

@@ -10,12 +10,10 @@ import time
 
 import pytest
 
-from tests.helpers import tiny_config
+from tests.helpers import REPO, tiny_config
 from trex_fast import plan, run_lock, train
 from trex_fast.distributed import DistInfo
 from trex_fast.loop import StopSignal
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _holder(out) -> dict | None:

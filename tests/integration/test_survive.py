@@ -12,15 +12,14 @@ import pytest
 import torch
 
 from pipelines.demo_data import write_dataset
-from tests.helpers import tiny_config
-from tests.test_resume import _assert_same_tensors, _metrics
+from tests.helpers import REPO, tiny_config
+from tests.integration.test_resume import _assert_same_tensors, _metrics
 from trex_fast.checkpoint import CheckpointDir, ResumeError, check_resumable, load_checkpoint
 from trex_fast.data import count_classes
 from trex_fast.distributed import DistInfo
 from trex_fast.plan import make_plan, plan_run
 from trex_fast.train import run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SINGLE = DistInfo(0, 1, 0, 1)
 # 8 classes x 4 train images = 32: 4 steps per epoch at batch 8; metric reads every 3 steps,
 # so a clock checkpoint can only land on step 3 of an epoch (global steps 3 and 7).

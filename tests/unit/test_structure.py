@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("trex_fast", "pipelines")
 MAX_TOP_LEVEL = 18  # trex_fast/*.py besides __init__.py
 

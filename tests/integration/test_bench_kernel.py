@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "bench_kernel.py"
 SPEEDUPS = {"speedup_vs_torch", "speedup_vs_eager_bf16", "speedup_vs_compile",
             "speedup_vs_compile_bf16"}

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from tests.helpers import REPO
 from trex_fast.eval.probes import (
     C_RANGE,
     SGD_LR_RANGE,
@@ -23,8 +24,6 @@ from trex_fast.eval.probes import (
     search,
     sgd_epoch_lrs,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _blobs(n_per_class=40, classes=4, dim=12, seed=0, spread=1.5):

@@ -10,19 +10,24 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 def _gpu_test_modules() -> list[str]:
-    """tests.conftest, tests.helpers and every test module that holds a gpu-marked test."""
+    """The conftests, tests.helpers and every test module (any layer) that holds a gpu-marked
+    test, as dotted module names."""
+    tests = os.path.join(REPO, "tests")
+    conftests = sorted(glob.glob(os.path.join(tests, "**", "conftest.py"), recursive=True))
     found = []
-    for path in sorted(glob.glob(os.path.join(REPO, "tests", "test_*.py"))):
+    for path in sorted(glob.glob(os.path.join(tests, "**", "test_*.py"), recursive=True)):
         if os.path.samefile(path, __file__):  # this module names the marker; it holds none
             continue
         with open(path) as f:
             if "mark.gpu" in f.read():
-                found.append("tests." + os.path.basename(path)[:-3])
-    return ["tests.conftest", "tests.helpers", *found]
+                found.append(path)
+    names = [os.path.relpath(p, REPO)[:-3].replace(os.sep, ".") for p in (*conftests, *found)]
+    return [*names[:len(conftests)], "tests.helpers", *names[len(conftests):]]
+
 
 _NUMBA_BROKEN = """
 import importlib, importlib.abc, sys
@@ -45,7 +50,8 @@ print("imported; numba asked for by:", NumbaBroken.tried)
 def test_gpu_test_modules_import_without_numba():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     modules = _gpu_test_modules()
-    assert "tests.test_gpu" in modules and "tests.test_gpu_collection" not in modules
+    assert "tests.unit.test_gpu" in modules and "tests.conftest" in modules
+    assert not [m for m in modules if m.endswith("test_gpu_collection")]
     proc = subprocess.run([sys.executable, "-c", _NUMBA_BROKEN, *modules], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

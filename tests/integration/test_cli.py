@@ -3,10 +3,9 @@ import os
 import subprocess
 import sys
 
+from tests.helpers import REPO
 from trex_fast.cli import parse_flags
 from trex_fast.config import FIELDS
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_help_lists_every_flag_with_its_help_text():

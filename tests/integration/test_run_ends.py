@@ -14,10 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 from pipelines import atomic
 from pipelines.demo_data import write_dataset
 from pipelines.loaders.reference import end_workers, ignore_stop_signals
+from tests.helpers import REPO
 from trex_fast import train
 from trex_fast.loop import NonFiniteLossError, SecondSignal, StopSignal
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Both reference loaders with 2 workers each and a pass under way, pinned by a module global
 # (as frames pinned under an import did, issue #26), then an error or a normal exit.

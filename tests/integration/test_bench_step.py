@@ -11,7 +11,8 @@ import torch
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
+
 BENCH_STEP = os.path.join(REPO, "tools", "bench_step.py")
 TINY = dict(preset="plain", arch="resnet18", batch_size=2, global_size=32, local_size=16,
             local_crops=2, steps=1, warmup=1, device="cpu", precision="fp32", num_classes=5)

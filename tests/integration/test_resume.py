@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from pipelines.demo_data import write_dataset
-from tests.helpers import tiny_config
+from tests.helpers import REPO, tiny_config
 from trex_fast.checkpoint import ResumeError, load_checkpoint
 from trex_fast.loop import NonFiniteLossError
 from trex_fast.train import run
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

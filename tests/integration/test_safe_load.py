@@ -1,7 +1,6 @@
 """Weights-only loading (issue #18): a crafted file never runs code unless --trust_file=True;
 the authors' release formats and trex_fast's own checkpoints load without it."""
 import argparse
-import os
 import random
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import torch
 import torchvision
 
 from pipelines.demo_data import write_dataset
-from tests.helpers import tiny_config
+from tests.helpers import REPO, tiny_config
 from trex_fast import train as train_cli
 from trex_fast.checkpoint import load_checkpoint, rng_state, set_rng_state
 from trex_fast.cli import parse_flags
@@ -24,7 +23,6 @@ from trex_fast.models.weights import backbone_state
 from trex_fast.safe_load import UnreadableFileError, UnsafeFileError, load_file
 from trex_fast.train import run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH_FLAGS = ["--preset=demo", "--warmup_epochs=0", "--arch=resnet18", "--batch_size=8",
               "--global_size=32", "--local_size=16", "--local_crops=2", "--memory_size=32",
               "--pr_hidden_dim=32", "--pr_bottleneck_dim=8", "--num_workers=0", "--device=cpu"]

@@ -1,21 +1,19 @@
 """ImageFolder -> tools/convert_in1k.py -> train with each fast pipeline (the data flow of
 DESIGN.md, end to end, at toy size)."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from pipelines.demo_data import write_dataset
-from tests.helpers import tiny_config
-from tests.test_survive import FLAGS as SURVIVE_FLAGS
-from tests.test_survive import assert_same_run, kill_9_at_first_checkpoint
+from tests.helpers import REPO, tiny_config
+from tests.integration.test_survive import FLAGS as SURVIVE_FLAGS
+from tests.integration.test_survive import assert_same_run, kill_9_at_first_checkpoint
 from trex_fast.train import run
 
 # 4 steps of 8 images, metric reads every 2 (a clock checkpoint lands on step 2), 1 epoch
 FLAGS = dict(SURVIVE_FLAGS, num_workers=1, epochs=1, warmup_epochs=0, log_every=2)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pipelines.stage.aot import TARGETS, programs_per_sm
 
 triton = pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "aot_check.py"
 FIELDS = {"kernel", "file", "target", "registers", "spill_bytes", "shared_bytes", "mma",
           "production", "has_dot", "num_warps", "num_stages", "programs_per_sm", "triton",

@@ -9,8 +9,8 @@ from pipelines import demo_data
 from pipelines.batch import MultiCropBatch
 from pipelines.stage.overlap import PinnedPrefixCopy, overlapped, packed_prefix_bytes
 from pipelines.stage.torch_spec import unpack_canvas
-from tests import test_ffcv_multicrop as ffcv_tests
 from tests.helpers import run_in_spawned_process
+from tests.integration import test_ffcv_multicrop as ffcv_tests
 from trex_fast.measure.costcount import Transfer, count_cost
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

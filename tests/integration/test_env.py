@@ -9,9 +9,9 @@ import setuptools
 import torch
 from packaging.requirements import Requirement
 
+from tests.helpers import REPO
 from trex_fast import availability
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("cuda", "bf16", "ffcv", "dali", "dali_gpu", "triton", "nvjpeg")
 
 

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
+
 SCRIPT = os.path.join(REPO, "tools", "gpu_check.sh")
 GPU_IMAGE = os.path.join(REPO, "tests", "gpu_image")  # a sitecustomize: no fire, ffcv, DALI
 ORDER = ["triton_prewarm", "bench_step_bs256", "bench_kernel", "bench_gpu_stage_triton",

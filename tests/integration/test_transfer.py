@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from tests import _transfer_fixture as fixture
+from tests.helpers import REPO
 from trex_fast.eval.datasets import DatasetNotReady, resolve, resolve_all, seeded_split
 
 
@@ -330,7 +331,7 @@ def test_transfer_run_writes_table_json_csv_plot_and_reuses_the_cache(layouts, t
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"label": "baseline", "in1k_top1": 76.1,
                                  "log_odds_mean": 0.5}))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = REPO
 
     def run(out):
         cmd = [sys.executable, "-m", "trex_fast.eval", "transfer", f"--backbone={weights}",
@@ -470,7 +471,7 @@ def test_cli_reports_a_missing_dataset_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = REPO
     proc = subprocess.run([sys.executable, "-m", "trex_fast.eval", "transfer", "--backbone=x.pth",
                            "--datasets=sun397", f"--data_root={tmp_path}"], capture_output=True,
                           text=True, cwd=repo, timeout=300)

@@ -14,13 +14,13 @@ import time
 import pytest
 
 from pipelines.demo_data import write_dataset
+from tests.helpers import REPO
 from trex_fast.cli import parse_flags
 from trex_fast.config import make_config
 from trex_fast.sweep.cli import main
 from trex_fast.sweep.launch import Job, LaunchSettings, PointJob, gpu_slots, run_jobs
 from trex_fast.sweep.points import SweepError, build_points, load_file, parse_base, parse_grid
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = "pr_hidden_layers=0,1 memory_size=0,32"
 INTERRUPTED = "pr_hidden_layers-1__memory_size-32"
 
