@@ -8,6 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from tests._runs import demo_data, shared_run  # noqa: F401 (session fixtures, every layer)
 from trex_fast import availability
 
 _REQUIREMENTS = {

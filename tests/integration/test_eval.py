@@ -7,20 +7,15 @@ import pytest
 import torch
 import torchvision
 
-from pipelines.demo_data import write_dataset
-from tests.helpers import REPO, tiny_config
+from tests.helpers import REPO
 from trex_fast.eval.cli import knn_top1
 from trex_fast.models.weights import backbone_state, load_backbone
-from trex_fast.train import run
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    write_dataset(str(root / "data"), train_per_class=4, val_per_class=2)
-    result = run(tiny_config(data=str(root / "data"), output_dir=str(root / "run"),
-                             batch_size=8, memory_size=32, num_workers=0, epochs=1))
-    return root, result
+@pytest.fixture
+def trained(shared_run):
+    """The session's shared run: (root, result) with root/data and root/run."""
+    return shared_run
 
 
 def _eval(*args):

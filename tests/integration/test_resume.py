@@ -1,6 +1,8 @@
-"""Resume equivalence: k steps, stop, resume, k more == 2k uninterrupted (fp32, CPU)."""
+"""Resume equivalence: k steps, stop, resume, k more == 2k uninterrupted (fp32, CPU, against the
+session's shared run); a finished run's outputs; the non-finite stop; SIGTERM; profile_steps."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,90 +11,62 @@ import time
 import pytest
 import torch
 
-from pipelines.demo_data import write_dataset
-from tests.helpers import REPO, tiny_config
+from tests._runs import EVERY_READ, assert_same_run, metrics, run_config
+from tests.helpers import REPO
 from trex_fast.checkpoint import ResumeError, load_checkpoint
 from trex_fast.loop import NonFiniteLossError
 from trex_fast.train import run
 
 
-@pytest.fixture(scope="module")
-def tiny_imagefolder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_in1k")
-    write_dataset(str(root), train_per_class=4, val_per_class=2)  # 8 classes: 32 + 16 images
-    return str(root)
+def _steps_on_disk(out) -> dict[str, int]:
+    return {name: load_checkpoint(str(out / name))["step"] for name in sorted(os.listdir(out))
+            if name.startswith("checkpoint")}
 
 
-def _config(data, out, **overrides):
-    flags = dict(batch_size=8, memory_size=32, num_workers=0, log_every=2, eval_every=1,
-                 warmup_epochs=1)
-    return tiny_config(data=data, output_dir=str(out), **{**flags, **overrides})
-
-
-def _assert_same_tensors(a, b, where):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same_tensors(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.allclose(a.double(), b.double(), atol=1e-6, rtol=0), where
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def test_stop_and_resume_equals_an_uninterrupted_run(tiny_imagefolder, tmp_path):
-    full, split = tmp_path / "full", tmp_path / "split"
-    run(_config(tiny_imagefolder, full))  # 2 epochs x 4 steps
-    stopped = run(_config(tiny_imagefolder, split, stop_at_step=3))  # stops mid-epoch 1
+def test_stop_and_resume_equals_an_uninterrupted_run(shared_run, tmp_path):
+    """Stopped mid-epoch and resumed with the clock off (checkpoint_every_min=0: the stop and
+    epoch ends only) and keep_checkpoints=1 (only the newest), the run ends like the shared
+    run, which saved at every metric read: the stop, the resume and the clock's extra saves
+    change nothing."""
+    out, plain = tmp_path / "split", dict(checkpoint_every_min=0, keep_checkpoints=1)
+    stopped = run(run_config(shared_run.data, out, stop_at_step=3, **plain))  # mid-epoch 1
     assert stopped["stopped_at_step"] == 3
-    assert load_checkpoint(str(split / "checkpoint.pt"))["step_in_epoch"] == 3
-    run(_config(tiny_imagefolder, split))  # same output_dir: resumes at step 3
-
-    a = load_checkpoint(str(full / "checkpoint.pt"))
-    b = load_checkpoint(str(split / "checkpoint.pt"))
-    assert a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] == 2
-    for key in ("online", "ema", "memory", "optimizer"):
-        _assert_same_tensors(a[key], b[key], key)
-    last_full, last_split = _metrics(full)[-1], _metrics(split)[-1]
-    assert last_full["epoch"] == last_split["epoch"] == 2
-    for key in ("train_loss", "train_top1", "val_top1", "val_loss"):
-        assert last_full[key] == pytest.approx(last_split[key], abs=1e-6), key
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step_in_epoch"] == 3
+    run(run_config(shared_run.data, out, **plain))  # same output_dir: resumes at step 3
+    assert _steps_on_disk(out) == {"checkpoint.pt": 8}
+    a = load_checkpoint(str(out / "checkpoint.pt"))
+    assert a["step"] == 8 and a["epoch"] == 2
+    assert_same_run(out, shared_run.out, epochs=2)
 
 
-def test_finished_run_outputs_and_raising_epochs_needs_reschedule(tiny_imagefolder, tmp_path,
+def test_finished_run_outputs_and_raising_epochs_needs_reschedule(shared_run, tmp_path,
                                                                   capsys):
-    out = tmp_path / "run"
-    run(_config(tiny_imagefolder, out, epochs=1, warmup_epochs=0))
     for name in ("config.json", "env.json", "metrics.jsonl", "loss.png", "accuracy.png",
                  "checkpoint.pt", "backbone.pth"):
-        assert (out / name).is_file(), name
-    record = _metrics(out)[0]
+        assert (shared_run.out / name).is_file(), name
+    record = metrics(shared_run.out)[0]
     for key in ("epoch", "step", "train_loss", "train_top1", "val_top1", "samples_per_s", "lr",
                 "elapsed_s"):
         assert key in record, key
-    env = json.loads((out / "env.json").read_text())
+    env = json.loads((shared_run.out / "env.json").read_text())
     assert env["libraries"]["torch"] and env["device_name"] and env["git_revision"]
-    with pytest.raises(ResumeError, match=r"epochs: 1 -> 2: a schedule change, the LR at global "
-                                          r"step 4 goes from 1e-06 to 0\.0\d+ .*--reschedule"):
-        run(_config(tiny_imagefolder, out, epochs=2, warmup_epochs=0))
+    out = tmp_path / "run"  # a copy: the shared run stays as it is
+    shutil.copytree(shared_run.out, out)
+    with pytest.raises(ResumeError, match=r"epochs: 2 -> 3: a schedule change, the LR at global "
+                                          r"step 8 goes from 1e-06 to 0\.0\d+ .*--reschedule"):
+        run(run_config(shared_run.data, out, **EVERY_READ, epochs=3))
     capsys.readouterr()
-    run(_config(tiny_imagefolder, out, epochs=2, warmup_epochs=0, reschedule=True))
-    assert "--reschedule: epochs: 1 -> 2; the LR at global step 4 goes from 1e-06 to" in (
+    run(run_config(shared_run.data, out, **EVERY_READ, epochs=3, reschedule=True))
+    assert "--reschedule: epochs: 2 -> 3; the LR at global step 8 goes from 1e-06 to" in (
         capsys.readouterr().out)
-    records = _metrics(out)
-    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 8
+    records = metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["step"] == 12
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
-        tiny_imagefolder, tmp_path, monkeypatch):
+        demo_data, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    run(_config(tiny_imagefolder, out, stop_at_step=2))
+    run(run_config(demo_data, out, stop_at_step=2))
     good = (out / "checkpoint.pt").read_bytes()
 
     import pipelines.batch
@@ -103,13 +77,13 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     monkeypatch.setattr(pipelines.batch, "normalize_uint8", poisoned)
     with pytest.raises(NonFiniteLossError,
                        match=r"non-finite .* the last checkpoint \(.*checkpoint.pt\) is intact"):
-        run(_config(tiny_imagefolder, out))
+        run(run_config(demo_data, out))
     assert (out / "checkpoint.pt").read_bytes() == good
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes_mid_epoch(tiny_imagefolder, tmp_path):
+def test_sigterm_saves_a_checkpoint_that_resumes_mid_epoch(demo_data, tmp_path):
     out = tmp_path / "term"
-    cmd = [sys.executable, "-m", "trex_fast.train", f"--data={tiny_imagefolder}",
+    cmd = [sys.executable, "-m", "trex_fast.train", f"--data={demo_data}",
            f"--output_dir={out}", "--arch=resnet18", "--batch_size=8", "--global_size=32",
            "--local_size=16", "--local_crops=2", "--memory_size=32", "--pr_hidden_dim=32",
            "--num_workers=1", "--epochs=1000", "--device=cpu"]
@@ -127,9 +101,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes_mid_epoch(tiny_imagefolder, tmp
     assert ckpt["step"] >= 1 and ckpt["step"] == ckpt["epoch"] * 4 + ckpt["step_in_epoch"]
 
 
-def test_profile_steps_reports_a_verdict_and_trains_nothing(tiny_imagefolder, tmp_path):
+def test_profile_steps_reports_a_verdict_and_trains_nothing(demo_data, tmp_path):
     out = tmp_path / "profile"
-    report = run(_config(tiny_imagefolder, out, batch_size=4, profile_steps=2, memory_size=16))
+    report = run(run_config(demo_data, out, batch_size=4, profile_steps=2, memory_size=16))
     assert report["pipeline"] == "reference" and report["steps"] == 2
     for key in ("real_samples_per_s", "synthetic_samples_per_s", "loader_samples_per_s"):
         assert report[key] > 0, key

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from pipelines.demo_data import write_dataset
+from tests._runs import EVERY_READ, run_config
 from tests.helpers import REPO, tiny_config
 from trex_fast import train as train_cli
 from trex_fast.checkpoint import load_checkpoint, rng_state, set_rng_state
@@ -39,16 +39,13 @@ class WritesMarker:
 
 
 def _config(root, out, **overrides):
-    return tiny_config(data=str(root / "data"), output_dir=str(out), batch_size=8,
-                       memory_size=32, num_workers=0, epochs=1, **overrides)
+    return run_config(root / "data", out, **EVERY_READ, **overrides)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safe_load")
-    write_dataset(str(root / "data"), train_per_class=4, val_per_class=2)  # 8 classes
-    result = run(_config(root, root / "run"))
-    return root, result
+@pytest.fixture
+def trained(shared_run):
+    """The session's shared run: (root, result) with root/data and root/run."""
+    return shared_run
 
 
 @pytest.fixture
