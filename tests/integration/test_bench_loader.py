@@ -41,10 +41,8 @@ def test_bench_runs_all_pipelines_back_to_back(tmp_path):
     assert summary["ffcv_cpu_side_vs_decode_only"] > 0
 
 
-def test_bench_reference_alone(tmp_path):
-    from pipelines import demo_data
-    demo_data.write_dataset(str(tmp_path), train_per_class=2, val_per_class=1)
-    proc = _run(f"--data={tmp_path}", "--pipeline=reference", "--batch_size=4",
+def test_bench_reference_alone(demo_data):
+    proc = _run(f"--data={demo_data}", "--pipeline=reference", "--batch_size=4",
                 "--num_workers=0", "--steps=2", "--warmup=1", "--preset=demo")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = _last_json(proc.stdout)

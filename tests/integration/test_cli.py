@@ -1,10 +1,10 @@
-"""The CLI: fire's --help lists every flag; the stand-in parser used where fire is absent."""
+"""The CLI as a process: fire's --help lists every flag, a bad flag exits 2 naming it. The
+stand-in parser used where fire is absent: tests/unit/test_cli.py."""
 import os
 import subprocess
 import sys
 
 from tests.helpers import REPO
-from trex_fast.cli import parse_flags
 from trex_fast.config import FIELDS
 
 
@@ -26,20 +26,3 @@ def test_bad_flag_exits_2_naming_it_before_any_work():
     assert "--memory_size=-5: must be >= 0" in proc.stderr
 
 
-def test_stand_in_parser_reads_values_as_literals():
-    flags = parse_flags(["--a=1", "--b=0.5,1.0", "--c", "text", "--d", "--e=False", "--f-g=x"])
-    assert flags == {"a": 1, "b": (0.5, 1.0), "c": "text", "d": True, "e": False, "f_g": "x"}
-
-
-def test_stand_in_runs_functions_and_subcommands_without_fire(monkeypatch, capsys):
-    import pytest
-
-    from trex_fast.cli import run_cli
-
-    monkeypatch.setitem(sys.modules, "fire", None)  # `import fire` now raises ImportError
-    calls = []
-    run_cli(lambda a=1, b="x": calls.append((a, b)), ["--a=3", "--b=y"])
-    run_cli({"go": lambda n=0: calls.append(n)}, ["go", "--n=2"])
-    assert calls == [(3, "y"), 2]
-    with pytest.raises(SystemExit, match="must be one of go"):
-        run_cli({"go": lambda: None}, ["stop"])

@@ -4,7 +4,7 @@ re-encoded).
 
 Tolerances (also in docs/DALI.md):
 - CPU mode's photometric stage (pipelines/loaders/photometric_numba.py, tested against
-  torchvision in tests/test_photometric_numba.py) through DALI's numba_function
+  torchvision in tests/unit/test_photometric_numba.py) through DALI's numba_function
   equals a direct call exactly.
 - the stage hand-off (photometric="stage": GPU mode's graph with "cpu" device strings): canvas
   and sizes equal PIL's decode of the same JPEGs exactly (both libjpeg-turbo), zeros outside

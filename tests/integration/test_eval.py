@@ -1,4 +1,5 @@
-"""Evaluation: checkpoint interop, export/import, k-NN, IN1K top-1 with the training head."""
+"""Evaluation of the session's shared run: export/import, the k-NN command, IN1K top-1 with the
+training head, a mismatched arch. Key layouts and k-NN's vote: tests/unit/test_eval.py."""
 import json
 import subprocess
 import sys
@@ -8,7 +9,6 @@ import torch
 import torchvision
 
 from tests.helpers import REPO
-from trex_fast.eval.cli import knn_top1
 from trex_fast.models.weights import backbone_state, load_backbone
 
 
@@ -48,18 +48,6 @@ def test_export_then_import_gives_identical_features(trained, tmp_path):
     assert torch.equal(from_ckpt(x), from_export(x))
 
 
-@pytest.mark.parametrize("prefix, container", [
-    ("module.", None), ("model.", "model"), ("module.encoder.", "state_dict"), ("", None)])
-def test_prefixed_and_nested_keys_load(tmp_path, prefix, container):
-    reference = torchvision.models.resnet18()
-    weights = {prefix + k: v for k, v in reference.state_dict().items()}
-    path = tmp_path / "released.pth"
-    torch.save({container: weights, "epoch": 3} if container else weights, path)
-    state = backbone_state(str(path), "resnet18")
-    assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items()
-               if not k.startswith("fc."))
-
-
 def test_bad_path_and_mismatched_arch_fail_clearly(trained):
     root, _ = trained
     with pytest.raises(FileNotFoundError, match="--backbone='nope.pth': no such file"):
@@ -68,26 +56,6 @@ def test_bad_path_and_mismatched_arch_fail_clearly(trained):
         backbone_state(str(root / "run" / "backbone.pth"), "resnet50")
     with pytest.raises(ValueError, match="does not fit --arch=resnet34|is --arch right"):
         backbone_state(str(root / "run" / "backbone.pth"), "resnet34")
-
-
-def test_knn_matches_a_brute_force_vote():
-    g = torch.Generator().manual_seed(0)
-    train, train_y = torch.randn(200, 16, generator=g), torch.randint(0, 5, (200,), generator=g)
-    test, test_y = torch.randn(50, 16, generator=g), torch.randint(0, 5, (50,), generator=g)
-    got = knn_top1(train, train_y, test, test_y, k=7, temperature=0.1, chunk=13)
-    hits = 0
-    tn = train / train.norm(dim=1, keepdim=True)
-    for q, y in zip(test, test_y):
-        sims = tn @ (q / q.norm())
-        order = sims.argsort(descending=True)[:7]
-        votes = [0.0] * 5
-        for i in order.tolist():
-            votes[int(train_y[i])] += float(torch.exp(sims[i] / 0.1))
-        hits += int(max(range(5), key=lambda c: votes[c]) == int(y))
-    assert got == pytest.approx(100.0 * hits / 50)
-    # a separable case reaches 100 %
-    assert knn_top1(torch.eye(4).repeat(3, 1), torch.arange(4).repeat(3), torch.eye(4),
-                    torch.arange(4), k=3) == 100.0
 
 
 def test_knn_command_end_to_end(trained):
@@ -100,17 +68,3 @@ def test_knn_command_end_to_end(trained):
     assert report["eval"] == "knn" and 0.0 <= report["top1"] <= 100.0
 
 
-def test_knn_matches_scikit_learn_weighted_neighbours():
-    neighbors = pytest.importorskip("sklearn.neighbors")
-    import numpy as np
-
-    g = torch.Generator().manual_seed(1)
-    train, train_y = torch.randn(300, 8, generator=g), torch.randint(0, 6, (300,), generator=g)
-    test, test_y = torch.randn(80, 8, generator=g), torch.randint(0, 6, (80,), generator=g)
-    ref = neighbors.KNeighborsClassifier(
-        n_neighbors=20, metric="cosine", algorithm="brute",
-        weights=lambda dist: np.exp((1.0 - dist) / 0.07)).fit(train.double().numpy(),
-                                                            train_y.numpy())
-    expected = 100.0 * (ref.predict(test.double().numpy()) == test_y.numpy()).mean()
-    assert knn_top1(train, train_y, test, test_y, k=20, temperature=0.07) == pytest.approx(
-        expected)

@@ -1,10 +1,10 @@
 """decode="gpu" of the FFCV loader (issue 9): stored bytes out of the loader, one batched
 torchvision decode_jpeg on the device (here the CPU), the same canvases as decode="cpu".
 
-Betons are written in a spawned process (see tests/test_ffcv_multicrop.py): one all-JPEG and
-one "smart" (large images JPEG, small ones raw) so that batches mix both. Sources are PNGs
-(lossless) of odd sizes, plus a grayscale JPEG that ImageFolder opens as RGB and a 3x5 image
-whose JPEG is larger than its pixels (the slot must still hold it).
+Betons are written in a spawned process (see tests/integration/test_ffcv_multicrop.py): one
+all-JPEG and one "smart" (large images JPEG, small ones raw) so that batches mix both. Sources
+are PNGs (lossless) of odd sizes, plus a grayscale JPEG that ImageFolder opens as RGB and a 3x5
+image whose JPEG is larger than its pixels (the slot must still hold it).
 
 Tolerance, libjpeg-turbo in FFCV's imdecode vs torchvision's libjpeg on the same stream
 (the two builds differ in chroma upsampling / IDCT details): measured per image mean |diff|

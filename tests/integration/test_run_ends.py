@@ -1,8 +1,7 @@
 """Runs that end (issue #26): a process whose reference loaders still have workers ends at
-once, after an error or a normal return, with the right exit code; a second signal exits with
-128 + signal; the one-line failures; the workers themselves are ended even when busy."""
-import os
-import signal
+once, after an error or a normal return, with the right exit code; the workers themselves are
+ended even when busy; a training run with a worker exits after success and after an error. The
+in-process checks (second signal, exit codes) are in tests/unit/test_run_ends.py."""
 import subprocess
 import sys
 import time
@@ -11,12 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines import atomic
-from pipelines.demo_data import write_dataset
 from pipelines.loaders.reference import end_workers, ignore_stop_signals
 from tests.helpers import REPO
-from trex_fast import train
-from trex_fast.loop import NonFiniteLossError, SecondSignal, StopSignal
 
 # Both reference loaders with 2 workers each and a pass under way, pinned by a module global
 # (as frames pinned under an import did, issue #26), then an error or a normal exit.
@@ -40,11 +35,9 @@ if ending == "error":
 """
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_in1k")
-    write_dataset(str(root), train_per_class=2, val_per_class=1)
-    return str(root)
+@pytest.fixture
+def data(demo_data):
+    return demo_data
 
 
 @pytest.mark.parametrize("ending, code", [("error", 1), ("return", 0)])
@@ -79,34 +72,8 @@ def test_end_workers_ends_busy_workers_that_ignore_sigterm(monkeypatch):
     end_workers(iter(DataLoader(_Slow(), num_workers=0)))  # no workers: nothing to do
 
 
-def test_a_second_signal_raises_second_signal_with_its_number():
-    with pytest.raises(SecondSignal) as caught, StopSignal() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.received == signal.SIGTERM  # the first one only asks to stop
-        os.kill(os.getpid(), signal.SIGTERM)
-    assert caught.value.signum == signal.SIGTERM
-
-
-@pytest.mark.parametrize("raised, code, words", [
-    (SecondSignal(signal.SIGINT), 128 + signal.SIGINT, "second signal"),
-    (NonFiniteLossError("the training loss became non-finite"), 1, "non-finite"),
-    (atomic.NoSpaceError(28, "no space left on device while writing x"), 1, "no space left"),
-])
-def test_main_exits_with_the_code_that_says_how_the_run_ended(monkeypatch, capsys, raised,
-                                                              code, words):
-    def failing_run(cfg):
-        raise raised
-
-    monkeypatch.setattr(train, "run", failing_run)
-    with pytest.raises(SystemExit) as caught:
-        train.main(device="cpu")
-    assert caught.value.code == code
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], lines
-
-
-# The smallest training run with a loader worker: 16 images, 4 steps, 1 epoch.
-TINY_RUN = ["--preset=demo", "--arch=resnet18", "--batch_size=4", "--global_size=32",
+# The smallest training run with a loader worker: demo_data's 32 images, 4 steps, 1 epoch.
+TINY_RUN = ["--preset=demo", "--arch=resnet18", "--batch_size=8", "--global_size=32",
             "--local_size=16", "--local_crops=1", "--memory_size=16", "--pr_hidden_dim=16",
             "--pr_bottleneck_dim=8", "--epochs=1", "--warmup_epochs=0", "--device=cpu",
             "--channels_last=False", "--num_workers=1", "--log_every=1"]

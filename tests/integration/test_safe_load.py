@@ -1,6 +1,6 @@
-"""Weights-only loading (issue #18): a crafted file never runs code unless --trust_file=True;
-the authors' release formats and trex_fast's own checkpoints load without it."""
-import argparse
+"""Weights-only loading (issue #18) at every entry point that takes a file: a crafted file never
+runs code unless --trust_file=True; trex_fast's own checkpoints (the session's shared run) load
+without it. The loader alone and the authors' formats: tests/unit/test_safe_load.py."""
 import random
 import subprocess
 import sys
@@ -11,31 +11,19 @@ import torch
 import torchvision
 
 from tests._runs import EVERY_READ, run_config
-from tests.helpers import REPO, tiny_config
+from tests.helpers import REPO, WritesMarker
 from trex_fast import train as train_cli
 from trex_fast.checkpoint import load_checkpoint, rng_state, set_rng_state
 from trex_fast.cli import parse_flags
-from trex_fast.config import ConfigError
 from trex_fast.eval import cli as eval_cli
 from trex_fast.eval.datasets import ImageList
 from trex_fast.eval.transfer import cached_features
-from trex_fast.models.weights import backbone_state
-from trex_fast.safe_load import UnreadableFileError, UnsafeFileError, load_file
+from trex_fast.safe_load import UnsafeFileError, load_file
 from trex_fast.train import run
 
 ARCH_FLAGS = ["--preset=demo", "--warmup_epochs=0", "--arch=resnet18", "--batch_size=8",
               "--global_size=32", "--local_size=16", "--local_crops=2", "--memory_size=32",
               "--pr_hidden_dim=32", "--pr_bottleneck_dim=8", "--num_workers=0", "--device=cpu"]
-
-
-class WritesMarker:
-    """Unpickling this calls open(marker, "w"): the marker file exists iff the file ran code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _config(root, out, **overrides):
@@ -79,43 +67,6 @@ def _assert_refused_in_one_line(proc, path, program):
 # ---------------------------------------------------------------------------------------------
 # the policy
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("zip_format", [True, False])
-def test_a_crafted_file_is_refused_naming_file_and_global(tmp_path, zip_format):
-    marker, path = tmp_path / "marker", tmp_path / "crafted.pt"
-    torch.save({"w": torch.ones(3), "payload": WritesMarker(marker)}, path,
-               _use_new_zipfile_serialization=zip_format)  # legacy: no static scan, unpickler
-    with pytest.raises(UnsafeFileError) as e:
-        load_file(str(path))
-    message = str(e.value)
-    assert "\n" not in message
-    assert str(path) in message and "io.open" in message and "--trust_file=True" in message
-    assert not marker.exists()
-
-
-def _cut_files(tmp_path) -> dict:
-    """An empty file, zip and legacy torch files cut in half, and a text file."""
-    whole = {}
-    for zip_format in (True, False):
-        path = tmp_path / f"whole_{zip_format}.pt"
-        torch.save({"w": torch.ones(64)}, path, _use_new_zipfile_serialization=zip_format)
-        whole[zip_format] = path.read_bytes()
-    files = {"empty.pt": b"", "cut_zip.pt": whole[True][:len(whole[True]) // 2],
-             "cut_legacy.pt": whole[False][:len(whole[False]) // 2],
-             "notes.pt": b"not a torch file\n"}
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    return {name: tmp_path / name for name in files}
-
-
-@pytest.mark.parametrize("trust_file", [False, True])
-def test_an_empty_or_truncated_file_is_named_in_one_line(tmp_path, trust_file):
-    for name, path in _cut_files(tmp_path).items():
-        with pytest.raises(UnreadableFileError) as e:
-            load_file(str(path), trust_file=trust_file)
-        message = str(e.value)
-        assert message.startswith(f"{path}: cannot be read: ") and "\n" not in message
-        expected = "the file is empty" if name == "empty.pt" else "truncated or not a torch file"
-        assert expected in message, message
 
 
 def _one_error_line(capsys, program: str, call) -> str:
@@ -149,73 +100,9 @@ def test_eval_and_train_report_an_empty_file_or_a_wrong_arch_in_one_line(trained
     assert str(empty) in line and "empty" in line
 
 
-def test_trust_file_loads_the_crafted_file_only_when_asked(tmp_path):
-    marker, path = tmp_path / "marker", tmp_path / "crafted.pt"
-    torch.save({"w": torch.ones(3), "payload": WritesMarker(marker)}, path)
-    for not_true in ("yes", 1, "True"):  # a mistyped flag must not switch the check off
-        with pytest.raises(ValueError, match="--trust_file=.*expected True or False"):
-            load_file(str(path), trust_file=not_true)
-    assert not marker.exists()
-    loaded = load_file(str(path), trust_file=True)
-    loaded["payload"].close()
-    assert marker.exists() and torch.equal(loaded["w"], torch.ones(3))
-
-
-def test_trust_file_is_a_boolean_train_flag_off_by_default():
-    assert tiny_config().trust_file is False
-    assert tiny_config(trust_file=True).trust_file is True
-    with pytest.raises(ConfigError, match="--trust_file='yes': expected True or False"):
-        tiny_config(trust_file="yes")
-
-
 # ---------------------------------------------------------------------------------------------
 # the authors' release and trex_fast's own files
 # ---------------------------------------------------------------------------------------------
-def _authors_full_checkpoint(path, backbone: torch.nn.Module) -> None:
-    """The layout of the released full checkpoints: model / optimizer / epoch / args /
-    fp16_scaler, the model's keys under DDP's `module.` and a head next to the backbone."""
-    head = torch.nn.Linear(512, 16)
-    model = {**{f"module.backbone.{k}": v for k, v in backbone.state_dict().items()},
-             **{f"module.head.{k}": v for k, v in head.state_dict().items()}}
-    params = list(backbone.parameters()) + list(head.parameters())
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    optimizer.step()  # momentum buffers in the state
-    args = argparse.Namespace(arch="resnet50", data_path="/datasets/imagenet", lr=0.1,
-                              global_crops_scale=[0.25, 1.0], local_crops_number=8,
-                              use_fp16=True, output_dir=None, dist_url="env://", gpu=0)
-    fp16_scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
-                   "growth_interval": 2000, "_growth_tracker": 17}
-    torch.save({"model": model, "optimizer": optimizer.state_dict(), "epoch": 100,
-                "args": args, "fp16_scaler": fp16_scaler}, path)
-
-
-def test_the_authors_full_checkpoint_loads_and_its_backbone_is_the_saved_one(tmp_path):
-    saved = torchvision.models.resnet18()
-    saved.fc = torch.nn.Identity()
-    path = tmp_path / "trex_full.pth"
-    _authors_full_checkpoint(path, saved)
-    with pytest.raises(Exception, match="argparse.Namespace"):  # torch's default refuses it
-        torch.load(path, weights_only=True)
-
-    state = backbone_state(str(path), "resnet18")
-    assert state.keys() == saved.state_dict().keys()
-    assert all(torch.equal(state[k], v) for k, v in saved.state_dict().items())
-    raw = load_file(str(path), allowed=(argparse.Namespace,))
-    assert raw["args"].arch == "resnet50" and raw["args"].global_crops_scale == [0.25, 1.0]
-    assert raw["epoch"] == 100 and raw["fp16_scaler"]["_growth_tracker"] == 17
-    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # scoped to a load
-    with pytest.raises(ValueError, match="is not a trex_fast checkpoint"):
-        load_checkpoint(str(path))  # loads safely, then is told apart from ours
-
-
-def test_the_authors_plain_state_dict_loads(tmp_path):
-    saved = torchvision.models.resnet18()
-    path = tmp_path / "trex_r18.pth"
-    torch.save(saved.state_dict(), path)
-    state = backbone_state(str(path), "resnet18")
-    assert all(torch.equal(state[k], saved.state_dict()[k]) for k in state)
 
 
 def test_trex_fast_files_need_no_global_and_restore_the_rng_exactly(trained, tmp_path):

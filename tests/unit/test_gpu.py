@@ -200,7 +200,7 @@ def test_autocast_prototype_ce_matches_the_torch_reference(device, n, c, d, lear
     trex_fast.losses' torch reference, forward and backward with a non-unit upstream gradient.
     The reference rounds the operands as the kernel does and computes in fp32, so the loss
     agrees to fp32 summation order; gradients to bf16 storage (the kernel's backward dots take
-    bf16 dlogits, tests/test_prototype_ce_kernel.py's bound); top-1 wherever no near-tie."""
+    bf16 dlogits, tests/unit/test_prototype_ce_kernel.py's bound); top-1 wherever no near-tie."""
     from trex_fast.kernels.prototype_ce import dot_dtype_for
 
     z, weight, labels = _autocast_ce_inputs(device, n, c, d, learned)
