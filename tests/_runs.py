@@ -3,6 +3,7 @@ runs (used by tests/integration and tests/e2e; docs/TESTS.md says who reads what
 
 The shared run is read-only: a test that resumes, truncates or rewrites it copies it to its own
 tmp_path first."""
+import importlib.util
 import json
 import os
 import signal
@@ -60,9 +61,11 @@ def demo_data(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def shared_run(demo_data) -> SharedRun:
     """A 2-epoch run (8 steps) on demo_data that checkpoints at every metric read and keeps
-    them all (steps 3, 4, 7 and checkpoint.pt at 8): config, env, metrics, figures, backbone."""
+    them all (steps 3, 4, 7 and checkpoint.pt at 8): config, env, metrics, figures, backbone,
+    and TensorBoard events where tensorboard is installed (no flag a resume compares)."""
     root = Path(demo_data).parent
-    result = run(run_config(demo_data, root / "run", **EVERY_READ))
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    result = run(run_config(demo_data, root / "run", **EVERY_READ, tensorboard=tensorboard))
     return SharedRun(root, result)
 
 
@@ -156,7 +159,7 @@ def sweep_base(data: str) -> str:
             "--warmup_epochs=0 --device=cpu --channels_last=False --log_every=2")
 
 
-def sweep_cli(*flags, timeout=900) -> subprocess.CompletedProcess:
+def sweep_cli(*flags, timeout=900, env=None) -> subprocess.CompletedProcess:
     """`python -m trex_fast.sweep` with flags, its output captured."""
     return subprocess.run([sys.executable, "-m", "trex_fast.sweep", *flags], capture_output=True,
-                          text=True, cwd=REPO, timeout=timeout)
+                          text=True, cwd=REPO, timeout=timeout, env=env)

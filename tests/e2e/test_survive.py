@@ -1,6 +1,7 @@
 """Runs that survive, end to end (issue #15): kill -9 mid-epoch then the same command again
 ends like the uninterrupted run (reference pipeline, one process; and under torchrun, two CPU
-ranks on gloo), SIGTERM to one rank, and what a two-rank run trains, validates and saves."""
+ranks on gloo), SIGTERM to one rank, and what a two-rank run trains, validates and saves
+(launched by the sweep's torchrun launcher)."""
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from tests._runs import (
     kill_9_at_first_checkpoint,
     run_config,
     same_threads_env,
+    sweep_cli,
     torchrun_cli,
 )
 from tests.helpers import REPO
@@ -48,15 +50,21 @@ def _torchrun_to_the_end(flags: dict, out) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks_whole(demo_data, tmp_path_factory):
-    """The uninterrupted 2-rank run the interrupted ones must end like."""
-    whole = tmp_path_factory.mktemp("two_ranks_whole")
-    _torchrun_to_the_end({**TWO_RANKS, "data": demo_data}, whole)
-    return whole
+    """The uninterrupted 2-rank run the interrupted ones must end like, launched as a one-point
+    sweep (seed=0, the default) by the sweep's torchrun launcher."""
+    out = tmp_path_factory.mktemp("two_ranks_sweep")
+    base = " ".join(f"--{k}={v}" for k, v in {**TWO_RANKS, "data": demo_data}.items())
+    proc = sweep_cli("--grid=seed=0", f"--base=--preset=demo {base}", f"--output_dir={out}",
+                     "--launcher=torchrun", "--nproc_per_node=2", env=same_threads_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())[0]["status"] == "finished"
+    return out / "seed-0"
 
 
 def test_two_ranks_train_validate_on_disjoint_shards_and_save(two_ranks_whole):
-    """The CLI under torchrun: 2 CPU processes (gloo) train the global batch together, count
-    each val image once across the two shards, and save the checkpoint and backbone."""
+    """The CLI under torchrun (the sweep's launcher): 2 CPU processes (gloo) train the global
+    batch together, count each val image once across the two shards, and save the checkpoint
+    and backbone."""
     records = [json.loads(line) for line in
                (two_ranks_whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_images"] for r in records] == [16, 16]  # 8 classes x 2, each counted once

@@ -1,6 +1,7 @@
-"""The sweep (issue #17) with real processes: the slurm (submitit local) and torchrun launchers
-train a point, the local launcher's GPU slots and signals with stand-in commands, and
-TensorBoard events of a run. The 2 x 2 sweep is in tests/e2e; its validation in tests/unit."""
+"""The sweep (issue #17) with real processes: the slurm launcher (submitit local) trains a
+point, the local launcher's GPU slots and signals with stand-in commands, and TensorBoard
+events of a run (the shared run's). The 2 x 2 sweep is in tests/e2e, and so is the torchrun
+launcher (it launches tests/e2e/test_survive.py's two-rank run); validation in tests/unit."""
 import json
 import os
 import pickle
@@ -12,11 +13,11 @@ import time
 
 import pytest
 
-from tests._runs import sweep_base, sweep_cli
+from tests._runs import metrics, sweep_base, sweep_cli
 from tests.helpers import REPO
 from trex_fast.config import make_config
 from trex_fast.sweep.launch import Job, LaunchSettings, PointJob, gpu_slots, run_jobs
-from trex_fast.sweep.points import SweepError, build_points, parse_base
+from trex_fast.sweep.points import SweepError
 
 
 def test_slurm_launcher_through_submitits_local_executor_is_collected(demo_data,
@@ -33,17 +34,6 @@ def test_slurm_launcher_through_submitits_local_executor_is_collected(demo_data,
     rows = json.loads((out / "summary.json").read_text())
     assert rows[0]["status"] == "finished" and rows[0]["clf_tau"] == 0.2
     assert rows[0]["in1k_top1"] is not None and (out / "tradeoff.png").is_file()
-
-
-def test_torchrun_launcher_trains_a_point_with_two_processes(demo_data, tmp_path):
-    out = tmp_path / "torchrun"
-    base = f"{sweep_base(demo_data)} --batch_size=8 --memory_size=16"
-    proc = sweep_cli("--grid=clf_tau=0.2", f"--base={base}", f"--output_dir={out}",
-                  "--launcher=torchrun", "--nproc_per_node=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    resolved = json.loads((out / "clf_tau-0.2" / "config.json").read_text())["resolved"]
-    assert resolved["world_size"] == 2 and resolved["global_batch"] == 16
-    assert json.loads((out / "summary.json").read_text())[0]["status"] == "finished"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,22 +165,18 @@ def test_slurm_point_job_checkpoint_stops_the_trainer_and_requeues_itself(tmp_pa
     assert clone.argv == job.argv and clone.run_dir == job.run_dir
 
 
-def test_tensorboard_events_per_run_hold_the_epoch_metrics(demo_data, tmp_path):
+def test_tensorboard_events_per_run_hold_the_epoch_metrics(shared_run):
+    """The shared run was trained with --tensorboard=True (off by default)."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from trex_fast.train import run
-
-    out = tmp_path / "tb_run"
-    points = build_points(parse_base(sweep_base(demo_data)), {}, [], str(tmp_path))
-    assert not points[0].cfg.tensorboard  # off by default
-    run(make_config(**{**points[0].flags, "output_dir": str(out)}, tensorboard=True))
-    events = EventAccumulator(str(out / "tensorboard"))
+    assert not make_config("demo").tensorboard
+    events = EventAccumulator(str(shared_run.out / "tensorboard"))
     events.Reload()
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    (val,) = events.Scalars("val_top1")
-    assert val.step == record["step"] == 2
-    assert val.value == pytest.approx(record["val_top1"])
+    records = metrics(shared_run.out)
+    val = events.Scalars("val_top1")
+    assert [v.step for v in val] == [r["step"] for r in records] == [4, 8]
+    assert [v.value for v in val] == pytest.approx([r["val_top1"] for r in records])
     assert "train_loss" in events.Tags()["scalars"]
 
 
