@@ -301,7 +301,7 @@ def test_probe_refits_on_train_plus_val_and_scores_test():
 
 def test_missing_dataset_fails_before_the_backbone_is_read(tmp_path):
     """Phase 1 comes first: the error names the dataset even though --backbone is absent."""
-    from trex_fast.eval import transfer
+    from trex_fast.eval.cli import transfer
 
     with pytest.raises(DatasetNotReady, match="'pets'.*OxfordIIITPet"):
         transfer(str(tmp_path / "no_such_backbone.pth"), "pets", data_root=str(tmp_path))
