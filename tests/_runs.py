@@ -74,6 +74,12 @@ def metrics(out) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def steps_on_disk(out) -> dict[str, int]:
+    """{checkpoint file name: its global step} in out."""
+    return {name: load_checkpoint(str(out / name))["step"] for name in sorted(os.listdir(out))
+            if name.startswith("checkpoint")}
+
+
 def assert_same_tensors(a, b, where):
     if isinstance(a, dict):
         assert a.keys() == b.keys(), where

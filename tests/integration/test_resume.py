@@ -11,16 +11,11 @@ import time
 import pytest
 import torch
 
-from tests._runs import EVERY_READ, assert_same_run, metrics, run_config
+from tests._runs import EVERY_READ, assert_same_run, metrics, run_config, steps_on_disk
 from tests.helpers import REPO
 from trex_fast.checkpoint import ResumeError, load_checkpoint
 from trex_fast.loop import NonFiniteLossError
 from trex_fast.train import run
-
-
-def _steps_on_disk(out) -> dict[str, int]:
-    return {name: load_checkpoint(str(out / name))["step"] for name in sorted(os.listdir(out))
-            if name.startswith("checkpoint")}
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(shared_run, tmp_path):
@@ -33,10 +28,13 @@ def test_stop_and_resume_equals_an_uninterrupted_run(shared_run, tmp_path):
     assert stopped["stopped_at_step"] == 3
     assert load_checkpoint(str(out / "checkpoint.pt"))["step_in_epoch"] == 3
     run(run_config(shared_run.data, out, **plain))  # same output_dir: resumes at step 3
-    assert _steps_on_disk(out) == {"checkpoint.pt": 8}
+    assert steps_on_disk(out) == {"checkpoint.pt": 8}
     a = load_checkpoint(str(out / "checkpoint.pt"))
     assert a["step"] == 8 and a["epoch"] == 2
     assert_same_run(out, shared_run.out, epochs=2)
+    last_split, last_full = metrics(out)[-1], metrics(shared_run.out)[-1]
+    for key in ("train_loss", "train_top1", "val_top1", "val_loss"):
+        assert last_split[key] == pytest.approx(last_full[key], abs=1e-6), key
 
 
 def test_finished_run_outputs_and_raising_epochs_needs_reschedule(shared_run, tmp_path,

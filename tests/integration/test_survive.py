@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests._runs import EVERY_READ, assert_same_tensors, run_config
+from tests._runs import EVERY_READ, assert_same_tensors, run_config, steps_on_disk
 from tests.helpers import REPO
 from trex_fast.checkpoint import CheckpointDir, ResumeError, check_resumable, load_checkpoint
 from trex_fast.data import count_classes
@@ -32,13 +32,8 @@ def clocked(shared_run):
     return shared_run.out
 
 
-def _steps_on_disk(out) -> dict[str, int]:
-    return {name: load_checkpoint(str(out / name))["step"] for name in sorted(os.listdir(out))
-            if name.startswith("checkpoint")}
-
-
 def test_the_clock_checkpoints_only_at_metric_reads_and_keeps_the_epoch_end(clocked):
-    on_disk = _steps_on_disk(clocked)
+    on_disk = steps_on_disk(clocked)
     assert on_disk == {"checkpoint-step000000003.pt": 3, "checkpoint-step000000004.pt": 4,
                        "checkpoint-step000000007.pt": 7, "checkpoint.pt": 8}
     mid = load_checkpoint(str(clocked / "checkpoint-step000000007.pt"))
