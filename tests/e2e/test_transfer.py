@@ -42,9 +42,13 @@ def test_transfer_run_writes_table_json_csv_plot_and_reuses_the_cache(layouts, d
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "| dtd |" in proc.stdout and "| textures |" in proc.stdout  # the table, printed
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     first = run(tmp_path / "out1")
+    assert set(first["top1"]) == {"dtd", "textures"}
+    assert all(0.0 <= top1 <= 100.0 for top1 in first["top1"].values())
+    assert len(os.listdir(tmp_path / "cache")) == 1  # one folder per backbone
     cache_files = sorted(os.listdir(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]))
     assert len(cache_files) == 4 and all(f.endswith("_32px.pt") for f in cache_files)
     stamps = {f: os.path.getmtime(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0] / f)

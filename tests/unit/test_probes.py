@@ -1,16 +1,12 @@
 """Linear probes as the authors run them (scikit-learn's L-BFGS and its stopping rule, the SGD
-init and schedule, the TPE settings, the val split); log-odds; transfer CLI."""
-import json
+init and schedule, the TPE settings, the val split); log-odds. The transfer CLI end to end:
+tests/e2e/test_transfer.py."""
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
-from tests.helpers import REPO
 from trex_fast.eval.probes import (
     C_RANGE,
     SGD_LR_RANGE,
@@ -185,27 +181,3 @@ def test_log_odds_arithmetic():
     assert log_odds(75.0) == pytest.approx(math.log(3))
     assert log_odds(10.0) == pytest.approx(-math.log(9))
     assert math.isfinite(log_odds(100.0)) and math.isfinite(log_odds(0.0))
-
-
-def test_transfer_command_end_to_end(tmp_path):
-    from pipelines.demo_data import write_dataset
-
-    data = tmp_path / "textures"
-    write_dataset(str(data), train_per_class=6, val_per_class=3)
-    weights = tmp_path / "r18.pth"
-    import torchvision
-
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
-    cmd = [sys.executable, "-m", "trex_fast.eval", "transfer", f"--backbone={weights}",
-           f"--datasets={data}", "--arch=resnet18", "--image_size=32", "--trials=3",
-           "--seeds=1", f"--cache_dir={tmp_path / 'cache'}", f"--output_dir={tmp_path / 'out'}",
-           "--num_workers=0", "--device=cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    top1 = report["top1"]["textures"]
-    assert 0.0 <= top1 <= 100.0
-    assert report["log_odds_mean"] == pytest.approx(log_odds(top1))
-    assert "| textures |" in proc.stdout
-    (backbone_cache,) = os.listdir(tmp_path / "cache")  # one folder per backbone
-    assert len(os.listdir(tmp_path / "cache" / backbone_cache)) == 2  # train and val, cached
