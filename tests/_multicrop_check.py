@@ -1,6 +1,6 @@
 """What the multi-crop kernels are checked with: test images, the bars (issue 13) and the
 GPU's TF32 dot emulated in Triton's interpreter (issue 22, item 6). Used by
-tests/test_multicrop_kernels.py and tests/test_gpu.py.
+tests/unit/test_multicrop_kernels.py and tests/unit/test_gpu.py.
 
 On CUDA, `tl.dot(..., input_precision="tf32")` feeds fp32 operands to the tensor cores, which
 read 10 of their 23 mantissa bits: the low 13 bits are dropped (truncation toward zero; the

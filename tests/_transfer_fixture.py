@@ -11,6 +11,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from pipelines.demo_data import PATTERNS, make_image
 
@@ -235,3 +236,10 @@ WRITERS = {"aircraft": aircraft, "cars": cars, "dtd": dtd, "eurosat": eurosat,
            "flowers": flowers, "pets": pets, "food101": food101, "sun397": sun397,
            "inat2018": lambda root: inat(root, "2018"), "inat2019": lambda root: inat(root, "2019"),
            "cog_l1": lambda root: cog(root, 1), "cog_l5": lambda root: cog(root, 5)}
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """Every supported layout, fabricated once under one data root."""
+    root = str(tmp_path_factory.mktemp("transfer_root"))
+    return root, {name: write(root) for name, write in WRITERS.items()}

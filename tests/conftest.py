@@ -1,4 +1,5 @@
-"""Skip gpu/ffcv/dali-marked tests cleanly where that back-end is absent."""
+"""Skip gpu/ffcv/dali-marked tests cleanly where that back-end is absent; the fixtures every
+layer shares (tests/_runs.py, tests/_transfer_fixture.py)."""
 import os
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# shared fixtures, for every layer (docs/TESTS.md)
+from tests._runs import demo_data, shared_run  # noqa: F401
+from tests._transfer_fixture import layouts  # noqa: F401
 from trex_fast import availability
 
 _REQUIREMENTS = {

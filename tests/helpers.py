@@ -1,6 +1,7 @@
 """Small shared builders for the tests: a tiny config, state and synthetic batches, and
 the recipe's photometric ops through torchvision's functional API."""
 import math
+import os
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from trex_fast.config import make_config
 from trex_fast.distributed import DistInfo
 from trex_fast.plan import make_plan
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
 
 
@@ -112,3 +114,13 @@ def assert_batch_contract(batch: MultiCropBatch, spec, settings) -> None:
         assert crops.is_contiguous(memory_format=torch.channels_last) == settings.channels_last
         assert crops.is_contiguous() != settings.channels_last  # 3 channels: the two differ
         assert torch.isfinite(crops.float()).all()
+
+
+class WritesMarker:
+    """Unpickling this calls open(marker, "w"): the marker file exists iff the file ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -79,7 +79,7 @@ if [ "$SIZES" = dry ]; then
   KERNEL_SIZE="--n=40,17 --c=9 --d=37 --dtype=fp32 --impls=torch,triton"
   KERNEL_ITERS="--iters=1 --warmup=0"
   CROP_SIZE="--preset=demo --max_resolution=64" CROP_STEPS="--steps=1 --warmup=0"
-  TESTS=tests/test_gpu.py  # all of tests/ takes ~40 s to collect here; gpu tests skip on CPU
+  TESTS=tests/unit/test_gpu.py  # all of tests/ takes ~40 s to collect here; gpu tests skip on CPU
 else
   DEV=cuda BIG=256 SMALL=64
   export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$CORES}

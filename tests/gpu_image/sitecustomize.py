@@ -1,5 +1,6 @@
-"""This Python as the GPU image has it, for tools/gpu_check.sh's dry run (tests/test_gpu_check.py):
-on PYTHONPATH, it makes fire, ffcv and nvidia.dali impossible to import (the image has neither).
+"""This Python as the GPU image has it, for tools/gpu_check.sh's dry run
+(tests/e2e/test_gpu_check.py): on PYTHONPATH, it makes fire, ffcv and nvidia.dali impossible to
+import (the image has neither).
 
 With TREX_TRITON_LAUNCHES=<file> set, it also appends one JSON line per distinct Triton launch
 made through the interpreter (TRITON_INTERPRET=1): the stage that launched it ($GPU_CHECK_STAGE),
