@@ -673,7 +673,7 @@ def test_val_max_resolution_0_keeps_val_as_the_source(tmp_path):
 
 
 def _in1k_jpeg(rng: np.random.Generator, height: int, width: int, gray: bool = False) -> bytes:
-    from _in1k_fixture import jpeg_bytes, smooth_image
+    from tests._in1k_fixture import jpeg_bytes, smooth_image
 
     rgb = smooth_image(rng, height, width)
     return jpeg_bytes(rgb[:, :, 0] if gray else rgb)
