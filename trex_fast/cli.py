@@ -102,6 +102,12 @@ def check_names(given, accepted, error=FlagError, noun: str = "flag",
             raise error(f"unknown {noun} --{name}.{hint} {tail}")
 
 
+def check_choice(name: str, value, choices, error=FlagError) -> None:
+    """A flag whose value must be one of `choices`: one line naming it and the accepted ones."""
+    if not isinstance(value, str) or value not in choices:
+        raise error(f"--{name}={value!r}: accepted values are {', '.join(choices)}")
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
-from trex_fast.cli import FlagError, check_names, coerce, flags_help
+from trex_fast.cli import FlagError, check_choice, check_names, coerce, flags_help
 from trex_fast.models.registry import GLOBAL_POOLS, ArchError, BackboneOptions, check_backbone
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -201,8 +201,7 @@ def _coerce(name: str, value):
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"--{name}={value!r}: accepted values are {', '.join(choices)}")
+    check_choice(name, value, choices, ConfigError)
 
 
 def _check(cond: bool, name: str, value, accepted: str) -> None:
@@ -270,8 +269,7 @@ def make_config(preset: str | None = None, **flags) -> Config:
     """Preset defaults, then explicit flags; unknown names and bad values raise ConfigError."""
     if preset is None:
         preset = default_preset(flags.get("data", ""))
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise ConfigError(f"--preset={preset!r}: accepted values are {', '.join(PRESETS)}")
+    _check_choice("preset", preset, tuple(PRESETS))
     check_names(flags, FIELDS, ConfigError)
     values = {**PRESETS[preset], **flags}
     values = {name: _coerce(name, value) for name, value in values.items()}

@@ -19,7 +19,7 @@ import torch
 
 from pipelines import atomic
 from trex_fast.checkpoint import load_checkpoint
-from trex_fast.cli import flag, required
+from trex_fast.cli import check_choice, flag, required
 from trex_fast.eval.features import trust_help
 from trex_fast.models.net import build_backbone
 from trex_fast.models.registry import TIMM_PREFIX, head_prefix
@@ -47,8 +47,7 @@ class ExportError(ValueError):
 
 def resolve_format(fmt: str, out: str) -> str:
     """auto: a torch file for an out ending in .pth / .pt, safetensors otherwise."""
-    if fmt not in FORMATS:
-        raise ExportError(f"--format={fmt!r}: accepted values are {', '.join(FORMATS)}")
+    check_choice("format", fmt, FORMATS, ExportError)
     if fmt != "auto":
         return fmt
     return "pth" if out.endswith((".pth", ".pt")) else "safetensors"

@@ -22,7 +22,7 @@ import torchvision.transforms as T
 from pipelines import atomic
 from trex_fast import runlog
 from trex_fast.availability import resolve_device
-from trex_fast.cli import FlagError, flag
+from trex_fast.cli import FlagError, check_choice, flag
 from trex_fast.eval.datasets import ImageList, Labelled, is_path, resolve_all
 from trex_fast.eval.features import AUTO_WORKERS, extract_features, trust_help
 from trex_fast.eval.probes import SGD_EPOCHS, TRIALS, log_odds, per_class_split, probe
@@ -199,9 +199,7 @@ def evaluate_transfer(s: TransferSettings,
                       on_dataset: Callable[[dict], None] | None = None) -> TransferOutcome:
     """The whole protocol for a backbone file: every dataset checked first, then features,
     probes and the outputs in --output_dir."""
-    if s.probe_kind not in PROBE_KINDS:
-        raise FlagError(f"--probe_kind={s.probe_kind!r}: accepted values are "
-                        f"{', '.join(PROBE_KINDS)}")
+    check_choice("probe_kind", s.probe_kind, PROBE_KINDS)
     if not s.datasets:
         raise FlagError("--datasets: give at least one dataset name or ImageFolder root")
     # ---- phase 1: every dataset read and checked before any feature is extracted

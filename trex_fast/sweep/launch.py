@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from pipelines import atomic
+from trex_fast.cli import check_choice
 from trex_fast.sweep.points import Point, SweepError
 
 LAUNCHERS = ("local", "torchrun", "slurm")
@@ -43,12 +44,8 @@ class LaunchSettings:
     wait: bool = True
 
     def __post_init__(self):
-        if self.launcher not in LAUNCHERS:
-            raise SweepError(f"--launcher={self.launcher!r}: accepted values are "
-                             f"{', '.join(LAUNCHERS)}")
-        if self.cluster not in CLUSTERS:
-            raise SweepError(f"--cluster={self.cluster!r}: accepted values are "
-                             f"{', '.join(CLUSTERS)}")
+        check_choice("launcher", self.launcher, LAUNCHERS, SweepError)
+        check_choice("cluster", self.cluster, CLUSTERS, SweepError)
         for name in ("parallel", "nproc_per_node", "nodes", "time_min"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise SweepError(f"--{name}={getattr(self, name)!r}: must be an integer >= 1")
