@@ -90,9 +90,10 @@ def test_compile_counts_its_graphs_outside_the_flop_counter(bench_step, monkeypa
     assert record["gflop_per_sample"] > 0  # counted on the eager step
 
 
-def test_a_compile_run_that_compiled_nothing_fails(bench_step, monkeypatch, capsys):
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # as TORCHDYNAMO_DISABLE=1
-    with pytest.raises(SystemExit) as exit_info:
+def test_a_compile_run_that_compiled_nothing_fails(bench_step, capsys):
+    # as TORCHDYNAMO_DISABLE=1; torch's own patch restores its config (monkeypatch's undo left
+    # `disable` unreadable for later tests in the same process)
+    with torch._dynamo.config.patch(disable=True), pytest.raises(SystemExit) as exit_info:
         bench_step.main(**TINY, compile=True, compile_backend="eager")
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "compiled no graph" in record["error"]
