@@ -17,12 +17,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
 
 
+def _forking(target, *args) -> None:
+    """target(*args) in a spawned process whose own children fork: a spawned process inherits
+    "spawn" as its start method, and a DatasetWriter's spawned workers import torch and ffcv
+    again (~9 s a writer). Nothing has run numba in this fresh process, so forking is safe."""
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)
+    target(*args)
+
+
 def run_in_spawned_process(target, *args, timeout: float = 300) -> None:
     """Run target(*args) in a fresh (spawned) process: an FFCV DatasetWriter forked after
     Loaders ran can deadlock on numba's lock."""
     import multiprocessing
 
-    proc = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    proc = multiprocessing.get_context("spawn").Process(target=_forking, args=(target, *args))
     proc.start()
     proc.join(timeout)
     assert proc.exitcode == 0, f"{target.__name__} failed in its spawned process"

@@ -59,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- data
 def _write_beton(root: str) -> None:
+    """Runs in a spawned process, which inherits "spawn" as its start method: the writer's
+    workers would each import torch and ffcv again (~9 s a writer). Nothing has run numba here
+    yet, so they fork."""
+    multiprocessing.set_start_method("fork", force=True)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from torchvision.datasets import ImageFolder
