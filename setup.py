@@ -18,7 +18,8 @@ EXTRAS = {
     # for CUDA 12 drivers.
     "dali": ["nvidia-dali-cuda130"],
     "dali-cuda12": ["nvidia-dali-cuda120"],
-    "dev": ["pytest", "ruff", "scikit-learn"],  # scikit-learn: the probes are tested against it
+    # scikit-learn: the probes are tested against it; pytest-xdist: the suite on both cores (-n 2)
+    "dev": ["pytest", "pytest-xdist", "ruff", "scikit-learn"],
     # the transfer suite: optuna (the probes' TPE search), scikit-learn (the L-BFGS probe is its
     # LogisticRegression), scipy (Flowers102, StanfordCars .mat)
     "eval": ["optuna", "scikit-learn", "scipy"],

@@ -9,6 +9,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under `pytest -n N` (pytest-xdist) each worker gets its share of the cores, for torch here and
+# (OMP_NUM_THREADS) for every process a test starts: N workers each running torch on every
+# core would oversubscribe the machine, and OpenMP threads spin while they wait.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
+
 # shared fixtures, for every layer (docs/TESTS.md)
 from tests._runs import demo_data, shared_run  # noqa: F401
 from tests._transfer_fixture import layouts  # noqa: F401
@@ -31,8 +39,11 @@ def no_jit():
     Compiler.set_enabled(True)
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for marker, (probe, reason) in _REQUIREMENTS.items():
-            if item.get_closest_marker(marker) is not None and not probe():
-                item.add_marker(pytest.mark.skip(reason=reason))
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Probe a back-end when a test that needs it is about to run (before its fixtures), not at
+    collection: importing ffcv and DALI takes ~7 s, and under -n 2 a worker that runs none of
+    their tests never pays it."""
+    for marker, (probe, reason) in _REQUIREMENTS.items():
+        if item.get_closest_marker(marker) is not None and not probe():
+            item.add_marker(pytest.mark.skip(reason=reason))  # read by pytest's skipping hook
