@@ -39,6 +39,21 @@ def no_jit():
     Compiler.set_enabled(True)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under -n N (pytest-xdist), unless another --dist is asked for: each test file on one
+    worker (a module fixture is made once), handed out in collection order. xdist's loadfile
+    orders files by test count, which sends the e2e files, few tests but the longest, last and
+    leaves a worker idle at the end; in collection order tests/e2e goes first and the short unit
+    files fill in at the end."""
+    if config.getvalue("dist") != "load":  # -n alone gives "load"
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # read by LoadScopeScheduling.schedule
+    return LoadFileScheduling(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """Probe a back-end when a test that needs it is about to run (before its fixtures), not at

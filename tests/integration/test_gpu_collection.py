@@ -56,3 +56,14 @@ def test_gpu_test_modules_import_without_numba():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "imported; numba asked for by: []"
+
+
+def test_pytest_starts_without_pytest_xdist():
+    """The GPU image has pytest but not pytest-xdist: the project's pytest configuration
+    (pyproject.toml addopts, tests/conftest.py hooks) must not need it; `-n 2` is only the
+    README's and CI's command."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p",
+                           "no:cacheprovider", "-q", "-m", "gpu", "tests/unit/test_atomic.py"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 5, proc.stdout[-3000:] + proc.stderr[-3000:]  # 5: none selected
+    assert "error" not in (proc.stdout + proc.stderr).lower()
