@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from pipelines.stage.aot import TARGETS, programs_per_sm
+from tests.helpers import REPO
 from trex_fast.kernels.shapes import PRODUCTION_SHAPES, shape_label
 
 triton = pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(REPO)
 SCRIPT = ROOT / "tools" / "aot_check.py"
 FIELDS = {"kernel", "file", "target", "registers", "spill_bytes", "shared_bytes", "mma",
           "production", "has_dot", "num_warps", "num_stages", "programs_per_sm", "triton",

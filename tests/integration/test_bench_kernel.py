@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
 from trex_fast.kernels.shapes import PRODUCTION_SHAPES, shapes_flag
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(REPO)
 SCRIPT = ROOT / "tools" / "bench_kernel.py"
 SPEEDUPS = {"speedup_vs_torch", "speedup_vs_eager_bf16", "speedup_vs_compile",
             "speedup_vs_compile_bf16"}

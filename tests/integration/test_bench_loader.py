@@ -8,13 +8,14 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "tools", "bench_loader.py")
+from tests.helpers import REPO
+
+SCRIPT = os.path.join(REPO, "tools", "bench_loader.py")
 
 
 def _run(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+                          cwd=REPO, timeout=600)
 
 
 def _last_json(out: str) -> dict:

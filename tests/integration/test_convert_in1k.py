@@ -34,8 +34,9 @@ from pipelines.convert.sources import scan
 from pipelines.convert.verify import verify
 from pipelines.errors import BadFileError
 from tests._in1k_fixture import BAD_FILES, SKIPPED, WNIDS, make_flat_val, make_tree
+from tests.helpers import REPO
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_in1k.py"
+TOOL = Path(REPO) / "tools" / "convert_in1k.py"
 MAX_RES = 128
 SMALL = {"max_resolution": MAX_RES, "chunk_size": 4, "shard_size": 5}
 MEAN_ABS_ERR = 4.0  # per image, 0-255 scale: JPEG q90 of smooth images is ~1; a bug is >> 10

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
 from trex_fast.eval import knn as eval_knn
 from trex_fast.eval import report as eval_report
 from trex_fast.sweep import report as sweep_report
 from trex_fast.sweep.points import build_points, parse_grid
 
-REPO = Path(__file__).resolve().parents[2]
+ROOT = Path(REPO)
 
 
 def _finished_points(tmp_path, grid="clf_tau=0.1,0.2"):
@@ -35,7 +36,7 @@ def _finished_points(tmp_path, grid="clf_tau=0.1,0.2"):
 
 def test_the_published_points_are_written_once():
     """1.170 and 0.883 (the paper's mean log-odds) appear in one module of the package."""
-    homes = [str(p.relative_to(REPO)) for p in (REPO / "trex_fast").rglob("*.py")
+    homes = [str(p.relative_to(ROOT)) for p in (ROOT / "trex_fast").rglob("*.py")
              if re.search(r"\b1\.170?\b", p.read_text()) and "0.883" in p.read_text()]
     assert homes == ["trex_fast/eval/report.py"]
     assert eval_report.PUBLISHED == {"t-ReX": (78.0, 1.170), "t-ReX*": (80.2, 0.883)}

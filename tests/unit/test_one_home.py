@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_state
+from tests.helpers import REPO, tiny_state
 from trex_fast import runlog
 from trex_fast.data import epoch_data_counts
 from trex_fast.eval.in1k import evaluate
 from trex_fast.kernels.shapes import PRODUCTION_DIM, PRODUCTION_SHAPES, shape_label, shapes_flag
 from trex_fast.loop import EpochTotals
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(REPO)
 
 
 def test_the_kernel_docs_quote_the_production_shapes_of_the_code():

@@ -6,7 +6,9 @@ import io
 import tokenize
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
+ROOT = Path(REPO)
 PACKAGES = ("trex_fast", "pipelines")
 MAX_TOP_LEVEL = 18  # trex_fast/*.py besides __init__.py
 
